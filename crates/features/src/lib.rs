@@ -1,0 +1,78 @@
+//! # features: the one place that defines data
+//!
+//! Every stage of twotower reads what this crate writes. It owns the Arrow/Parquet schemas of
+//! items, users, events and training examples, the ingestion of public datasets and of a user's
+//! own files, the tokenizer and vocabularies, the leak-free splits and the synthetic e-commerce
+//! generator. No other crate knows a file format.
+//!
+//! Data flow: raw files → **features** (`DATA_DIR`) → towers → trainer / indexer → server.
+
+pub mod error;
+pub mod fsutil;
+pub mod prepare;
+pub mod progress;
+pub mod raw;
+pub mod records;
+pub mod schema;
+pub mod sources;
+pub mod splits;
+pub mod table;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub use progress::{NoProgress, Progress};
+pub use raw::RawData;
+pub use records::{Event, EventType, Example, HistoryEvent, Item, User};
+pub use table::{read_table, write_table, Table, TableReader, TableWriter};
+pub use tokenizer::{ItemTokens, Vocab, Vocabularies};
+
+#[cfg(test)]
+mod tests {
+    //! Smoke test: proves the real Arrow and Parquet crates are linked and round-trip a schema.
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, ListBuilder, RecordBatch, StringBuilder, UInt64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::arrow::ArrowWriter;
+
+    #[test]
+    fn parquet_round_trip_keeps_schema_and_values() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("item_id", DataType::UInt64, false),
+            Field::new("title", DataType::Utf8, false),
+            Field::new(
+                "categories",
+                DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+                false,
+            ),
+        ]));
+        let mut cats = ListBuilder::new(StringBuilder::new());
+        cats.values().append_value("books");
+        cats.values().append_value("fiction");
+        cats.append(true);
+        cats.values().append_value("music");
+        cats.append(true);
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(UInt64Array::from(vec![7, 42])),
+            Arc::new(arrow::array::StringArray::from(vec!["a tale", "a song"])),
+            Arc::new(cats.finish()),
+        ];
+        let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("items.parquet");
+        let mut writer = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), schema.clone(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        let batches: Vec<RecordBatch> = reader.collect::<Result<_, _>>().unwrap();
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].schema().fields(), schema.fields());
+        assert_eq!(batches[0], batch);
+    }
+}

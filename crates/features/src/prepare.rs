@@ -1,0 +1,495 @@
+//! `twotower prepare`: validated tables, leak-free splits and vocabularies in one directory.
+//!
+//! Everything is written into a temporary directory beside `DATA_DIR` and renamed into place at
+//! the end, so a failed or interrupted run never leaves a half-written dataset where a later
+//! stage could read it.
+//!
+//! Output layout (see `docs/data.md`):
+//! `items.parquet`, `users.parquet`, `events.parquet`, `splits/{train,valid,test}.parquet`,
+//! `vocab/*.json`, `dataset.json`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::raw::RawData;
+use crate::records::{Event, EventType, Example, Item, User};
+use crate::splits::{self, Split, SplitConfig, SplitStrategy};
+use crate::table::{TableWriter, ROW_GROUP_ROWS};
+use crate::tokenizer::{words, Counter, VocabConfig, Vocabularies};
+
+/// Settings of `prepare` that shape the output, recorded in `dataset.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PrepareConfig {
+    pub split: SplitConfig,
+    pub vocab: VocabConfig,
+}
+
+/// What to do with an event row that fails validation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadRows {
+    /// Stop with an error naming the row (the default).
+    #[default]
+    Fail,
+    /// Count the row, report the count, and carry on without it.
+    Skip,
+}
+
+/// Where the raw data came from, for `dataset.json` and for error messages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Dataset name (`ml-100k`, `synthetic`, `files`, ...).
+    pub source: String,
+    /// What was read: packages and versions, file paths, or generator settings.
+    pub detail: String,
+    /// Label of the items input in errors (a file path for user files).
+    pub items_label: PathBuf,
+    /// Label of the events input in errors.
+    pub events_label: PathBuf,
+}
+
+/// Row counts of a prepared dataset.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counts {
+    pub items: u64,
+    pub users: u64,
+    pub events: u64,
+    pub train: u64,
+    pub valid: u64,
+    pub test: u64,
+    /// Catalog items in the held-out cold set.
+    pub cold_items: u64,
+    /// Validation and test examples whose target is a cold item.
+    pub cold_targets: u64,
+    /// Bad event rows skipped with `--on-bad-rows skip`.
+    pub skipped_rows: u64,
+}
+
+/// `dataset.json`: the description of a prepared dataset that later stages check.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatasetInfo {
+    pub schema_version: String,
+    pub provenance: Provenance,
+    pub counts: Counts,
+    pub min_ts_ms: i64,
+    pub max_ts_ms: i64,
+    pub settings: PrepareConfig,
+    /// Checksum of `vocab/`; model and index manifests record it.
+    pub vocab_checksum: String,
+    /// Seconds the whole preparation took.
+    pub prepare_seconds: f64,
+}
+
+impl DatasetInfo {
+    /// Reads `DATA_DIR/dataset.json`.
+    pub fn load(data_dir: &Path) -> Result<DatasetInfo> {
+        crate::tokenizer::read_json(&data_dir.join("dataset.json"))
+    }
+}
+
+/// Paths inside a prepared dataset directory.
+pub struct DataLayout(pub PathBuf);
+
+impl DataLayout {
+    pub fn items(&self) -> PathBuf {
+        self.0.join("items.parquet")
+    }
+    pub fn users(&self) -> PathBuf {
+        self.0.join("users.parquet")
+    }
+    pub fn events(&self) -> PathBuf {
+        self.0.join("events.parquet")
+    }
+    pub fn split(&self, split: Split) -> PathBuf {
+        self.0.join("splits").join(format!("{}.parquet", split.as_str()))
+    }
+    pub fn vocab(&self) -> PathBuf {
+        self.0.join("vocab")
+    }
+    pub fn info(&self) -> PathBuf {
+        self.0.join("dataset.json")
+    }
+}
+
+/// Prepares a dataset held in memory (every source but the synthetic generator).
+pub fn prepare_raw(
+    raw: RawData,
+    provenance: Provenance,
+    out: &Path,
+    cfg: &PrepareConfig,
+    on_bad_rows: OnBadRows,
+    progress: &dyn Progress,
+) -> Result<DatasetInfo> {
+    let started = std::time::Instant::now();
+    let RawData { items, users, mut events, skipped_rows } = raw;
+    let item_ids = validate_items(&items, &provenance.items_label)?;
+    let mut skipped = skipped_rows;
+    validate_event_items(&mut events, &item_ids, &provenance.events_label, on_bad_rows, &mut skipped)?;
+    let mut cfg = cfg.clone();
+    resolve_time_split(&mut cfg.split, &events)?;
+
+    let features: HashMap<u64, Vec<String>> = users_by_id(users, &provenance)?;
+    progress.start("sorting events", None);
+    events.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    progress.finish();
+
+    let mut writer = DatasetWriter::create(out, cfg, provenance)?;
+    writer.counts.skipped_rows = skipped;
+    progress.start("writing items", Some(items.len() as u64));
+    writer.add_items(&items)?;
+    progress.finish();
+    progress.start("building examples", Some(events.len() as u64));
+    // Users with features but no events still belong in users.parquet.
+    let mut user_ids: Vec<u64> = features.keys().copied().chain(events.iter().map(|e| e.user_id)).collect();
+    user_ids.sort_unstable();
+    user_ids.dedup();
+    let mut rest = &mut events[..];
+    for user_id in user_ids {
+        let n = rest.iter().take_while(|e| e.user_id == user_id).count();
+        let (mine, tail) = rest.split_at_mut(n);
+        rest = tail;
+        splits::sort_user_events(mine);
+        let user = User { user_id, features: features.get(&user_id).cloned().unwrap_or_default() };
+        writer.add_user(&user, mine)?;
+        progress.advance(n as u64);
+    }
+    progress.finish();
+    writer.finish(items.into_iter(), started, progress)
+}
+
+/// Prepares a dataset from streams: items, then users one at a time with their events sorted
+/// by [`splits::sort_user_events`]. Memory stays bounded by one user plus the item-id set.
+/// `items` is called twice: once to write the catalog, once to build the vocabularies.
+pub fn prepare_streaming<I, U>(
+    items: impl Fn() -> I,
+    users: U,
+    provenance: Provenance,
+    out: &Path,
+    cfg: &PrepareConfig,
+    progress: &dyn Progress,
+) -> Result<DatasetInfo>
+where
+    I: Iterator<Item = Item>,
+    U: Iterator<Item = (User, Vec<Event>)>,
+{
+    let started = std::time::Instant::now();
+    if matches!(cfg.split.strategy, SplitStrategy::Time { test_cutoff_ms: None, .. }) {
+        return Err(Error::setting("test-cutoff", "a time split of streamed data needs an explicit test cutoff"));
+    }
+    let mut writer = DatasetWriter::create(out, cfg.clone(), provenance.clone())?;
+    progress.start("writing items", None);
+    let mut ids = HashSet::new();
+    let mut chunk = Vec::with_capacity(ROW_GROUP_ROWS);
+    for (row, item) in items().enumerate() {
+        if !ids.insert(item.item_id) {
+            return Err(Error::bad_value(&provenance.items_label, row + 1, "item_id", format!("duplicate item_id {}", item.item_id)));
+        }
+        chunk.push(item);
+        if chunk.len() == ROW_GROUP_ROWS {
+            writer.add_items(&chunk)?;
+            progress.advance(chunk.len() as u64);
+            chunk.clear();
+        }
+    }
+    writer.add_items(&chunk)?;
+    progress.finish();
+    if ids.is_empty() {
+        return Err(Error::bad_file(&provenance.items_label, "no items"));
+    }
+    progress.start("building examples", None);
+    for (user, mut events) in users {
+        for (i, e) in events.iter().enumerate() {
+            check_event_item(e, &ids, &provenance.events_label, i + 1)?;
+        }
+        splits::sort_user_events(&mut events);
+        writer.add_user(&user, &events)?;
+        progress.advance(events.len() as u64);
+    }
+    progress.finish();
+    writer.finish(items(), started, progress)
+}
+
+fn validate_items(items: &[Item], label: &Path) -> Result<HashSet<u64>> {
+    if items.is_empty() {
+        return Err(Error::bad_file(label, "no items"));
+    }
+    let mut first_row = HashMap::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        if let Some(prev) = first_row.insert(item.item_id, i + 1) {
+            return Err(Error::bad_value(
+                label,
+                i + 1,
+                "item_id",
+                format!("duplicate item_id {} (first seen in row {prev})", item.item_id),
+            ));
+        }
+    }
+    Ok(first_row.into_keys().collect())
+}
+
+fn check_event_item(e: &Event, ids: &HashSet<u64>, label: &Path, row: usize) -> Result<()> {
+    if let Err((column, reason)) = crate::table::validate_event(e) {
+        return Err(Error::bad_value(label, row, column, reason));
+    }
+    match e.item_id {
+        Some(id) if !ids.contains(&id) => {
+            Err(Error::bad_value(label, row, "item_id", format!("event points at unknown item {id}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn validate_event_items(
+    events: &mut Vec<Event>,
+    ids: &HashSet<u64>,
+    label: &Path,
+    on_bad_rows: OnBadRows,
+    skipped: &mut u64,
+) -> Result<()> {
+    if events.is_empty() {
+        return Err(Error::bad_file(label, "no events"));
+    }
+    let mut row = 0usize;
+    let mut first_error = None;
+    events.retain(|e| {
+        row += 1;
+        match check_event_item(e, ids, label, row) {
+            Ok(()) => true,
+            Err(err) => {
+                *skipped += 1;
+                first_error.get_or_insert(err);
+                false
+            }
+        }
+    });
+    match (on_bad_rows, first_error) {
+        (OnBadRows::Fail, Some(err)) => Err(err),
+        (OnBadRows::Skip, _) if events.is_empty() => Err(Error::bad_file(label, "no valid events")),
+        _ => Ok(()),
+    }
+}
+
+fn users_by_id(users: Vec<User>, provenance: &Provenance) -> Result<HashMap<u64, Vec<String>>> {
+    let mut out = HashMap::with_capacity(users.len());
+    for (i, user) in users.into_iter().enumerate() {
+        if out.insert(user.user_id, user.features).is_some() {
+            return Err(Error::bad_value(
+                format!("{} (users)", provenance.source),
+                i + 1,
+                "user_id",
+                format!("duplicate user_id {}", user.user_id),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn resolve_time_split(split: &mut SplitConfig, events: &[Event]) -> Result<()> {
+    if let SplitStrategy::Time { cutoff_ms, test_cutoff_ms } = &mut split.strategy {
+        let max_ts = events.iter().map(|e| e.ts_ms).max().unwrap_or(0);
+        let min_ts = events.iter().map(|e| e.ts_ms).min().unwrap_or(0);
+        if *cutoff_ms <= min_ts || *cutoff_ms > max_ts {
+            return Err(Error::setting(
+                "cutoff",
+                format!("{cutoff_ms} ms is outside the events' time range [{min_ts}, {max_ts}]"),
+            ));
+        }
+        let test = test_cutoff_ms.get_or_insert(*cutoff_ms + (max_ts - *cutoff_ms) / 2);
+        if *test < *cutoff_ms {
+            return Err(Error::setting("test-cutoff", "must not be before --cutoff"));
+        }
+    }
+    Ok(())
+}
+
+/// Streams tables and examples into a temporary directory, then publishes it.
+struct DatasetWriter {
+    tmp: PathBuf,
+    out: PathBuf,
+    cfg: PrepareConfig,
+    provenance: Provenance,
+    items: TableWriter<Item>,
+    users: TableWriter<User>,
+    events: TableWriter<Event>,
+    splits: [(TableWriter<Example>, Vec<Example>); 3],
+    counts: Counts,
+    /// Items seen in any training example: the vocabularies are built from their content only.
+    warm_items: HashSet<u64>,
+    queries: Counter,
+    user_features: Counter,
+    min_ts: i64,
+    max_ts: i64,
+}
+
+impl DatasetWriter {
+    fn create(out: &Path, cfg: PrepareConfig, provenance: Provenance) -> Result<Self> {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(tmp.join("splits")).map_err(|e| Error::io(&tmp, e))?;
+        let layout = DataLayout(tmp.clone());
+        let split_writer = |s: Split| -> Result<(TableWriter<Example>, Vec<Example>)> {
+            Ok((TableWriter::create(&layout.split(s))?, Vec::new()))
+        };
+        Ok(DatasetWriter {
+            items: TableWriter::create(&layout.items())?,
+            users: TableWriter::create(&layout.users())?,
+            events: TableWriter::create(&layout.events())?,
+            splits: [split_writer(Split::Train)?, split_writer(Split::Valid)?, split_writer(Split::Test)?],
+            tmp,
+            out: out.to_path_buf(),
+            cfg,
+            provenance,
+            counts: Counts::default(),
+            warm_items: HashSet::new(),
+            queries: Counter::default(),
+            user_features: Counter::default(),
+            min_ts: i64::MAX,
+            max_ts: i64::MIN,
+        })
+    }
+
+    fn add_items(&mut self, items: &[Item]) -> Result<()> {
+        for item in items {
+            self.counts.items += 1;
+            self.counts.cold_items += self.cfg.split.is_cold(item.item_id) as u64;
+        }
+        for chunk in items.chunks(ROW_GROUP_ROWS) {
+            self.items.write(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn add_user(&mut self, user: &User, events: &[Event]) -> Result<()> {
+        self.counts.users += 1;
+        self.counts.events += events.len() as u64;
+        for f in &user.features {
+            self.user_features.add(f.to_lowercase());
+        }
+        self.users.write(std::slice::from_ref(user))?;
+        for chunk in events.chunks(ROW_GROUP_ROWS) {
+            self.events.write(chunk)?;
+        }
+        if let (Some(first), Some(last)) = (events.first(), events.last()) {
+            self.min_ts = self.min_ts.min(first.ts_ms);
+            self.max_ts = self.max_ts.max(last.ts_ms);
+        }
+        let mut train_end = i64::MAX;
+        let mut produced: [Vec<Example>; 3] = Default::default();
+        splits::user_examples(&self.cfg.split, user.user_id, &user.features, events, |split, ex| {
+            produced[split as usize].push(ex);
+        });
+        for (split, examples) in Split::ALL.into_iter().zip(produced) {
+            for ex in examples {
+                if split == Split::Train {
+                    self.warm_items.insert(ex.target_item_id);
+                    self.warm_items.extend(ex.history.iter().filter_map(|h| h.item_id));
+                } else {
+                    train_end = train_end.min(ex.ts_ms);
+                    self.counts.cold_targets += self.cfg.split.is_cold(ex.target_item_id) as u64;
+                }
+                self.push_example(split, ex)?;
+            }
+        }
+        for e in events.iter().filter(|e| e.event_type == EventType::Search && e.ts_ms < train_end) {
+            for w in words(e.query.as_deref().unwrap_or("")) {
+                self.queries.add(w);
+            }
+        }
+        Ok(())
+    }
+
+    fn push_example(&mut self, split: Split, ex: Example) -> Result<()> {
+        let (writer, buffer) = &mut self.splits[split as usize];
+        buffer.push(ex);
+        if buffer.len() >= 8192 {
+            writer.write(buffer)?;
+            buffer.clear();
+        }
+        Ok(())
+    }
+
+    fn finish(mut self, items: impl Iterator<Item = Item>, started: std::time::Instant, progress: &dyn Progress) -> Result<DatasetInfo> {
+        for (writer, buffer) in &mut self.splits {
+            writer.write(buffer)?;
+            buffer.clear();
+        }
+        if self.counts.events == 0 {
+            return Err(Error::bad_file(&self.provenance.events_label, "no events"));
+        }
+        progress.start("building vocabularies", Some(self.counts.items));
+        let vocabs = self.build_vocabularies(items);
+        progress.finish();
+        let vocab_checksum = vocabs.save(&self.tmp.join("vocab"))?;
+        let [train, valid, test] = self.splits;
+        self.counts.train = train.0.finish()?;
+        self.counts.valid = valid.0.finish()?;
+        self.counts.test = test.0.finish()?;
+        self.items.finish()?;
+        self.users.finish()?;
+        self.events.finish()?;
+        let info = DatasetInfo {
+            schema_version: crate::schema::SCHEMA_VERSION.to_string(),
+            provenance: self.provenance,
+            counts: self.counts,
+            min_ts_ms: self.min_ts,
+            max_ts_ms: self.max_ts,
+            settings: self.cfg,
+            vocab_checksum,
+            prepare_seconds: started.elapsed().as_secs_f64(),
+        };
+        let json = serde_json::to_vec_pretty(&info).expect("dataset info serializes");
+        crate::fsutil::write_atomic(&DataLayout(self.tmp.clone()).info(), &json)?;
+        publish_dir(&self.tmp, &self.out)?;
+        Ok(info)
+    }
+
+    fn build_vocabularies(&mut self, items: impl Iterator<Item = Item>) -> Vocabularies {
+        let mut title = std::mem::take(&mut self.queries);
+        let (mut aspects, mut categories) = (Counter::default(), Counter::default());
+        for item in items.filter(|i| self.warm_items.contains(&i.item_id)) {
+            for w in words(&item.title) {
+                title.add(w);
+            }
+            for a in &item.aspects {
+                aspects.add(a.to_lowercase());
+            }
+            for c in &item.categories {
+                categories.add(c.to_lowercase());
+            }
+        }
+        let v = &self.cfg.vocab;
+        Vocabularies {
+            title: title.into_vocab("title", v.min_count, v.title_buckets),
+            aspects: aspects.into_vocab("aspects", 1, 1),
+            categories: categories.into_vocab("categories", 1, 1),
+            user_features: std::mem::take(&mut self.user_features).into_vocab("user_features", 1, 1),
+        }
+    }
+}
+
+/// Replaces `out` with the complete directory `tmp`: the old one (if any) is moved aside first
+/// and removed only after the new one is in place.
+fn publish_dir(tmp: &Path, out: &Path) -> Result<()> {
+    let old = out.with_file_name(format!(
+        ".{}.old-{}",
+        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let had_old = out.exists();
+    if had_old {
+        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+    }
+    std::fs::rename(tmp, out).map_err(|e| Error::io(out, e))?;
+    crate::table::sync_parent(out)?;
+    if had_old {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(())
+}

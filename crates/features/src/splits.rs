@@ -1,0 +1,258 @@
+//! Leak-free training, validation and test examples from each user's ordered events.
+//!
+//! An example asks: given everything this user did strictly before time `t`, which item do they
+//! interact with at `t`? Targets are each user's *first* interaction with an item (repeat views,
+//! carts and purchases of an item stay in the history as signals, but predicting an item the user
+//! already touched is not retrieval, and full-ranking evaluation masks seen items anyway).
+//!
+//! Two protocols:
+//! - **leave-last-out** (RecBole's `LS`/`TO`/`full`): per user, the last target is the test
+//!   example, the second-last the validation example, every earlier one a training example;
+//! - **time**: targets before `cutoff` train, those in `[cutoff, test_cutoff)` validate, later ones
+//!   test.
+//!
+//! History is always the last `history_len` events with a timestamp strictly before the target,
+//! so nothing at or after the target leaks into its features. With `cold_items`, a hashed
+//! fraction of items is held out entirely: they never appear as a training target or in any
+//! history, and can only be evaluation targets.
+
+use serde::{Deserialize, Serialize};
+
+use crate::records::{hour_and_weekday, Event, Example, HistoryEvent};
+use crate::tokenizer::stable_hash;
+
+/// How targets are assigned to train, valid and test.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SplitStrategy {
+    /// Per user: last target → test, second-last → valid, the rest → train.
+    LeaveLastOut,
+    /// Global time split, in ms since the epoch. Without `test_cutoff_ms`, evaluation targets
+    /// are split in two at the middle of the time range after `cutoff_ms`.
+    Time { cutoff_ms: i64, test_cutoff_ms: Option<i64> },
+}
+
+/// Settings of example building, recorded in `dataset.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitConfig {
+    pub strategy: SplitStrategy,
+    /// Maximum number of history events per example (L).
+    pub history_len: usize,
+    /// Fraction of items held out entirely as cold items (0 = none).
+    pub cold_items: f64,
+    /// Seed of the cold-item draw.
+    pub seed: u64,
+}
+
+impl Default for SplitConfig {
+    fn default() -> Self {
+        SplitConfig { strategy: SplitStrategy::LeaveLastOut, history_len: 50, cold_items: 0.0, seed: 42 }
+    }
+}
+
+impl SplitConfig {
+    /// Whether an item is in the held-out cold set. A hash, so any stage can ask without a list.
+    pub fn is_cold(&self, item_id: u64) -> bool {
+        if self.cold_items <= 0.0 {
+            return false;
+        }
+        let h = stable_hash(&format!("{}:{item_id}", self.seed));
+        (h as f64 / u64::MAX as f64) < self.cold_items
+    }
+}
+
+/// Which split an example belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Split {
+    Train,
+    Valid,
+    Test,
+}
+
+impl Split {
+    pub const ALL: [Split; 3] = [Split::Train, Split::Valid, Split::Test];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Valid => "valid",
+            Split::Test => "test",
+        }
+    }
+}
+
+/// The canonical order of one user's events: by time, then searches first, then ascending item
+/// id — so among items at equal timestamps the largest id comes last.
+pub fn sort_user_events(events: &mut [Event]) {
+    events.sort_by(|a, b| {
+        (a.ts_ms, a.item_id.is_some(), a.item_id, a.event_type, &a.query)
+            .cmp(&(b.ts_ms, b.item_id.is_some(), b.item_id, b.event_type, &b.query))
+    });
+}
+
+/// Builds the examples of one user. `events` must be sorted with [`sort_user_events`].
+/// Calls `emit` once per example, in time order.
+pub fn user_examples(
+    cfg: &SplitConfig,
+    user_id: u64,
+    user_features: &[String],
+    events: &[Event],
+    mut emit: impl FnMut(Split, Example),
+) {
+    let targets = target_positions(events);
+    let n = targets.len();
+    for (rank, &pos) in targets.iter().enumerate() {
+        let target = &events[pos];
+        let item = target.item_id.expect("targets have items");
+        let split = match cfg.strategy {
+            SplitStrategy::LeaveLastOut => match n - 1 - rank {
+                0 if n >= 2 => Split::Test,
+                1 if n >= 3 => Split::Valid,
+                _ => Split::Train,
+            },
+            SplitStrategy::Time { cutoff_ms, test_cutoff_ms } => {
+                let test_cutoff_ms = test_cutoff_ms.expect("prepare resolves the test cutoff");
+                if target.ts_ms < cutoff_ms {
+                    Split::Train
+                } else if target.ts_ms < test_cutoff_ms {
+                    Split::Valid
+                } else {
+                    Split::Test
+                }
+            }
+        };
+        if split == Split::Train && cfg.is_cold(item) {
+            continue;
+        }
+        let (hour, weekday) = hour_and_weekday(target.ts_ms);
+        emit(
+            split,
+            Example {
+                user_id,
+                ts_ms: target.ts_ms,
+                target_item_id: item,
+                history: history_before(cfg, events, pos),
+                hour,
+                weekday,
+                user_features: user_features.to_vec(),
+            },
+        );
+    }
+}
+
+/// Positions of the user's first interaction with each item.
+fn target_positions(events: &[Event]) -> Vec<usize> {
+    let mut seen = std::collections::HashSet::new();
+    events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.item_id.is_some_and(|id| seen.insert(id)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The last `history_len` events strictly before `events[pos]` in time, oldest first, without
+/// cold items.
+fn history_before(cfg: &SplitConfig, events: &[Event], pos: usize) -> Vec<HistoryEvent> {
+    let t = events[pos].ts_ms;
+    // Events at the target's timestamp are not "before" it, even if sorted earlier.
+    let end = events[..pos].partition_point(|e| e.ts_ms < t);
+    let mut history: Vec<HistoryEvent> = events[..end]
+        .iter()
+        .rev()
+        .filter(|e| !e.item_id.is_some_and(|id| cfg.is_cold(id)))
+        .take(cfg.history_len)
+        .map(|e| HistoryEvent {
+            event_type: e.event_type,
+            item_id: e.item_id,
+            query: e.query.clone(),
+            gap_s: (t - e.ts_ms) / 1000,
+        })
+        .collect();
+    history.reverse();
+    history
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::EventType;
+
+    fn ev(ts: i64, item: Option<u64>) -> Event {
+        let (event_type, query) = match item {
+            Some(_) => (EventType::View, None),
+            None => (EventType::Search, Some("q".to_string())),
+        };
+        Event { user_id: 1, ts_ms: ts * 1000, event_type, item_id: item, query, value: None }
+    }
+
+    fn collect(cfg: &SplitConfig, events: &mut Vec<Event>) -> Vec<(Split, Example)> {
+        sort_user_events(events);
+        let mut out = Vec::new();
+        user_examples(cfg, 1, &[], events, |s, e| out.push((s, e)));
+        out
+    }
+
+    #[test]
+    fn leave_last_out_assigns_last_two_targets() {
+        let mut events = vec![ev(1, Some(10)), ev(2, None), ev(3, Some(11)), ev(4, Some(12)), ev(5, Some(13))];
+        let out = collect(&SplitConfig::default(), &mut events);
+        let splits: Vec<_> = out.iter().map(|(s, e)| (*s, e.target_item_id)).collect();
+        assert_eq!(
+            splits,
+            [(Split::Train, 10), (Split::Train, 11), (Split::Valid, 12), (Split::Test, 13)]
+        );
+        // The test example sees everything before it, oldest first, including the search.
+        let test = &out[3].1;
+        let items: Vec<_> = test.history.iter().map(|h| h.item_id).collect();
+        assert_eq!(items, [Some(10), None, Some(11), Some(12)]);
+        assert_eq!(test.history[0].gap_s, 4);
+    }
+
+    #[test]
+    fn ties_order_by_item_id_and_never_enter_history() {
+        let mut events = vec![ev(5, Some(30)), ev(5, Some(20)), ev(1, Some(10))];
+        let out = collect(&SplitConfig::default(), &mut events);
+        let test = out.iter().find(|(s, _)| *s == Split::Test).unwrap();
+        assert_eq!(test.1.target_item_id, 30, "largest id last among ties");
+        assert!(test.1.history.iter().all(|h| h.item_id == Some(10)));
+    }
+
+    #[test]
+    fn repeats_are_history_not_targets_and_history_is_bounded() {
+        let mut events: Vec<_> = (0..10).map(|i| ev(i, Some(1 + i as u64 % 3))).collect();
+        let cfg = SplitConfig { history_len: 2, ..Default::default() };
+        let out = collect(&cfg, &mut events);
+        assert_eq!(out.len(), 3, "one target per distinct item");
+        assert!(out.iter().all(|(_, e)| e.history.len() <= 2));
+    }
+
+    #[test]
+    fn cold_items_never_train_or_appear_in_history() {
+        let cfg = SplitConfig { cold_items: 0.5, ..Default::default() };
+        let mut events: Vec<_> = (0..200).map(|i| ev(i, Some(i as u64))).collect();
+        let out = collect(&cfg, &mut events);
+        assert!(out.iter().any(|(s, e)| *s != Split::Train || !cfg.is_cold(e.target_item_id)));
+        for (split, e) in &out {
+            if *split == Split::Train {
+                assert!(!cfg.is_cold(e.target_item_id));
+            }
+            assert!(e.history.iter().all(|h| !cfg.is_cold(h.item_id.unwrap())));
+        }
+        let cold = (0..1000).filter(|i| cfg.is_cold(*i)).count();
+        assert!((400..600).contains(&cold), "{cold}");
+    }
+
+    #[test]
+    fn time_split_uses_cutoffs() {
+        let cfg = SplitConfig {
+            strategy: SplitStrategy::Time { cutoff_ms: 3000, test_cutoff_ms: Some(5000) },
+            ..Default::default()
+        };
+        let mut events: Vec<_> = (0..7).map(|i| ev(i, Some(i as u64))).collect();
+        let out = collect(&cfg, &mut events);
+        let splits: Vec<_> = out.iter().map(|(s, _)| *s).collect();
+        use Split::*;
+        assert_eq!(splits, [Train, Train, Train, Valid, Valid, Test, Test]);
+    }
+}

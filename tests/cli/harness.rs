@@ -1,0 +1,89 @@
+//! A small harness in the spirit of ripgrep's `TestCommand`: each test gets its own temporary
+//! directory, and a failure prints the command, its output and the directory listing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A temporary working directory and the `twotower` binary under test.
+pub struct Dir {
+    tmp: tempfile::TempDir,
+}
+
+impl Dir {
+    pub fn new() -> Dir {
+        Dir { tmp: tempfile::tempdir().expect("temporary directory") }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+
+    /// A `twotower` command running in this directory.
+    pub fn command(&self, args: &[&str]) -> TestCommand {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_twotower"));
+        cmd.args(args).current_dir(self.path()).env("RUST_LOG", "warn");
+        TestCommand { cmd, dir: self.path().to_path_buf() }
+    }
+}
+
+pub struct TestCommand {
+    cmd: Command,
+    dir: PathBuf,
+}
+
+impl TestCommand {
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.cmd.env(key, value);
+        self
+    }
+
+    fn run(&mut self) -> Output {
+        self.cmd.output().expect("twotower binary runs")
+    }
+
+    fn describe(&self, out: &Output) -> String {
+        let listing: Vec<String> = walk(&self.dir).iter().map(|p| p.display().to_string()).collect();
+        format!(
+            "command: {:?}\nstatus: {}\nstdout:\n{}\nstderr:\n{}\nfiles:\n{}",
+            self.cmd,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            listing.join("\n")
+        )
+    }
+
+    /// Runs, asserts success, returns stdout.
+    pub fn ok(mut self) -> String {
+        let out = self.run();
+        assert!(out.status.success(), "expected success\n{}", self.describe(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs, asserts failure, returns stderr.
+    pub fn fails(mut self) -> String {
+        let out = self.run();
+        assert!(!out.status.success(), "expected failure\n{}", self.describe(&out));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}

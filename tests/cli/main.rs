@@ -1,0 +1,4 @@
+//! Integration tests of the `twotower` binary, run as a user would run it.
+
+mod harness;
+mod subcommands;
