@@ -11,7 +11,9 @@ pub struct Dir {
 
 impl Dir {
     pub fn new() -> Dir {
-        Dir { tmp: tempfile::tempdir().expect("temporary directory") }
+        Dir {
+            tmp: tempfile::tempdir().expect("temporary directory"),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -25,8 +27,13 @@ impl Dir {
     /// A `twotower` command running in this directory.
     pub fn command(&self, args: &[&str]) -> TestCommand {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_twotower"));
-        cmd.args(args).current_dir(self.path()).env("RUST_LOG", "warn");
-        TestCommand { cmd, dir: self.path().to_path_buf() }
+        cmd.args(args)
+            .current_dir(self.path())
+            .env("RUST_LOG", "warn");
+        TestCommand {
+            cmd,
+            dir: self.path().to_path_buf(),
+        }
     }
 }
 
@@ -46,7 +53,10 @@ impl TestCommand {
     }
 
     fn describe(&self, out: &Output) -> String {
-        let listing: Vec<String> = walk(&self.dir).iter().map(|p| p.display().to_string()).collect();
+        let listing: Vec<String> = walk(&self.dir)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         format!(
             "command: {:?}\nstatus: {}\nstdout:\n{}\nstderr:\n{}\nfiles:\n{}",
             self.cmd,
@@ -60,14 +70,22 @@ impl TestCommand {
     /// Runs, asserts success, returns stdout.
     pub fn ok(mut self) -> String {
         let out = self.run();
-        assert!(out.status.success(), "expected success\n{}", self.describe(&out));
+        assert!(
+            out.status.success(),
+            "expected success\n{}",
+            self.describe(&out)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Runs, asserts failure, returns stderr.
     pub fn fails(mut self) -> String {
         let out = self.run();
-        assert!(!out.status.success(), "expected failure\n{}", self.describe(&out));
+        assert!(
+            !out.status.success(),
+            "expected failure\n{}",
+            self.describe(&out)
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 }

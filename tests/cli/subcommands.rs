@@ -2,7 +2,16 @@
 
 use crate::harness::Dir;
 
-const SUBCOMMANDS: [&str; 8] = ["prepare", "train", "eval", "index", "serve", "recommend", "pipeline", "bench"];
+const SUBCOMMANDS: [&str; 8] = [
+    "prepare",
+    "train",
+    "eval",
+    "index",
+    "serve",
+    "recommend",
+    "pipeline",
+    "bench",
+];
 
 #[test]
 fn help_lists_every_subcommand() {

@@ -7,11 +7,16 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod commands;
 mod omp;
+mod progress;
 
 /// Personalized two-tower recommendations: prepare data, train, index, serve.
+///
+/// The usual order is `prepare` → `train` → `index` → `serve`; `pipeline run` chains the batch
+/// stages. Logs go to stderr (set RUST_LOG=debug for more), results to stdout.
 #[derive(Debug, Parser)]
-#[command(name = "twotower", version, about, long_about = None)]
+#[command(name = "twotower", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,11 +25,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Turn a dataset (MovieLens, Complete Journey, synthetic or your own files) into DATA_DIR.
-    Prepare,
+    Prepare(commands::prepare::PrepareArgs),
     /// Train the two towers on DATA_DIR and write MODEL_DIR.
-    Train,
-    /// Evaluate a trained model by full ranking over the catalog.
-    Eval,
+    Train(commands::train::TrainArgs),
+    /// Evaluate a trained model by full ranking over the catalog (JSON on stdout).
+    Eval(commands::eval::EvalArgs),
     /// Embed the catalog and publish a versioned FAISS index.
     Index,
     /// Serve gRPC recommendations from a model and an index.
@@ -37,21 +42,6 @@ enum Command {
     Bench,
 }
 
-impl Command {
-    fn name(&self) -> &'static str {
-        match self {
-            Command::Prepare => "prepare",
-            Command::Train => "train",
-            Command::Eval => "eval",
-            Command::Index => "index",
-            Command::Serve => "serve",
-            Command::Recommend => "recommend",
-            Command::Pipeline => "pipeline",
-            Command::Bench => "bench",
-        }
-    }
-}
-
 fn main() -> ExitCode {
     omp::ensure_passive_wait_policy();
     let cli = Cli::parse();
@@ -61,10 +51,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result: anyhow::Result<()> = Err(anyhow::anyhow!(
-        "`twotower {}` is not built yet",
-        cli.command.name()
-    ));
+    let result = match cli.command {
+        Command::Prepare(args) => commands::prepare::run(args),
+        Command::Train(args) => commands::train::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Index => not_built("index"),
+        Command::Serve => not_built("serve"),
+        Command::Recommend => not_built("recommend"),
+        Command::Pipeline => not_built("pipeline"),
+        Command::Bench => not_built("bench"),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -72,4 +68,8 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn not_built(name: &str) -> anyhow::Result<()> {
+    anyhow::bail!("`twotower {name}` is not built yet")
 }

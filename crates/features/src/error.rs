@@ -63,7 +63,10 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(file: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { file: file.into(), source }
+        Error::Io {
+            file: file.into(),
+            source,
+        }
     }
 
     pub(crate) fn bad_value(
@@ -72,22 +75,44 @@ impl Error {
         column: &str,
         reason: impl Into<String>,
     ) -> Self {
-        Error::BadValue { file: file.into(), row, column: column.to_string(), reason: reason.into() }
+        Error::BadValue {
+            file: file.into(),
+            row,
+            column: column.to_string(),
+            reason: reason.into(),
+        }
     }
 
-    pub(crate) fn bad_column(file: impl Into<PathBuf>, column: &str, reason: impl Into<String>) -> Self {
-        Error::BadColumn { file: file.into(), column: column.to_string(), reason: reason.into() }
+    pub(crate) fn bad_column(
+        file: impl Into<PathBuf>,
+        column: &str,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::BadColumn {
+            file: file.into(),
+            column: column.to_string(),
+            reason: reason.into(),
+        }
     }
 
     pub(crate) fn bad_file(file: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Error::BadFile { file: file.into(), reason: reason.into() }
+        Error::BadFile {
+            file: file.into(),
+            reason: reason.into(),
+        }
     }
 
     pub(crate) fn setting(setting: &str, reason: impl Into<String>) -> Self {
-        Error::Setting { setting: setting.to_string(), reason: reason.into() }
+        Error::Setting {
+            setting: setting.to_string(),
+            reason: reason.into(),
+        }
     }
 
     pub(crate) fn fetch(dataset: &str, reason: impl Into<String>) -> Self {
-        Error::Fetch { dataset: dataset.to_string(), reason: reason.into() }
+        Error::Fetch {
+            dataset: dataset.to_string(),
+            reason: reason.into(),
+        }
     }
 }

@@ -16,6 +16,7 @@ pub mod records;
 pub mod schema;
 pub mod sources;
 pub mod splits;
+pub mod synthetic;
 pub mod table;
 pub mod tokenizer;
 
@@ -62,7 +63,9 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("items.parquet");
-        let mut writer = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), schema.clone(), None).unwrap();
+        let mut writer =
+            ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), schema.clone(), None)
+                .unwrap();
         writer.write(&batch).unwrap();
         writer.close().unwrap();
 

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::raw::RawData;
 use crate::records::{Event, EventType, Example, Item, User};
+use crate::sources::BadRows;
 use crate::splits::{self, Split, SplitConfig, SplitStrategy};
 use crate::table::{TableWriter, ROW_GROUP_ROWS};
 use crate::tokenizer::{words, Counter, VocabConfig, Vocabularies};
@@ -26,17 +27,6 @@ use crate::tokenizer::{words, Counter, VocabConfig, Vocabularies};
 pub struct PrepareConfig {
     pub split: SplitConfig,
     pub vocab: VocabConfig,
-}
-
-/// What to do with an event row that fails validation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnBadRows {
-    /// Stop with an error naming the row (the default).
-    #[default]
-    Fail,
-    /// Count the row, report the count, and carry on without it.
-    Skip,
 }
 
 /// Where the raw data came from, for `dataset.json` and for error messages.
@@ -105,7 +95,9 @@ impl DataLayout {
         self.0.join("events.parquet")
     }
     pub fn split(&self, split: Split) -> PathBuf {
-        self.0.join("splits").join(format!("{}.parquet", split.as_str()))
+        self.0
+            .join("splits")
+            .join(format!("{}.parquet", split.as_str()))
     }
     pub fn vocab(&self) -> PathBuf {
         self.0.join("vocab")
@@ -121,14 +113,25 @@ pub fn prepare_raw(
     provenance: Provenance,
     out: &Path,
     cfg: &PrepareConfig,
-    on_bad_rows: OnBadRows,
+    on_bad_rows: BadRows,
     progress: &dyn Progress,
 ) -> Result<DatasetInfo> {
     let started = std::time::Instant::now();
-    let RawData { items, users, mut events, skipped_rows } = raw;
+    let RawData {
+        items,
+        users,
+        mut events,
+        skipped_rows,
+    } = raw;
     let item_ids = validate_items(&items, &provenance.items_label)?;
     let mut skipped = skipped_rows;
-    validate_event_items(&mut events, &item_ids, &provenance.events_label, on_bad_rows, &mut skipped)?;
+    validate_event_items(
+        &mut events,
+        &item_ids,
+        &provenance.events_label,
+        on_bad_rows,
+        &mut skipped,
+    )?;
     let mut cfg = cfg.clone();
     resolve_time_split(&mut cfg.split, &events)?;
 
@@ -144,7 +147,11 @@ pub fn prepare_raw(
     progress.finish();
     progress.start("building examples", Some(events.len() as u64));
     // Users with features but no events still belong in users.parquet.
-    let mut user_ids: Vec<u64> = features.keys().copied().chain(events.iter().map(|e| e.user_id)).collect();
+    let mut user_ids: Vec<u64> = features
+        .keys()
+        .copied()
+        .chain(events.iter().map(|e| e.user_id))
+        .collect();
     user_ids.sort_unstable();
     user_ids.dedup();
     let mut rest = &mut events[..];
@@ -153,7 +160,10 @@ pub fn prepare_raw(
         let (mine, tail) = rest.split_at_mut(n);
         rest = tail;
         splits::sort_user_events(mine);
-        let user = User { user_id, features: features.get(&user_id).cloned().unwrap_or_default() };
+        let user = User {
+            user_id,
+            features: features.get(&user_id).cloned().unwrap_or_default(),
+        };
         writer.add_user(&user, mine)?;
         progress.advance(n as u64);
     }
@@ -177,8 +187,17 @@ where
     U: Iterator<Item = (User, Vec<Event>)>,
 {
     let started = std::time::Instant::now();
-    if matches!(cfg.split.strategy, SplitStrategy::Time { test_cutoff_ms: None, .. }) {
-        return Err(Error::setting("test-cutoff", "a time split of streamed data needs an explicit test cutoff"));
+    if matches!(
+        cfg.split.strategy,
+        SplitStrategy::Time {
+            test_cutoff_ms: None,
+            ..
+        }
+    ) {
+        return Err(Error::setting(
+            "test-cutoff",
+            "a time split of streamed data needs an explicit test cutoff",
+        ));
     }
     let mut writer = DatasetWriter::create(out, cfg.clone(), provenance.clone())?;
     progress.start("writing items", None);
@@ -186,7 +205,12 @@ where
     let mut chunk = Vec::with_capacity(ROW_GROUP_ROWS);
     for (row, item) in items().enumerate() {
         if !ids.insert(item.item_id) {
-            return Err(Error::bad_value(&provenance.items_label, row + 1, "item_id", format!("duplicate item_id {}", item.item_id)));
+            return Err(Error::bad_value(
+                &provenance.items_label,
+                row + 1,
+                "item_id",
+                format!("duplicate item_id {}", item.item_id),
+            ));
         }
         chunk.push(item);
         if chunk.len() == ROW_GROUP_ROWS {
@@ -224,7 +248,10 @@ fn validate_items(items: &[Item], label: &Path) -> Result<HashSet<u64>> {
                 label,
                 i + 1,
                 "item_id",
-                format!("duplicate item_id {} (first seen in row {prev})", item.item_id),
+                format!(
+                    "duplicate item_id {} (first seen in row {prev})",
+                    item.item_id
+                ),
             ));
         }
     }
@@ -236,9 +263,12 @@ fn check_event_item(e: &Event, ids: &HashSet<u64>, label: &Path, row: usize) -> 
         return Err(Error::bad_value(label, row, column, reason));
     }
     match e.item_id {
-        Some(id) if !ids.contains(&id) => {
-            Err(Error::bad_value(label, row, "item_id", format!("event points at unknown item {id}")))
-        }
+        Some(id) if !ids.contains(&id) => Err(Error::bad_value(
+            label,
+            row,
+            "item_id",
+            format!("event points at unknown item {id}"),
+        )),
         _ => Ok(()),
     }
 }
@@ -247,7 +277,7 @@ fn validate_event_items(
     events: &mut Vec<Event>,
     ids: &HashSet<u64>,
     label: &Path,
-    on_bad_rows: OnBadRows,
+    on_bad_rows: BadRows,
     skipped: &mut u64,
 ) -> Result<()> {
     if events.is_empty() {
@@ -267,8 +297,8 @@ fn validate_event_items(
         }
     });
     match (on_bad_rows, first_error) {
-        (OnBadRows::Fail, Some(err)) => Err(err),
-        (OnBadRows::Skip, _) if events.is_empty() => Err(Error::bad_file(label, "no valid events")),
+        (BadRows::Fail, Some(err)) => Err(err),
+        (BadRows::Skip, _) if events.is_empty() => Err(Error::bad_file(label, "no valid events")),
         _ => Ok(()),
     }
 }
@@ -289,7 +319,11 @@ fn users_by_id(users: Vec<User>, provenance: &Provenance) -> Result<HashMap<u64,
 }
 
 fn resolve_time_split(split: &mut SplitConfig, events: &[Event]) -> Result<()> {
-    if let SplitStrategy::Time { cutoff_ms, test_cutoff_ms } = &mut split.strategy {
+    if let SplitStrategy::Time {
+        cutoff_ms,
+        test_cutoff_ms,
+    } = &mut split.strategy
+    {
         let max_ts = events.iter().map(|e| e.ts_ms).max().unwrap_or(0);
         let min_ts = events.iter().map(|e| e.ts_ms).min().unwrap_or(0);
         if *cutoff_ms <= min_ts || *cutoff_ms > max_ts {
@@ -327,9 +361,15 @@ struct DatasetWriter {
 
 impl DatasetWriter {
     fn create(out: &Path, cfg: PrepareConfig, provenance: Provenance) -> Result<Self> {
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "data".into());
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(tmp.join("splits")).map_err(|e| Error::io(&tmp, e))?;
@@ -341,7 +381,11 @@ impl DatasetWriter {
             items: TableWriter::create(&layout.items())?,
             users: TableWriter::create(&layout.users())?,
             events: TableWriter::create(&layout.events())?,
-            splits: [split_writer(Split::Train)?, split_writer(Split::Valid)?, split_writer(Split::Test)?],
+            splits: [
+                split_writer(Split::Train)?,
+                split_writer(Split::Valid)?,
+                split_writer(Split::Test)?,
+            ],
             tmp,
             out: out.to_path_buf(),
             cfg,
@@ -382,14 +426,21 @@ impl DatasetWriter {
         }
         let mut train_end = i64::MAX;
         let mut produced: [Vec<Example>; 3] = Default::default();
-        splits::user_examples(&self.cfg.split, user.user_id, &user.features, events, |split, ex| {
-            produced[split as usize].push(ex);
-        });
+        splits::user_examples(
+            &self.cfg.split,
+            user.user_id,
+            &user.features,
+            events,
+            |split, ex| {
+                produced[split as usize].push(ex);
+            },
+        );
         for (split, examples) in Split::ALL.into_iter().zip(produced) {
             for ex in examples {
                 if split == Split::Train {
                     self.warm_items.insert(ex.target_item_id);
-                    self.warm_items.extend(ex.history.iter().filter_map(|h| h.item_id));
+                    self.warm_items
+                        .extend(ex.history.iter().filter_map(|h| h.item_id));
                 } else {
                     train_end = train_end.min(ex.ts_ms);
                     self.counts.cold_targets += self.cfg.split.is_cold(ex.target_item_id) as u64;
@@ -397,7 +448,10 @@ impl DatasetWriter {
                 self.push_example(split, ex)?;
             }
         }
-        for e in events.iter().filter(|e| e.event_type == EventType::Search && e.ts_ms < train_end) {
+        for e in events
+            .iter()
+            .filter(|e| e.event_type == EventType::Search && e.ts_ms < train_end)
+        {
             for w in words(e.query.as_deref().unwrap_or("")) {
                 self.queries.add(w);
             }
@@ -415,7 +469,12 @@ impl DatasetWriter {
         Ok(())
     }
 
-    fn finish(mut self, items: impl Iterator<Item = Item>, started: std::time::Instant, progress: &dyn Progress) -> Result<DatasetInfo> {
+    fn finish(
+        mut self,
+        items: impl Iterator<Item = Item>,
+        started: std::time::Instant,
+        progress: &dyn Progress,
+    ) -> Result<DatasetInfo> {
         for (writer, buffer) in &mut self.splits {
             writer.write(buffer)?;
             buffer.clear();
@@ -469,7 +528,11 @@ impl DatasetWriter {
             title: title.into_vocab("title", v.min_count, v.title_buckets),
             aspects: aspects.into_vocab("aspects", 1, 1),
             categories: categories.into_vocab("categories", 1, 1),
-            user_features: std::mem::take(&mut self.user_features).into_vocab("user_features", 1, 1),
+            user_features: std::mem::take(&mut self.user_features).into_vocab(
+                "user_features",
+                1,
+                1,
+            ),
         }
     }
 }
@@ -479,7 +542,9 @@ impl DatasetWriter {
 fn publish_dir(tmp: &Path, out: &Path) -> Result<()> {
     let old = out.with_file_name(format!(
         ".{}.old-{}",
-        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        out.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let had_old = out.exists();

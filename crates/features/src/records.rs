@@ -135,6 +135,18 @@ pub fn hour_and_weekday(ts_ms: i64) -> (u8, u8) {
     (hour, weekday)
 }
 
+/// Parses a time given as integer milliseconds since the Unix epoch, or as an RFC 3339 /
+/// ISO 8601 date or date-time (UTC when it has no offset), into milliseconds.
+pub fn parse_time_ms(s: &str) -> Option<i64> {
+    let s = s.trim();
+    match s.parse::<i64>() {
+        Ok(ms) => Some(ms),
+        Err(_) => arrow::compute::kernels::cast_utils::string_to_timestamp_nanos(s)
+            .ok()
+            .map(|ns| ns.div_euclid(1_000_000)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +168,20 @@ mod tests {
         assert_eq!(hour_and_weekday(1_704_115_800_000), (13, 0));
         // Before the epoch: 1969-12-31 23:00 UTC, a Wednesday.
         assert_eq!(hour_and_weekday(-3_600_000), (23, 2));
+    }
+
+    #[test]
+    fn times_parse_from_ms_dates_and_rfc3339() {
+        assert_eq!(parse_time_ms("1704115800000"), Some(1_704_115_800_000));
+        assert_eq!(
+            parse_time_ms("2024-01-01T13:30:00Z"),
+            Some(1_704_115_800_000)
+        );
+        assert_eq!(
+            parse_time_ms("2024-01-01T14:30:00+01:00"),
+            Some(1_704_115_800_000)
+        );
+        assert_eq!(parse_time_ms("2024-01-01"), Some(1_704_067_200_000));
+        assert_eq!(parse_time_ms("yesterday"), None);
     }
 }

@@ -52,7 +52,10 @@ pub fn items_schema() -> SchemaRef {
 pub fn users_schema() -> SchemaRef {
     with_meta(
         "users",
-        vec![Field::new("user_id", DataType::UInt64, false), Field::new("features", utf8_list(), false)],
+        vec![
+            Field::new("user_id", DataType::UInt64, false),
+            Field::new("features", utf8_list(), false),
+        ],
     )
 }
 
@@ -83,7 +86,11 @@ pub fn history_event_fields() -> Fields {
 
 /// `List<Struct<history event>>`.
 pub fn history_type() -> DataType {
-    DataType::List(Arc::new(Field::new("item", DataType::Struct(history_event_fields()), true)))
+    DataType::List(Arc::new(Field::new(
+        "item",
+        DataType::Struct(history_event_fields()),
+        true,
+    )))
 }
 
 /// `examples`: one training or evaluation row each (`splits/{train,valid,test}.parquet`).

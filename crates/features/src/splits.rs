@@ -29,7 +29,10 @@ pub enum SplitStrategy {
     LeaveLastOut,
     /// Global time split, in ms since the epoch. Without `test_cutoff_ms`, evaluation targets
     /// are split in two at the middle of the time range after `cutoff_ms`.
-    Time { cutoff_ms: i64, test_cutoff_ms: Option<i64> },
+    Time {
+        cutoff_ms: i64,
+        test_cutoff_ms: Option<i64>,
+    },
 }
 
 /// Settings of example building, recorded in `dataset.json`.
@@ -46,7 +49,12 @@ pub struct SplitConfig {
 
 impl Default for SplitConfig {
     fn default() -> Self {
-        SplitConfig { strategy: SplitStrategy::LeaveLastOut, history_len: 50, cold_items: 0.0, seed: 42 }
+        SplitConfig {
+            strategy: SplitStrategy::LeaveLastOut,
+            history_len: 50,
+            cold_items: 0.0,
+            seed: 42,
+        }
     }
 }
 
@@ -85,8 +93,20 @@ impl Split {
 /// id — so among items at equal timestamps the largest id comes last.
 pub fn sort_user_events(events: &mut [Event]) {
     events.sort_by(|a, b| {
-        (a.ts_ms, a.item_id.is_some(), a.item_id, a.event_type, &a.query)
-            .cmp(&(b.ts_ms, b.item_id.is_some(), b.item_id, b.event_type, &b.query))
+        (
+            a.ts_ms,
+            a.item_id.is_some(),
+            a.item_id,
+            a.event_type,
+            &a.query,
+        )
+            .cmp(&(
+                b.ts_ms,
+                b.item_id.is_some(),
+                b.item_id,
+                b.event_type,
+                &b.query,
+            ))
     });
 }
 
@@ -110,7 +130,10 @@ pub fn user_examples(
                 1 if n >= 3 => Split::Valid,
                 _ => Split::Train,
             },
-            SplitStrategy::Time { cutoff_ms, test_cutoff_ms } => {
+            SplitStrategy::Time {
+                cutoff_ms,
+                test_cutoff_ms,
+            } => {
                 let test_cutoff_ms = test_cutoff_ms.expect("prepare resolves the test cutoff");
                 if target.ts_ms < cutoff_ms {
                     Split::Train
@@ -183,7 +206,14 @@ mod tests {
             Some(_) => (EventType::View, None),
             None => (EventType::Search, Some("q".to_string())),
         };
-        Event { user_id: 1, ts_ms: ts * 1000, event_type, item_id: item, query, value: None }
+        Event {
+            user_id: 1,
+            ts_ms: ts * 1000,
+            event_type,
+            item_id: item,
+            query,
+            value: None,
+        }
     }
 
     fn collect(cfg: &SplitConfig, events: &mut Vec<Event>) -> Vec<(Split, Example)> {
@@ -195,12 +225,23 @@ mod tests {
 
     #[test]
     fn leave_last_out_assigns_last_two_targets() {
-        let mut events = vec![ev(1, Some(10)), ev(2, None), ev(3, Some(11)), ev(4, Some(12)), ev(5, Some(13))];
+        let mut events = vec![
+            ev(1, Some(10)),
+            ev(2, None),
+            ev(3, Some(11)),
+            ev(4, Some(12)),
+            ev(5, Some(13)),
+        ];
         let out = collect(&SplitConfig::default(), &mut events);
         let splits: Vec<_> = out.iter().map(|(s, e)| (*s, e.target_item_id)).collect();
         assert_eq!(
             splits,
-            [(Split::Train, 10), (Split::Train, 11), (Split::Valid, 12), (Split::Test, 13)]
+            [
+                (Split::Train, 10),
+                (Split::Train, 11),
+                (Split::Valid, 12),
+                (Split::Test, 13)
+            ]
         );
         // The test example sees everything before it, oldest first, including the search.
         let test = &out[3].1;
@@ -221,7 +262,10 @@ mod tests {
     #[test]
     fn repeats_are_history_not_targets_and_history_is_bounded() {
         let mut events: Vec<_> = (0..10).map(|i| ev(i, Some(1 + i as u64 % 3))).collect();
-        let cfg = SplitConfig { history_len: 2, ..Default::default() };
+        let cfg = SplitConfig {
+            history_len: 2,
+            ..Default::default()
+        };
         let out = collect(&cfg, &mut events);
         assert_eq!(out.len(), 3, "one target per distinct item");
         assert!(out.iter().all(|(_, e)| e.history.len() <= 2));
@@ -229,10 +273,15 @@ mod tests {
 
     #[test]
     fn cold_items_never_train_or_appear_in_history() {
-        let cfg = SplitConfig { cold_items: 0.5, ..Default::default() };
+        let cfg = SplitConfig {
+            cold_items: 0.5,
+            ..Default::default()
+        };
         let mut events: Vec<_> = (0..200).map(|i| ev(i, Some(i as u64))).collect();
         let out = collect(&cfg, &mut events);
-        assert!(out.iter().any(|(s, e)| *s != Split::Train || !cfg.is_cold(e.target_item_id)));
+        assert!(out
+            .iter()
+            .any(|(s, e)| *s != Split::Train || !cfg.is_cold(e.target_item_id)));
         for (split, e) in &out {
             if *split == Split::Train {
                 assert!(!cfg.is_cold(e.target_item_id));
@@ -246,7 +295,10 @@ mod tests {
     #[test]
     fn time_split_uses_cutoffs() {
         let cfg = SplitConfig {
-            strategy: SplitStrategy::Time { cutoff_ms: 3000, test_cutoff_ms: Some(5000) },
+            strategy: SplitStrategy::Time {
+                cutoff_ms: 3000,
+                test_cutoff_ms: Some(5000),
+            },
             ..Default::default()
         };
         let mut events: Vec<_> = (0..7).map(|i| ev(i, Some(i as u64))).collect();

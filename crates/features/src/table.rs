@@ -14,12 +14,14 @@ use arrow::array::{
     StringBuilder, StructArray, TimestampMillisecondArray, UInt64Array,
 };
 use arrow::buffer::{NullBuffer, OffsetBuffer};
-use arrow::datatypes::{DataType, Float32Type, Int64Type, SchemaRef, TimestampMillisecondType, UInt64Type, UInt8Type};
+use arrow::datatypes::{
+    DataType, Float32Type, Int64Type, SchemaRef, TimestampMillisecondType, UInt64Type, UInt8Type,
+};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
 use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
 
 use crate::error::{Error, Result};
 use crate::records::{Event, EventType, Example, HistoryEvent, Item, User};
@@ -67,9 +69,19 @@ impl<T: Table> TableWriter<T> {
                 KeyValue::new(META_TABLE.to_string(), T::NAME.to_string()),
             ]))
             .build();
-        let writer = ArrowWriter::try_new(file, T::schema(), Some(props))
-            .map_err(|source| Error::Parquet { file: path.to_path_buf(), source })?;
-        Ok(TableWriter { writer: Some(writer), tmp, path: path.to_path_buf(), rows: 0, _table: Default::default() })
+        let writer = ArrowWriter::try_new(file, T::schema(), Some(props)).map_err(|source| {
+            Error::Parquet {
+                file: path.to_path_buf(),
+                source,
+            }
+        })?;
+        Ok(TableWriter {
+            writer: Some(writer),
+            tmp,
+            path: path.to_path_buf(),
+            rows: 0,
+            _table: Default::default(),
+        })
     }
 
     /// Appends rows.
@@ -77,9 +89,15 @@ impl<T: Table> TableWriter<T> {
         if rows.is_empty() {
             return Ok(());
         }
-        let batch = T::to_batch(rows).map_err(|source| Error::Arrow { file: self.path.clone(), source })?;
+        let batch = T::to_batch(rows).map_err(|source| Error::Arrow {
+            file: self.path.clone(),
+            source,
+        })?;
         let writer = self.writer.as_mut().expect("TableWriter used after finish");
-        writer.write(&batch).map_err(|source| Error::Parquet { file: self.path.clone(), source })?;
+        writer.write(&batch).map_err(|source| Error::Parquet {
+            file: self.path.clone(),
+            source,
+        })?;
         self.rows += rows.len() as u64;
         Ok(())
     }
@@ -92,7 +110,10 @@ impl<T: Table> TableWriter<T> {
     /// Closes, fsyncs and renames the file into place. Returns the number of rows.
     pub fn finish(mut self) -> Result<u64> {
         let writer = self.writer.take().expect("TableWriter finished twice");
-        let file = writer.into_inner().map_err(|source| Error::Parquet { file: self.path.clone(), source })?;
+        let file = writer.into_inner().map_err(|source| Error::Parquet {
+            file: self.path.clone(),
+            source,
+        })?;
         file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         drop(file);
         std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
@@ -120,7 +141,10 @@ pub fn write_table<T: Table>(path: &Path, rows: &[T]) -> Result<u64> {
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -130,7 +154,9 @@ pub fn sync_parent(path: &Path) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    File::open(parent).and_then(|d| d.sync_all()).map_err(|e| Error::io(parent, e))
+    File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(parent, e))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -163,8 +189,11 @@ impl<T: Table> TableReader<T> {
     /// Opens only the given row groups (for sharded jobs); `None` reads all.
     pub fn open_row_groups(path: &Path, row_groups: Option<Vec<usize>>) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|source| Error::Parquet { file: path.to_path_buf(), source })?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| Error::Parquet {
+                file: path.to_path_buf(),
+                source,
+            })?;
         let meta = builder.schema().metadata();
         if let Some(version) = meta.get(META_SCHEMA_VERSION) {
             if version != SCHEMA_VERSION {
@@ -176,7 +205,10 @@ impl<T: Table> TableReader<T> {
         }
         if let Some(table) = meta.get(META_TABLE) {
             if table != T::NAME {
-                return Err(Error::bad_file(path, format!("holds table `{table}`, expected `{}`", T::NAME)));
+                return Err(Error::bad_file(
+                    path,
+                    format!("holds table `{table}`, expected `{}`", T::NAME),
+                ));
             }
         }
         let total_rows = builder.metadata().file_metadata().num_rows() as usize;
@@ -187,8 +219,17 @@ impl<T: Table> TableReader<T> {
         let inner = builder
             .with_batch_size(8192)
             .build()
-            .map_err(|source| Error::Parquet { file: path.to_path_buf(), source })?;
-        Ok(TableReader { inner, path: path.to_path_buf(), next_row: 1, total_rows, _table: Default::default() })
+            .map_err(|source| Error::Parquet {
+                file: path.to_path_buf(),
+                source,
+            })?;
+        Ok(TableReader {
+            inner,
+            path: path.to_path_buf(),
+            next_row: 1,
+            total_rows,
+            _table: Default::default(),
+        })
     }
 
     /// Rows in the whole file (not only the selected row groups).
@@ -200,8 +241,11 @@ impl<T: Table> TableReader<T> {
 /// Number of row groups in a Parquet file.
 pub fn row_group_count(path: &Path) -> Result<usize> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|source| Error::Parquet { file: path.to_path_buf(), source })?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| Error::Parquet {
+            file: path.to_path_buf(),
+            source,
+        })?;
     Ok(builder.metadata().num_row_groups())
 }
 
@@ -211,7 +255,12 @@ impl<T: Table> Iterator for TableReader<T> {
     fn next(&mut self) -> Option<Self::Item> {
         let batch = match self.inner.next()? {
             Ok(batch) => batch,
-            Err(source) => return Some(Err(Error::Arrow { file: self.path.clone(), source })),
+            Err(source) => {
+                return Some(Err(Error::Arrow {
+                    file: self.path.clone(),
+                    source,
+                }))
+            }
         };
         let first = self.next_row;
         self.next_row += batch.num_rows();
@@ -229,7 +278,11 @@ pub(crate) struct Columns<'a> {
 
 impl<'a> Columns<'a> {
     pub(crate) fn new(batch: &'a RecordBatch, file: &'a Path, first_row: usize) -> Self {
-        Columns { batch, file, first_row }
+        Columns {
+            batch,
+            file,
+            first_row,
+        }
     }
 
     /// 1-based file row of batch row `i`.
@@ -242,10 +295,19 @@ impl<'a> Columns<'a> {
     }
 
     /// The column cast to `ty`; `None` when absent and optional.
-    pub(crate) fn get(&self, name: &str, ty: &DataType, required: bool) -> Result<Option<ArrayRef>> {
+    pub(crate) fn get(
+        &self,
+        name: &str,
+        ty: &DataType,
+        required: bool,
+    ) -> Result<Option<ArrayRef>> {
         let Some(col) = self.batch.column_by_name(name) else {
             return if required {
-                Err(Error::bad_column(self.file, name, format!("missing (expected {ty})")))
+                Err(Error::bad_column(
+                    self.file,
+                    name,
+                    format!("missing (expected {ty})"),
+                ))
             } else {
                 Ok(None)
             };
@@ -253,27 +315,54 @@ impl<'a> Columns<'a> {
         if col.data_type() == ty {
             return Ok(Some(col.clone()));
         }
+        if let (DataType::Timestamp(..), DataType::Timestamp(unit, _)) = (col.data_type(), ty) {
+            // Arrow timestamps count from the epoch in UTC whatever zone they are tagged with, so
+            // change the unit in the column's own zone (no zone database needed) and re-tag.
+            let DataType::Timestamp(_, zone) = col.data_type() else {
+                unreachable!()
+            };
+            let cast = arrow::compute::cast(col, &DataType::Timestamp(*unit, zone.clone()))
+                .map_err(|e| Error::bad_column(self.file, name, e.to_string()))?;
+            let ms = cast
+                .as_primitive::<TimestampMillisecondType>()
+                .clone()
+                .with_timezone("UTC");
+            return Ok(Some(Arc::new(ms)));
+        }
         let compatible = match (col.data_type(), ty) {
-            (DataType::Timestamp(..), DataType::Timestamp(..)) => true,
             (DataType::Int64 | DataType::Int32 | DataType::UInt32, DataType::Timestamp(..)) => true,
             (a, DataType::UInt64) => a.is_integer(),
             (a, DataType::UInt8) => a.is_integer(),
             (a, DataType::Int64) => a.is_integer(),
             (a, DataType::Float32) => a.is_numeric(),
-            (DataType::LargeUtf8 | DataType::Utf8View | DataType::Dictionary(..), DataType::Utf8) => true,
+            (
+                DataType::LargeUtf8 | DataType::Utf8View | DataType::Dictionary(..),
+                DataType::Utf8,
+            ) => true,
             (DataType::List(_) | DataType::LargeList(_), DataType::List(_)) => true,
             _ => false,
         };
-        let cast = compatible.then(|| arrow::compute::cast(col, ty).ok()).flatten();
+        let cast = compatible
+            .then(|| arrow::compute::cast(col, ty).ok())
+            .flatten();
         match cast {
             Some(c) => {
                 // A safe cast turns values it cannot convert (e.g. a negative id) into nulls.
                 if let Some(i) = (0..c.len()).find(|&i| c.is_null(i) && !col.is_null(i)) {
-                    return Err(Error::bad_value(self.file, self.row(i), name, format!("value does not fit {ty}")));
+                    return Err(Error::bad_value(
+                        self.file,
+                        self.row(i),
+                        name,
+                        format!("value does not fit {ty}"),
+                    ));
                 }
                 Ok(Some(c))
             }
-            None => Err(Error::bad_column(self.file, name, format!("has type {}, expected {ty}", col.data_type()))),
+            None => Err(Error::bad_column(
+                self.file,
+                name,
+                format!("has type {}, expected {ty}", col.data_type()),
+            )),
         }
     }
 
@@ -284,7 +373,12 @@ impl<'a> Columns<'a> {
     /// Fails on the first null in `col`.
     pub(crate) fn no_nulls(&self, name: &str, col: &dyn Array) -> Result<()> {
         match (0..col.len()).find(|&i| col.is_null(i)) {
-            Some(i) => Err(Error::bad_value(self.file, self.row(i), name, "missing value")),
+            Some(i) => Err(Error::bad_value(
+                self.file,
+                self.row(i),
+                name,
+                "missing value",
+            )),
             None => Ok(()),
         }
     }
@@ -311,7 +405,12 @@ impl<'a> Columns<'a> {
         }
         let ts = col.as_primitive::<TimestampMillisecondType>();
         if let Some(i) = (0..ts.len()).find(|&i| ts.is_valid(i) && ts.value(i) < 0) {
-            return Err(Error::bad_value(self.file, self.row(i), name, format!("negative timestamp {}", ts.value(i))));
+            return Err(Error::bad_value(
+                self.file,
+                self.row(i),
+                name,
+                format!("negative timestamp {}", ts.value(i)),
+            ));
         }
         Ok(ts.iter().collect())
     }
@@ -323,7 +422,9 @@ impl<'a> Columns<'a> {
     }
 
     pub(crate) fn opt_strings(&self, name: &str) -> Result<Option<StringArray>> {
-        Ok(self.get(name, &DataType::Utf8, false)?.map(|c| c.as_string::<i32>().clone()))
+        Ok(self
+            .get(name, &DataType::Utf8, false)?
+            .map(|c| c.as_string::<i32>().clone()))
     }
 
     pub(crate) fn opt_f32s(&self, name: &str) -> Result<Vec<Option<f32>>> {
@@ -387,7 +488,9 @@ impl Table for Item {
         RecordBatch::try_new(
             Self::schema(),
             vec![
-                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.item_id))),
+                Arc::new(UInt64Array::from_iter_values(
+                    rows.iter().map(|r| r.item_id),
+                )),
                 Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.title))),
                 Arc::new(string_list_array(rows.iter().map(|r| &r.aspects))),
                 Arc::new(string_list_array(rows.iter().map(|r| &r.categories))),
@@ -409,13 +512,15 @@ impl Table for Item {
             .zip(categories)
             .zip(created)
             .enumerate()
-            .map(|(i, (((item_id, aspects), categories), created_at_ms))| Item {
-                item_id,
-                title: titles.value(i).to_string(),
-                aspects,
-                categories,
-                created_at_ms,
-            })
+            .map(
+                |(i, (((item_id, aspects), categories), created_at_ms))| Item {
+                    item_id,
+                    title: titles.value(i).to_string(),
+                    aspects,
+                    categories,
+                    created_at_ms,
+                },
+            )
             .collect())
     }
 }
@@ -431,7 +536,9 @@ impl Table for User {
         RecordBatch::try_new(
             Self::schema(),
             vec![
-                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.user_id))),
+                Arc::new(UInt64Array::from_iter_values(
+                    rows.iter().map(|r| r.user_id),
+                )),
                 Arc::new(string_list_array(rows.iter().map(|r| &r.features))),
             ],
         )
@@ -441,7 +548,11 @@ impl Table for User {
         let c = Columns::new(batch, file, first_row);
         let ids = c.u64s("user_id")?;
         let features = c.string_lists("features", false)?;
-        Ok(ids.into_iter().zip(features).map(|(user_id, features)| User { user_id, features }).collect())
+        Ok(ids
+            .into_iter()
+            .zip(features)
+            .map(|(user_id, features)| User { user_id, features })
+            .collect())
     }
 }
 
@@ -456,12 +567,20 @@ impl Table for Event {
         RecordBatch::try_new(
             Self::schema(),
             vec![
-                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.user_id))),
+                Arc::new(UInt64Array::from_iter_values(
+                    rows.iter().map(|r| r.user_id),
+                )),
                 Arc::new(timestamps(rows.iter().map(|r| Some(r.ts_ms)))),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.event_type.as_str()))),
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.event_type.as_str()),
+                )),
                 Arc::new(UInt64Array::from_iter(rows.iter().map(|r| r.item_id))),
-                Arc::new(StringArray::from_iter(rows.iter().map(|r| r.query.as_deref()))),
-                Arc::new(arrow::array::Float32Array::from_iter(rows.iter().map(|r| r.value))),
+                Arc::new(StringArray::from_iter(
+                    rows.iter().map(|r| r.query.as_deref()),
+                )),
+                Arc::new(arrow::array::Float32Array::from_iter(
+                    rows.iter().map(|r| r.value),
+                )),
             ],
         )
     }
@@ -485,9 +604,20 @@ impl Table for Event {
                     format!("unknown event type `{name}` (expected one of view, search, add_to_cart, watch, purchase, rate)"),
                 )
             })?;
-            let query = queries.as_ref().filter(|q| q.is_valid(i)).map(|q| q.value(i).to_string());
-            let event = Event { user_id: users[i], ts_ms: ts[i].expect("checked"), event_type, item_id: items[i], query, value: values[i] };
-            validate_event(&event).map_err(|(column, reason)| Error::bad_value(file, c.row(i), column, reason))?;
+            let query = queries
+                .as_ref()
+                .filter(|q| q.is_valid(i))
+                .map(|q| q.value(i).to_string());
+            let event = Event {
+                user_id: users[i],
+                ts_ms: ts[i].expect("checked"),
+                event_type,
+                item_id: items[i],
+                query,
+                value: values[i],
+            };
+            validate_event(&event)
+                .map_err(|(column, reason)| Error::bad_value(file, c.row(i), column, reason))?;
             out.push(event);
         }
         Ok(out)
@@ -502,7 +632,9 @@ pub fn validate_event(e: &Event) -> std::result::Result<(), (&'static str, Strin
     }
     match (e.event_type, e.item_id, e.query.as_deref()) {
         (EventType::Search, _, Some(q)) if !q.trim().is_empty() => Ok(()),
-        (EventType::Search, _, _) => Err(("query", "a search event needs a non-empty query".into())),
+        (EventType::Search, _, _) => {
+            Err(("query", "a search event needs a non-empty query".into()))
+        }
         (_, Some(_), _) => Ok(()),
         (t, None, _) => Err(("item_id", format!("a `{t}` event needs an item_id"))),
     }
@@ -520,12 +652,20 @@ impl Table for Example {
         RecordBatch::try_new(
             Self::schema(),
             vec![
-                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.user_id))),
+                Arc::new(UInt64Array::from_iter_values(
+                    rows.iter().map(|r| r.user_id),
+                )),
                 Arc::new(timestamps(rows.iter().map(|r| Some(r.ts_ms)))),
-                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.target_item_id))),
+                Arc::new(UInt64Array::from_iter_values(
+                    rows.iter().map(|r| r.target_item_id),
+                )),
                 Arc::new(history),
-                Arc::new(arrow::array::UInt8Array::from_iter_values(rows.iter().map(|r| r.hour))),
-                Arc::new(arrow::array::UInt8Array::from_iter_values(rows.iter().map(|r| r.weekday))),
+                Arc::new(arrow::array::UInt8Array::from_iter_values(
+                    rows.iter().map(|r| r.hour),
+                )),
+                Arc::new(arrow::array::UInt8Array::from_iter_values(
+                    rows.iter().map(|r| r.weekday),
+                )),
                 Arc::new(string_list_array(rows.iter().map(|r| &r.user_features))),
             ],
         )
@@ -583,7 +723,9 @@ fn history_array(rows: &[Example]) -> std::result::Result<ListArray, arrow::erro
         None,
     )?;
     let offsets = OffsetBuffer::from_lengths(rows.iter().map(|r| r.history.len()));
-    let DataType::List(field) = schema::history_type() else { unreachable!() };
+    let DataType::List(field) = schema::history_type() else {
+        unreachable!()
+    };
     ListArray::try_new(field, offsets, Arc::new(values), None::<NullBuffer>)
 }
 
@@ -599,12 +741,26 @@ fn read_histories(list: &ListArray, c: &Columns<'_>) -> Result<Vec<Vec<HistoryEv
     for i in 0..list.len() {
         let mut history = Vec::with_capacity((offsets[i + 1] - offsets[i]) as usize);
         for j in offsets[i] as usize..offsets[i + 1] as usize {
-            let name = if types.is_valid(j) { types.value(j) } else { "" };
+            let name = if types.is_valid(j) {
+                types.value(j)
+            } else {
+                ""
+            };
             let event_type = EventType::parse(name).ok_or_else(|| {
-                Error::bad_value(c.file, c.row(i), "history.event_type", format!("unknown event type `{name}`"))
+                Error::bad_value(
+                    c.file,
+                    c.row(i),
+                    "history.event_type",
+                    format!("unknown event type `{name}`"),
+                )
             })?;
             if gaps.is_null(j) || gaps.value(j) < 0 {
-                return Err(Error::bad_value(c.file, c.row(i), "history.gap_s", "history event is not before the target"));
+                return Err(Error::bad_value(
+                    c.file,
+                    c.row(i),
+                    "history.gap_s",
+                    "history event is not before the target",
+                ));
             }
             history.push(HistoryEvent {
                 event_type,
@@ -628,8 +784,18 @@ mod tests {
             ts_ms: 1_000_000,
             target_item_id: 9,
             history: vec![
-                HistoryEvent { event_type: EventType::Search, item_id: None, query: Some("red shoes".into()), gap_s: 60 },
-                HistoryEvent { event_type: EventType::View, item_id: Some(3), query: None, gap_s: 5 },
+                HistoryEvent {
+                    event_type: EventType::Search,
+                    item_id: None,
+                    query: Some("red shoes".into()),
+                    gap_s: 60,
+                },
+                HistoryEvent {
+                    event_type: EventType::View,
+                    item_id: Some(3),
+                    query: None,
+                    gap_s: 5,
+                },
             ],
             hour: 13,
             weekday: 2,
@@ -641,15 +807,50 @@ mod tests {
     fn every_table_round_trips_through_parquet() {
         let dir = tempfile::tempdir().unwrap();
         let items = vec![
-            Item { item_id: 1, title: "Red shoe".into(), aspects: vec!["color:red".into()], categories: vec!["shoes".into()], created_at_ms: Some(5) },
-            Item { item_id: 2, title: "Hat".into(), aspects: vec![], categories: vec![], created_at_ms: None },
+            Item {
+                item_id: 1,
+                title: "Red shoe".into(),
+                aspects: vec!["color:red".into()],
+                categories: vec!["shoes".into()],
+                created_at_ms: Some(5),
+            },
+            Item {
+                item_id: 2,
+                title: "Hat".into(),
+                aspects: vec![],
+                categories: vec![],
+                created_at_ms: None,
+            },
         ];
-        let users = vec![User { user_id: 4, features: vec!["gender:f".into()] }];
+        let users = vec![User {
+            user_id: 4,
+            features: vec!["gender:f".into()],
+        }];
         let events = vec![
-            Event { user_id: 4, ts_ms: 10, event_type: EventType::Search, item_id: None, query: Some("shoe".into()), value: None },
-            Event { user_id: 4, ts_ms: 11, event_type: EventType::Rate, item_id: Some(1), query: None, value: Some(4.5) },
+            Event {
+                user_id: 4,
+                ts_ms: 10,
+                event_type: EventType::Search,
+                item_id: None,
+                query: Some("shoe".into()),
+                value: None,
+            },
+            Event {
+                user_id: 4,
+                ts_ms: 11,
+                event_type: EventType::Rate,
+                item_id: Some(1),
+                query: None,
+                value: Some(4.5),
+            },
         ];
-        let examples = vec![example(4), Example { history: vec![], ..example(5) }];
+        let examples = vec![
+            example(4),
+            Example {
+                history: vec![],
+                ..example(5)
+            },
+        ];
         let p = |n: &str| dir.path().join(n);
         write_table(&p("items.parquet"), &items).unwrap();
         write_table(&p("users.parquet"), &users).unwrap();
@@ -658,9 +859,15 @@ mod tests {
         assert_eq!(read_table::<Item>(&p("items.parquet")).unwrap(), items);
         assert_eq!(read_table::<User>(&p("users.parquet")).unwrap(), users);
         assert_eq!(read_table::<Event>(&p("events.parquet")).unwrap(), events);
-        assert_eq!(read_table::<Example>(&p("examples.parquet")).unwrap(), examples);
+        assert_eq!(
+            read_table::<Example>(&p("examples.parquet")).unwrap(),
+            examples
+        );
         // No temporary files are left behind.
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 4, "{names:?}");
     }
 
@@ -668,9 +875,19 @@ mod tests {
     fn reading_the_wrong_table_names_both_tables() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("users.parquet");
-        write_table(&path, &[User { user_id: 1, features: vec![] }]).unwrap();
+        write_table(
+            &path,
+            &[User {
+                user_id: 1,
+                features: vec![],
+            }],
+        )
+        .unwrap();
         let err = read_table::<Item>(&path).unwrap_err().to_string();
-        assert!(err.contains("users.parquet") && err.contains("`users`") && err.contains("`items`"), "{err}");
+        assert!(
+            err.contains("users.parquet") && err.contains("`users`") && err.contains("`items`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -679,16 +896,30 @@ mod tests {
         let path = dir.path().join("items.parquet");
         {
             let mut w = TableWriter::<User>::create(&path).unwrap();
-            w.write(&[User { user_id: 1, features: vec![] }]).unwrap();
+            w.write(&[User {
+                user_id: 1,
+                features: vec![],
+            }])
+            .unwrap();
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
     fn event_without_item_or_query_is_rejected() {
-        let e = Event { user_id: 1, ts_ms: 1, event_type: EventType::View, item_id: None, query: None, value: None };
+        let e = Event {
+            user_id: 1,
+            ts_ms: 1,
+            event_type: EventType::View,
+            item_id: None,
+            query: None,
+            value: None,
+        };
         assert_eq!(validate_event(&e).unwrap_err().0, "item_id");
-        let s = Event { event_type: EventType::Search, ..e };
+        let s = Event {
+            event_type: EventType::Search,
+            ..e
+        };
         assert_eq!(validate_event(&s).unwrap_err().0, "query");
     }
 }
@@ -701,12 +932,18 @@ mod tests {
 /// to `on_skip` and left out instead of failing the whole file. File-level problems (not
 /// Parquet, a missing column, a column of the wrong type) still fail. Returns the events and
 /// the number of rows skipped.
-pub fn read_events_lenient(path: &Path, on_skip: &mut dyn FnMut(&Error)) -> Result<(Vec<Event>, u64)> {
+pub fn read_events_lenient(
+    path: &Path,
+    on_skip: &mut dyn FnMut(&Error),
+) -> Result<(Vec<Event>, u64)> {
     // Opening through `TableReader` keeps its schema-version and table-name checks.
     let TableReader { inner, .. } = TableReader::<Event>::open(path)?;
     let (mut events, mut skipped, mut next_row) = (Vec::new(), 0u64, 1usize);
     for batch in inner {
-        let batch = batch.map_err(|source| Error::Arrow { file: path.to_path_buf(), source })?;
+        let batch = batch.map_err(|source| Error::Arrow {
+            file: path.to_path_buf(),
+            source,
+        })?;
         let first = next_row;
         next_row += batch.num_rows();
         if let Ok(rows) = Event::from_batch(&batch, path, first) {

@@ -17,7 +17,9 @@ use crate::error::{Error, Result};
 /// Lowercases (Unicode-aware) and splits into words at every character that is not
 /// alphanumeric. `"Toy Story (1995)"` gives `["toy", "story", "1995"]`.
 pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase)
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
 }
 
 /// 64-bit FNV-1a: stable across runs, machines and Rust versions, unlike `std`'s hasher.
@@ -56,28 +58,51 @@ pub struct Vocab {
 impl Vocab {
     /// Builds from token counts: keeps tokens seen at least `min_count` times, most frequent
     /// first, ties broken alphabetically so the result is deterministic.
-    pub fn from_counts(name: &str, counts: HashMap<String, u64>, min_count: u32, hash_buckets: u32) -> Vocab {
-        let mut kept: Vec<(String, u64)> = counts.into_iter().filter(|(_, c)| *c >= min_count as u64).collect();
+    pub fn from_counts(
+        name: &str,
+        counts: HashMap<String, u64>,
+        min_count: u32,
+        hash_buckets: u32,
+    ) -> Vocab {
+        let mut kept: Vec<(String, u64)> = counts
+            .into_iter()
+            .filter(|(_, c)| *c >= min_count as u64)
+            .collect();
         kept.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let tokens = kept.into_iter().map(|(t, _)| t).collect();
         Vocab::new(name, tokens, min_count, hash_buckets)
     }
 
     fn new(name: &str, tokens: Vec<String>, min_count: u32, hash_buckets: u32) -> Vocab {
-        let mut v = Vocab { name: name.to_string(), min_count, hash_buckets: hash_buckets.max(1), tokens, index: HashMap::new() };
+        let mut v = Vocab {
+            name: name.to_string(),
+            min_count,
+            hash_buckets: hash_buckets.max(1),
+            tokens,
+            index: HashMap::new(),
+        };
         v.reindex();
         v
     }
 
     fn reindex(&mut self) {
-        self.index = self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32 + 1)).collect();
+        self.index = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32 + 1))
+            .collect();
     }
 
     /// Id of a token: its vocabulary id, or a hash bucket when unknown. Never 0 (padding).
     pub fn id(&self, token: &str) -> i64 {
         match self.index.get(token) {
             Some(&id) => id as i64,
-            None => self.tokens.len() as i64 + 1 + (stable_hash(token) % self.hash_buckets as u64) as i64,
+            None => {
+                self.tokens.len() as i64
+                    + 1
+                    + (stable_hash(token) % self.hash_buckets as u64) as i64
+            }
         }
     }
 
@@ -116,7 +141,10 @@ pub struct VocabConfig {
 
 impl Default for VocabConfig {
     fn default() -> Self {
-        VocabConfig { min_count: 2, title_buckets: 4096 }
+        VocabConfig {
+            min_count: 2,
+            title_buckets: 4096,
+        }
     }
 }
 
@@ -152,11 +180,22 @@ struct Checksums {
 
 impl Vocabularies {
     /// The ids of an item's title words, aspects and categories.
-    pub fn item_tokens(&self, title: &str, aspects: &[String], categories: &[String]) -> ItemTokens {
+    pub fn item_tokens(
+        &self,
+        title: &str,
+        aspects: &[String],
+        categories: &[String],
+    ) -> ItemTokens {
         ItemTokens {
             title: words(title).map(|w| self.title.id(&w)).collect(),
-            aspects: aspects.iter().map(|a| self.aspects.id(&a.to_lowercase())).collect(),
-            categories: categories.iter().map(|c| self.categories.id(&c.to_lowercase())).collect(),
+            aspects: aspects
+                .iter()
+                .map(|a| self.aspects.id(&a.to_lowercase()))
+                .collect(),
+            categories: categories
+                .iter()
+                .map(|c| self.categories.id(&c.to_lowercase()))
+                .collect(),
         }
     }
 
@@ -167,11 +206,19 @@ impl Vocabularies {
 
     /// The ids of a user's features.
     pub fn user_feature_ids(&self, features: &[String]) -> Vec<i64> {
-        features.iter().map(|f| self.user_features.id(&f.to_lowercase())).collect()
+        features
+            .iter()
+            .map(|f| self.user_features.id(&f.to_lowercase()))
+            .collect()
     }
 
     fn all(&self) -> [&Vocab; 4] {
-        [&self.title, &self.aspects, &self.categories, &self.user_features]
+        [
+            &self.title,
+            &self.aspects,
+            &self.categories,
+            &self.user_features,
+        ]
     }
 
     /// Writes `dir/<name>.json` for each vocabulary and `dir/checksums.json`. Returns the checksum.
@@ -189,8 +236,14 @@ impl Vocabularies {
             files.insert(name.to_string(), sum);
         }
         let checksum = hex::encode(whole.finalize());
-        let manifest = Checksums { checksum: checksum.clone(), files };
-        crate::fsutil::write_atomic(&dir.join("checksums.json"), &serde_json::to_vec_pretty(&manifest).expect("serializes"))?;
+        let manifest = Checksums {
+            checksum: checksum.clone(),
+            files,
+        };
+        crate::fsutil::write_atomic(
+            &dir.join("checksums.json"),
+            &serde_json::to_vec_pretty(&manifest).expect("serializes"),
+        )?;
         Ok(checksum)
     }
 
@@ -204,14 +257,27 @@ impl Vocabularies {
             let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
             let sum = hex::encode(Sha256::digest(&bytes));
             if manifest.files.get(name) != Some(&sum) {
-                return Err(Error::bad_file(&path, format!("checksum {sum} does not match {}", manifest_path.display())));
+                return Err(Error::bad_file(
+                    &path,
+                    format!("checksum {sum} does not match {}", manifest_path.display()),
+                ));
             }
-            let mut vocab: Vocab = serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(&path, e.to_string()))?;
+            let mut vocab: Vocab = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::bad_file(&path, e.to_string()))?;
             vocab.reindex();
             vocabs.push(vocab);
         }
-        let [title, aspects, categories, user_features]: [Vocab; 4] = vocabs.try_into().expect("four vocabularies");
-        Ok((Vocabularies { title, aspects, categories, user_features }, manifest.checksum))
+        let [title, aspects, categories, user_features]: [Vocab; 4] =
+            vocabs.try_into().expect("four vocabularies");
+        Ok((
+            Vocabularies {
+                title,
+                aspects,
+                categories,
+                user_features,
+            },
+            manifest.checksum,
+        ))
     }
 }
 
@@ -281,6 +347,9 @@ mod tests {
         assert_eq!(sum, sum2);
         std::fs::write(dir.path().join("title.json"), b"{}").unwrap();
         let err = Vocabularies::load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("title.json") && err.contains("checksum"), "{err}");
+        assert!(
+            err.contains("title.json") && err.contains("checksum"),
+            "{err}"
+        );
     }
 }

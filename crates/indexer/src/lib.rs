@@ -16,7 +16,9 @@ mod tests {
     fn ivf_index_trains_searches_and_round_trips_through_disk() {
         let (n, dim) = (2000usize, 16usize);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let data: Vec<f32> = (0..n * dim).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let data: Vec<f32> = (0..n * dim)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
         let mut index = index_factory(dim as u32, "IVF16,Flat", MetricType::InnerProduct).unwrap();
         index.train(&data).unwrap();
         let ids: Vec<Idx> = (0..n as i64).map(|i| Idx::new((i * 10) as u64)).collect();
@@ -25,7 +27,10 @@ mod tests {
 
         let query = &data[5 * dim..6 * dim];
         let found = index.search(query, 5).unwrap();
-        assert!(found.labels.iter().all(|l| l.get().is_some_and(|v| v % 10 == 0)));
+        assert!(found
+            .labels
+            .iter()
+            .all(|l| l.get().is_some_and(|v| v % 10 == 0)));
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.faiss");

@@ -19,22 +19,40 @@ mod tests {
     #[tokio::test]
     async fn health_check_over_loopback() {
         let (reporter, health) = tonic_health::server::health_reporter();
-        reporter.set_service_status("twotower.v1.Recommender", tonic_health::ServingStatus::Serving).await;
+        reporter
+            .set_service_status(
+                "twotower.v1.Recommender",
+                tonic_health::ServingStatus::Serving,
+            )
+            .await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(health)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                    stopped.await.ok();
-                }),
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        stopped.await.ok();
+                    },
+                ),
         );
 
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         let mut client = HealthClient::new(channel);
-        let status = |service: &str| HealthCheckRequest { service: service.to_string() };
-        let reply = client.check(status("twotower.v1.Recommender")).await.unwrap().into_inner();
+        let status = |service: &str| HealthCheckRequest {
+            service: service.to_string(),
+        };
+        let reply = client
+            .check(status("twotower.v1.Recommender"))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(reply.status, ServingStatus::Serving as i32);
         let unknown = client.check(status("no.such.Service")).await.unwrap_err();
         assert_eq!(unknown.code(), tonic::Code::NotFound);

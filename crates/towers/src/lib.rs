@@ -10,12 +10,27 @@
 //! Scores are dot products of unit vectors, so they lie in [-1, 1] before the temperature:
 //!
 //! ```
-//! use tch::{Kind, Tensor};
+//! use tch::Tensor;
 //! let user = Tensor::from_slice(&[0.6f32, 0.8]);
 //! let item = Tensor::from_slice(&[1.0f32, 0.0]);
 //! let score = user.dot(&item).double_value(&[]);
 //! assert!((score - 0.6).abs() < 1e-6);
 //! ```
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod inputs;
+pub mod item;
+pub mod layers;
+pub mod model;
+pub mod user;
+
+pub use config::{Activation, TowerConfig, VocabSizes};
+pub use device::{device_name, parse_device};
+pub use error::{Error, Result};
+pub use inputs::{EventInput, ItemBatchHost, ItemInputs, UserBatchHost, UserInput, UserInputs};
+pub use model::TwoTower;
 
 #[cfg(test)]
 mod tests {
@@ -41,6 +56,9 @@ mod tests {
             opt.backward_step(&loss);
         }
         let after = loss_of(&net).double_value(&[]);
-        assert!(after < before * 0.8, "loss did not fall: {before} -> {after}");
+        assert!(
+            after < before * 0.8,
+            "loss did not fall: {before} -> {after}"
+        );
     }
 }

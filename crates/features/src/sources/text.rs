@@ -27,17 +27,25 @@ impl TextTable {
     pub(crate) fn open(path: &Path, dialect: Dialect) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let mut reader = csv::ReaderBuilder::new()
-            .delimiter(if dialect == Dialect::RecBole { b'\t' } else { b',' })
+            .delimiter(if dialect == Dialect::RecBole {
+                b'\t'
+            } else {
+                b','
+            })
             .quoting(dialect == Dialect::Csv)
             .flexible(true)
             .from_reader(file);
-        let raw = reader.byte_headers().map_err(|e| csv_error(path, 0, e))?.clone();
+        let raw = reader
+            .byte_headers()
+            .map_err(|e| csv_error(path, 0, e))?
+            .clone();
         if raw.is_empty() || (raw.len() == 1 && raw[0].is_empty()) {
             return Err(Error::bad_file(path, "no rows (the file is empty)"));
         }
         let mut headers = Vec::with_capacity(raw.len());
         for h in &raw {
-            let h = std::str::from_utf8(h).map_err(|_| Error::bad_file(path, "header row is not UTF-8"))?;
+            let h = std::str::from_utf8(h)
+                .map_err(|_| Error::bad_file(path, "header row is not UTF-8"))?;
             let h = h.trim().trim_start_matches('\u{feff}');
             let name = match dialect {
                 Dialect::RecBole => h.split(':').next().unwrap_or(h),
@@ -45,7 +53,11 @@ impl TextTable {
             };
             headers.push(name.to_string());
         }
-        Ok(TextTable { path: path.to_path_buf(), headers, reader })
+        Ok(TextTable {
+            path: path.to_path_buf(),
+            headers,
+            reader,
+        })
     }
 
     /// Index of an optional column.
@@ -56,14 +68,21 @@ impl TextTable {
     /// Index of a required column.
     pub(crate) fn column(&self, name: &str) -> Result<usize> {
         self.optional(name).ok_or_else(|| {
-            Error::bad_column(&self.path, name, format!("missing (the header has: {})", self.headers.join(", ")))
+            Error::bad_column(
+                &self.path,
+                name,
+                format!("missing (the header has: {})", self.headers.join(", ")),
+            )
         })
     }
 
     /// Calls `f` with every data row (numbered from 1), or with the error that makes a row
     /// unreadable (wrong number of fields), so the caller can fail or skip. Returns the number
     /// of data rows.
-    pub(crate) fn for_each_row(mut self, mut f: impl FnMut(Result<Row<'_>>) -> Result<()>) -> Result<usize> {
+    pub(crate) fn for_each_row(
+        mut self,
+        mut f: impl FnMut(Result<Row<'_>>) -> Result<()>,
+    ) -> Result<usize> {
         let mut record = csv::ByteRecord::new();
         let mut n = 0;
         loop {
@@ -73,10 +92,22 @@ impl TextTable {
                 Err(e) => return Err(csv_error(&self.path, n + 1, e)),
             }
             n += 1;
-            let row = Row { file: &self.path, n, record: &record, headers: &self.headers };
+            let row = Row {
+                file: &self.path,
+                n,
+                record: &record,
+                headers: &self.headers,
+            };
             if record.len() != self.headers.len() {
-                let column = self.headers.get(record.len()).map_or("(extra field)", |s| s.as_str());
-                let reason = format!("expected {} fields, found {}", self.headers.len(), record.len());
+                let column = self
+                    .headers
+                    .get(record.len())
+                    .map_or("(extra field)", |s| s.as_str());
+                let reason = format!(
+                    "expected {} fields, found {}",
+                    self.headers.len(),
+                    record.len()
+                );
                 f(Err(Error::bad_value(&self.path, n, column, reason)))?;
             } else {
                 f(Ok(row))?;
@@ -114,24 +145,37 @@ impl Row<'_> {
     /// The trimmed cell; `None` when empty.
     pub(crate) fn opt(&self, col: usize) -> Result<Option<&str>> {
         let bytes = self.record.get(col).unwrap_or_default();
-        let s = std::str::from_utf8(bytes).map_err(|_| self.error(col, "not valid UTF-8"))?.trim();
+        let s = std::str::from_utf8(bytes)
+            .map_err(|_| self.error(col, "not valid UTF-8"))?
+            .trim();
         Ok((!s.is_empty()).then_some(s))
     }
 
     /// The trimmed, non-empty cell.
     pub(crate) fn req(&self, col: usize) -> Result<&str> {
-        self.opt(col)?.ok_or_else(|| self.error(col, "missing value"))
+        self.opt(col)?
+            .ok_or_else(|| self.error(col, "missing value"))
     }
 
     /// A non-negative integer id.
     pub(crate) fn id(&self, col: usize) -> Result<u64> {
         let s = self.req(col)?;
-        s.parse().map_err(|_| self.error(col, format!("expected a non-negative integer id, found `{s}`")))
+        s.parse().map_err(|_| {
+            self.error(
+                col,
+                format!("expected a non-negative integer id, found `{s}`"),
+            )
+        })
     }
 
     /// A finite number, or `None` when empty.
-    pub(crate) fn opt_number<T: FromStr + Into<f64> + Copy>(&self, col: usize) -> Result<Option<T>> {
-        let Some(s) = self.opt(col)? else { return Ok(None) };
+    pub(crate) fn opt_number<T: FromStr + Into<f64> + Copy>(
+        &self,
+        col: usize,
+    ) -> Result<Option<T>> {
+        let Some(s) = self.opt(col)? else {
+            return Ok(None);
+        };
         match s.parse::<T>() {
             Ok(v) if v.into().is_finite() => Ok(Some(v)),
             _ => Err(self.error(col, format!("expected a number, found `{s}`"))),
@@ -143,7 +187,11 @@ impl Row<'_> {
         let s = self.req(col)?;
         let ms = match s.parse::<i64>() {
             Ok(secs) => secs.checked_mul(1000),
-            Err(_) => s.parse::<f64>().ok().filter(|v| v.is_finite() && v.abs() < 9e15).map(|v| (v * 1000.0).round() as i64),
+            Err(_) => s
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && v.abs() < 9e15)
+                .map(|v| (v * 1000.0).round() as i64),
         };
         ms.ok_or_else(|| self.error(col, format!("expected a Unix time in seconds, found `{s}`")))
     }
@@ -151,12 +199,10 @@ impl Row<'_> {
     /// A time as integer milliseconds since the epoch or an RFC 3339 / ISO 8601 date-time
     /// (UTC when it has no offset); `None` when empty. Negative times are refused.
     pub(crate) fn opt_time_ms(&self, col: usize) -> Result<Option<i64>> {
-        let Some(s) = self.opt(col)? else { return Ok(None) };
-        let ms = match s.parse::<i64>() {
-            Ok(ms) => Some(ms),
-            Err(_) => arrow::compute::kernels::cast_utils::string_to_timestamp_nanos(s).ok().map(|ns| ns.div_euclid(1_000_000)),
+        let Some(s) = self.opt(col)? else {
+            return Ok(None);
         };
-        match ms {
+        match crate::records::parse_time_ms(s) {
             Some(ms) if ms < 0 => Err(self.error(col, format!("negative timestamp `{s}`"))),
             Some(ms) => Ok(Some(ms)),
             None => Err(self.error(
@@ -179,14 +225,21 @@ impl Row<'_> {
 
 /// Splits a `|`-separated list cell, trimming parts and dropping empty ones.
 pub(crate) fn split_list(s: &str) -> Vec<String> {
-    s.split('|').map(str::trim).filter(|p| !p.is_empty()).map(str::to_string).collect()
+    s.split('|')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Splits `"Toy Story (1995)"` into `("Toy Story", Some(1995))`; titles without a trailing
 /// four-digit year in parentheses come back trimmed and unchanged.
 pub(crate) fn split_title_year(title: &str) -> (&str, Option<u16>) {
     let t = title.trim();
-    if let Some(open) = t.strip_suffix(')').and_then(|s| s.rfind('(').map(|i| (s, i))) {
+    if let Some(open) = t
+        .strip_suffix(')')
+        .and_then(|s| s.rfind('(').map(|i| (s, i)))
+    {
         let (s, i) = open;
         let digits = &s[i + 1..];
         if digits.len() == 4 && digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -205,9 +258,18 @@ mod tests {
 
     #[test]
     fn title_years_are_split_off_only_when_they_are_years() {
-        assert_eq!(split_title_year("Toy Story (1995) "), ("Toy Story", Some(1995)));
-        assert_eq!(split_title_year("Seven (Se7en) (1995)"), ("Seven (Se7en)", Some(1995)));
-        assert_eq!(split_title_year("Fawlty Towers (1975-1979)"), ("Fawlty Towers (1975-1979)", None));
+        assert_eq!(
+            split_title_year("Toy Story (1995) "),
+            ("Toy Story", Some(1995))
+        );
+        assert_eq!(
+            split_title_year("Seven (Se7en) (1995)"),
+            ("Seven (Se7en)", Some(1995))
+        );
+        assert_eq!(
+            split_title_year("Fawlty Towers (1975-1979)"),
+            ("Fawlty Towers (1975-1979)", None)
+        );
         assert_eq!(split_title_year("Hyena Road"), ("Hyena Road", None));
         assert_eq!(split_title_year("(1995)"), ("(1995)", None));
     }

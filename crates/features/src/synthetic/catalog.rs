@@ -38,14 +38,52 @@ const TOPS: [(&str, [&str; 4]); 12] = [
 
 /// Words any listing may use: they carry no category signal, like eBay's "new", "lot", "vintage".
 const GENERIC: [&str; 40] = [
-    "new", "used", "vintage", "lot", "set", "pro", "mini", "large", "small", "classic", "rare", "bundle",
-    "authentic", "sealed", "original", "genuine", "premium", "deluxe", "edition", "limited", "portable",
-    "free", "shipping", "fast", "best", "quality", "great", "condition", "brand", "oem", "kit", "pack",
-    "pair", "collection", "unique", "modern", "retro", "heavy", "light", "size",
+    "tested",
+    "boxed",
+    "vintage",
+    "lot",
+    "set",
+    "pro",
+    "mini",
+    "large",
+    "small",
+    "classic",
+    "rare",
+    "bundle",
+    "authentic",
+    "sealed",
+    "original",
+    "genuine",
+    "premium",
+    "deluxe",
+    "edition",
+    "limited",
+    "portable",
+    "free",
+    "shipping",
+    "fast",
+    "best",
+    "quality",
+    "great",
+    "condition",
+    "brand",
+    "oem",
+    "kit",
+    "pack",
+    "pair",
+    "collection",
+    "unique",
+    "modern",
+    "retro",
+    "heavy",
+    "light",
+    "size",
 ];
 
-pub(super) const COLORS: [&str; 12] =
-    ["black", "white", "silver", "blue", "red", "gray", "green", "gold", "pink", "brown", "purple", "orange"];
+pub(super) const COLORS: [&str; 12] = [
+    "black", "white", "silver", "blue", "red", "gray", "green", "gold", "pink", "brown", "purple",
+    "orange",
+];
 
 /// Made-up words per sub-category (shared by its leaves).
 const SUB_WORDS: usize = 6;
@@ -104,15 +142,23 @@ pub(super) struct Catalog {
 impl Catalog {
     pub fn new(cfg: &SyntheticConfig) -> Catalog {
         let mut rng = ChaCha8Rng::seed_from_u64(mix(CATALOG_SALT, cfg.seed));
-        let reserved = GENERIC.iter().chain(&COLORS).copied().chain(TOPS.iter().flat_map(|(t, s)| std::iter::once(*t).chain(s.iter().copied())));
+        let reserved = GENERIC.iter().chain(&COLORS).copied().chain(
+            TOPS.iter()
+                .flat_map(|(t, s)| std::iter::once(*t).chain(s.iter().copied())),
+        );
         let mut maker = WordMaker::new(reserved);
         let (mut tops, mut subs, mut leaves) = (Vec::new(), Vec::new(), Vec::new());
         for t in 0..cfg.categories {
-            let name = TOPS.get(t).map_or_else(|| maker.make(&mut rng), |x| x.0.to_string());
+            let name = TOPS
+                .get(t)
+                .map_or_else(|| maker.make(&mut rng), |x| x.0.to_string());
             let brands: Vec<String> = (0..cfg.brands).map(|_| maker.make(&mut rng)).collect();
             let first_leaf = leaves.len();
             for s in 0..cfg.subcategories {
-                let name = TOPS.get(t).and_then(|x| x.1.get(s)).map_or_else(|| maker.make(&mut rng), |n| n.to_string());
+                let name = TOPS
+                    .get(t)
+                    .and_then(|x| x.1.get(s))
+                    .map_or_else(|| maker.make(&mut rng), |n| n.to_string());
                 let words = (0..SUB_WORDS).map(|_| maker.make(&mut rng)).collect();
                 subs.push(Sub { name, words });
                 for _ in 0..cfg.leaves {
@@ -120,7 +166,9 @@ impl Catalog {
                         top: t,
                         sub: subs.len() - 1,
                         name: maker.make(&mut rng),
-                        words: (0..cfg.words_per_leaf).map(|_| maker.make(&mut rng)).collect(),
+                        words: (0..cfg.words_per_leaf)
+                            .map(|_| maker.make(&mut rng))
+                            .collect(),
                         start: 0,
                         len: 0,
                         old: 0,
@@ -129,7 +177,12 @@ impl Catalog {
                 }
             }
             let brand_titles = brands.iter().map(|b| capitalize(b)).collect();
-            tops.push(Top { name, brands, brand_titles, leaves: first_leaf..leaves.len() });
+            tops.push(Top {
+                name,
+                brands,
+                brand_titles,
+                leaves: first_leaf..leaves.len(),
+            });
         }
 
         // Leaf popularity is Zipf over a random order of the leaves; leaf sizes grow with
@@ -140,24 +193,39 @@ impl Catalog {
         for (rank, &l) in order.iter().enumerate() {
             pop[l] = (rank as f64 + 1.0).powf(-LEAF_ZIPF);
         }
-        let size: Vec<f64> = pop.iter().map(|p| p.sqrt() * (0.7 + 0.6 * rng.random::<f64>())).collect();
+        let size: Vec<f64> = pop
+            .iter()
+            .map(|p| p.sqrt() * (0.7 + 0.6 * rng.random::<f64>()))
+            .collect();
         let total: f64 = size.iter().sum();
         let mut acc = 0.0;
         let mut start = 0u64;
         for (l, leaf) in leaves.iter_mut().enumerate() {
             acc += size[l];
-            let end = if l + 1 == size.len() { cfg.items } else { ((acc / total * cfg.items as f64) as u64).clamp(start, cfg.items) };
+            let end = if l + 1 == size.len() {
+                cfg.items
+            } else {
+                ((acc / total * cfg.items as f64) as u64).clamp(start, cfg.items)
+            };
             leaf.start = start;
             leaf.len = end - start;
-            let new = ((leaf.len as f64 * cfg.new_item_fraction).round() as u64).min(leaf.len.saturating_sub(1));
+            let new = ((leaf.len as f64 * cfg.new_item_fraction).round() as u64)
+                .min(leaf.len.saturating_sub(1));
             leaf.old = leaf.len - new;
             leaf.ranks = Shuffle::new(leaf.len, mix(SHUFFLE_SALT ^ cfg.seed, l as u64));
             start = end;
         }
-        let leaf_pop = Weighted::new(leaves.iter().zip(&pop).map(|(leaf, p)| if leaf.len > 0 { *p } else { 0.0 }));
+        let leaf_pop =
+            Weighted::new(
+                leaves
+                    .iter()
+                    .zip(&pop)
+                    .map(|(leaf, p)| if leaf.len > 0 { *p } else { 0.0 }),
+            );
 
         let end_ms = cfg.start_ms + cfg.days as i64 * 86_400_000;
-        let cutoff_ms = cfg.start_ms + ((end_ms - cfg.start_ms) as f64 * cfg.cutoff_fraction) as i64;
+        let cutoff_ms =
+            cfg.start_ms + ((end_ms - cfg.start_ms) as f64 * cfg.cutoff_fraction) as i64;
         Catalog {
             starts: leaves.iter().map(|l| l.start).collect(),
             tops,
@@ -204,7 +272,9 @@ impl Catalog {
         let q = rank as f64 / leaf.len as f64;
         let brand = self.brand(leaf, index, rank) as usize;
         let mut rng = ChaCha8Rng::seed_from_u64(mix(ITEM_SALT ^ self.seed, index));
-        let color = rng.random_bool(0.85).then(|| COLORS[zipf_rank(rng.random(), COLORS.len() as u64, 0.7) as usize]);
+        let color = rng
+            .random_bool(0.85)
+            .then(|| COLORS[zipf_rank(rng.random(), COLORS.len() as u64, 0.7) as usize]);
         let p_new = 0.75 - 0.3 * q;
         let c = rng.random::<f64>();
         let condition = if c < p_new {
@@ -228,16 +298,27 @@ impl Catalog {
             push_word(&mut title, &leaf.words[w]);
         }
         if rng.random_bool(0.8) {
-            push_word(&mut title, &sub.words[zipf_rank(rng.random(), SUB_WORDS as u64, 0.8) as usize]);
+            push_word(
+                &mut title,
+                &sub.words[zipf_rank(rng.random(), SUB_WORDS as u64, 0.8) as usize],
+            );
         }
         for _ in 0..rng.random_range(1..=2) {
-            push_word(&mut title, GENERIC[zipf_rank(rng.random(), GENERIC.len() as u64, 1.0) as usize]);
+            push_word(
+                &mut title,
+                GENERIC[zipf_rank(rng.random(), GENERIC.len() as u64, 1.0) as usize],
+            );
         }
         if let Some(c) = color.filter(|_| rng.random_bool(0.5)) {
             push_word(&mut title, c);
         }
         if rng.random_bool(0.25) {
-            let _ = write!(title, " {}{}", (b'a' + rng.random_range(0..26u8)) as char, rng.random_range(1..100) * 10);
+            let _ = write!(
+                title,
+                " {}{}",
+                (b'a' + rng.random_range(0..26u8)) as char,
+                rng.random_range(1..100) * 10
+            );
         }
 
         let mut aspects = Vec::with_capacity(3);
@@ -278,7 +359,8 @@ impl Catalog {
             if index - lf.start >= lf.old && self.created_at(lf, index) > t {
                 continue;
             }
-            if attempt < 24 && !brands.is_empty() && !brands.contains(&self.brand(lf, index, rank)) {
+            if attempt < 24 && !brands.is_empty() && !brands.contains(&self.brand(lf, index, rank))
+            {
                 continue;
             }
             return index;
@@ -303,7 +385,10 @@ impl Catalog {
             }
         }
         if rng.random_bool(0.3) {
-            push_word(&mut q, &self.subs[lf.sub].words[zipf_rank(rng.random(), SUB_WORDS as u64, 0.8) as usize]);
+            push_word(
+                &mut q,
+                &self.subs[lf.sub].words[zipf_rank(rng.random(), SUB_WORDS as u64, 0.8) as usize],
+            );
         }
         q
     }

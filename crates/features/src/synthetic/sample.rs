@@ -88,7 +88,7 @@ impl Weighted {
         Weighted { cum }
     }
 
-    fn weight(&self, i: usize) -> f64 {
+    pub fn weight(&self, i: usize) -> f64 {
         self.cum[i] - if i == 0 { 0.0 } else { self.cum[i - 1] }
     }
 
@@ -102,13 +102,18 @@ impl Weighted {
         if range.is_empty() {
             return None;
         }
-        let before = if range.start == 0 { 0.0 } else { self.cum[range.start - 1] };
+        let before = if range.start == 0 {
+            0.0
+        } else {
+            self.cum[range.start - 1]
+        };
         let mass = self.cum[range.end - 1] - before;
         if mass <= 0.0 {
             return None;
         }
         let target = before + u * mass;
-        let mut i = (range.start + self.cum[range.clone()].partition_point(|&c| c <= target)).min(range.end - 1);
+        let mut i = (range.start + self.cum[range.clone()].partition_point(|&c| c <= target))
+            .min(range.end - 1);
         // Rounding can land on a zero-weight tail entry; step back to a real one.
         while i > range.start && self.weight(i) <= 0.0 {
             i -= 1;
@@ -135,7 +140,12 @@ impl Shuffle {
         while gcd(a, n) != 1 {
             a = a % (n - 1) + 1;
         }
-        Shuffle { n, a, b: splitmix(h) % n, a_inv: mod_inverse(a, n) }
+        Shuffle {
+            n,
+            a,
+            b: splitmix(h) % n,
+            a_inv: mod_inverse(a, n),
+        }
     }
 
     pub fn apply(&self, x: u64) -> u64 {
@@ -174,14 +184,19 @@ pub(super) struct WordMaker {
     used: BTreeSet<String>,
 }
 
-const ONSETS: [&str; 20] = ["b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "st", "tr", "gr"];
+const ONSETS: [&str; 20] = [
+    "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "st",
+    "tr", "gr",
+];
 const VOWELS: [&str; 6] = ["a", "e", "i", "o", "u", "ai"];
 const CODAS: [&str; 9] = ["", "", "", "n", "r", "s", "l", "x", "k"];
 
 impl WordMaker {
     /// A maker that never returns any of `reserved`.
     pub fn new<'a>(reserved: impl IntoIterator<Item = &'a str>) -> WordMaker {
-        WordMaker { used: reserved.into_iter().map(str::to_string).collect() }
+        WordMaker {
+            used: reserved.into_iter().map(str::to_string).collect(),
+        }
     }
 
     pub fn make(&mut self, rng: &mut impl Rng) -> String {
@@ -202,7 +217,9 @@ impl WordMaker {
 /// `"kesh"` → `"Kesh"`.
 pub(super) fn capitalize(w: &str) -> String {
     let mut c = w.chars();
-    c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -231,7 +248,11 @@ mod tests {
             counts[zipf_rank(unit(splitmix(i)), n, 1.0) as usize] += 1;
         }
         assert!(counts[0] > counts[10] && counts[10] > counts[500]);
-        assert!(counts[..10].iter().sum::<u32>() > 25_000, "{:?}", &counts[..10]);
+        assert!(
+            counts[..10].iter().sum::<u32>() > 25_000,
+            "{:?}",
+            &counts[..10]
+        );
         assert_eq!(zipf_rank(0.999_999, 5, 0.0), 4);
     }
 

@@ -1,8 +1,8 @@
 //! Users: who they are, what they like, and the sessions in which they show it.
 //!
 //! Tastes are latent: two to four favourite leaf categories (drawn with demographic affinities,
-//! so profile features carry some signal even for users without history) with Dirichlet(1)
-//! weights, and for some of their top-level categories one or two favourite brands. A share
+//! so profile features carry some signal even for users without history) with peaked weights,
+//! and for some of their top-level categories one or two favourite brands. A share
 //! `taste_strength` of sessions goes to a favourite leaf (often hunting a favourite brand), the
 //! rest to a leaf drawn by global popularity. The next item is thus predictable from the
 //! content of the history — the signal a two-tower model learns and a popularity ranking lacks.
@@ -31,12 +31,13 @@ const COUNTRIES: [(&str, f64, f64); 8] = [
 ];
 
 /// Session funnel. Per view: watch, add to cart, then purchase given cart, and a refining
-/// search; sessions open with a search or a direct view. With ~6 events a session this gives
-/// about 70% views, 10% watches, 8% add-to-carts, 4% purchases and 8% searches.
+/// search; sessions open with a search or a direct view. Sessions end when their share of the
+/// user's events is used, which cuts some funnels short; net of that, these give about 70%
+/// views, 10% watches, 8% add-to-carts, 4% purchases and 8% searches.
 const P_SEARCH_START: f64 = 0.4;
-const P_WATCH: f64 = 0.14;
-const P_CART: f64 = 0.115;
-const P_BUY_AFTER_CART: f64 = 0.5;
+const P_WATCH: f64 = 0.175;
+const P_CART: f64 = 0.15;
+const P_BUY_AFTER_CART: f64 = 0.6;
 const P_REFINE: f64 = 0.03;
 /// Mean events per session, less one.
 const SESSION_EXTRA: f64 = 5.5;
@@ -77,21 +78,32 @@ impl Population {
     pub fn new(cfg: &SyntheticConfig, catalog: &Catalog) -> Population {
         let mut rng = ChaCha8Rng::seed_from_u64(mix(AFFINITY_SALT, cfg.seed));
         let mut affinity = |groups: usize| -> Vec<Vec<f64>> {
-            (0..groups).map(|_| catalog.tops.iter().map(|_| (0.7 * normal(&mut rng)).exp()).collect()).collect()
+            (0..groups)
+                .map(|_| {
+                    catalog
+                        .tops
+                        .iter()
+                        .map(|_| (0.7 * normal(&mut rng)).exp())
+                        .collect()
+                })
+                .collect()
         };
         let (by_gender, by_age) = (affinity(GENDERS.len()), affinity(AGES.len()));
         let mut tables = Vec::new();
         for g in &by_gender {
             for a in &by_age {
-                let leaf_weight = |(l, leaf): (usize, &super::catalog::Leaf)| {
-                    let pop = catalog.leaf_pop.sample_in(0.5, l..l + 1).map_or(0.0, |_| 1.0);
-                    pop * leaf_popularity(catalog, l) * g[leaf.top] * a[leaf.top]
-                };
-                tables.push(Weighted::new(catalog.leaves.iter().enumerate().map(leaf_weight)));
+                let weights = catalog
+                    .leaves
+                    .iter()
+                    .enumerate()
+                    .map(|(l, leaf)| catalog.leaf_pop.weight(l) * g[leaf.top] * a[leaf.top]);
+                tables.push(Weighted::new(weights));
             }
         }
         let skew = cfg.activity_skew;
-        let activity_total = (0..cfg.users).map(|q| activity_weight(q, cfg.users, skew)).sum();
+        let activity_total = (0..cfg.users)
+            .map(|q| activity_weight(q, cfg.users, skew))
+            .sum();
         let min_events = MIN_EVENTS.min(cfg.events / cfg.users);
         Population {
             tables,
@@ -114,7 +126,11 @@ impl Population {
         let g = rng.random_range(0..GENDERS.len());
         let a = pick(&mut rng, &AGE_WEIGHTS);
         let (country, _, utc_offset) = COUNTRIES[pick(&mut rng, &COUNTRIES.map(|c| c.1))];
-        let features = vec![format!("age:{}", AGES[a]), format!("country:{country}"), format!("gender:{}", GENDERS[g])];
+        let features = vec![
+            format!("age:{}", AGES[a]),
+            format!("country:{country}"),
+            format!("gender:{}", GENDERS[g]),
+        ];
         let taste = self.taste(catalog, g, a, &mut rng);
 
         // Split the user's events into sessions, then spread the sessions over the days since
@@ -141,7 +157,13 @@ impl Population {
         let mut events = Vec::with_capacity(total as usize);
         let mut free_at = i64::MIN;
         for (&len, &start) in lengths.iter().zip(&starts) {
-            let mut s = Session { out: &mut events, user_id, t: start.max(free_at), left: len, started: false };
+            let mut s = Session {
+                out: &mut events,
+                user_id,
+                t: start.max(free_at),
+                left: len,
+                started: false,
+            };
             self.session(catalog, &taste, &mut s, &mut rng);
             free_at = s.t + rng.random_range(60_000..1_800_000);
         }
@@ -175,9 +197,12 @@ impl Population {
                 leaves.push(l);
             }
         }
-        let weights = Weighted::new(leaves.iter().map(|_| exponential(rng)));
+        // Squared exponentials are more peaked than Dirichlet(1): most users have one main
+        // interest and some side ones.
+        let weights = Weighted::new(leaves.iter().map(|_| exponential(rng).powi(2)));
         let mut brands = Vec::new();
         let mut tops: Vec<usize> = leaves.iter().map(|&l| catalog.leaves[l].top).collect();
+        tops.sort_unstable();
         tops.dedup();
         for top in tops {
             if rng.random_bool(0.7) {
@@ -187,19 +212,32 @@ impl Population {
                 }
             }
         }
-        Taste { leaves, weights, brands }
+        Taste {
+            leaves,
+            weights,
+            brands,
+        }
     }
 
     /// One session: an optional opening search, then views in one leaf with the funnel after
     /// each view, until the session's share of events is used.
     fn session(&self, catalog: &Catalog, taste: &Taste, s: &mut Session<'_>, rng: &mut impl Rng) {
         let favourite = rng.random_bool(self.taste_strength);
-        let leaf = if favourite { taste.leaves[taste.weights.sample(rng.random())] } else { catalog.leaf_pop.sample(rng.random()) };
+        let leaf = if favourite {
+            taste.leaves[taste.weights.sample(rng.random())]
+        } else {
+            catalog.leaf_pop.sample(rng.random())
+        };
         let top = catalog.leaves[leaf].top;
         let mut wanted = [0u32; 8];
         let mut n = 0;
         if favourite && rng.random_bool(P_BRAND_SESSION) {
-            for &(_, b) in taste.brands.iter().filter(|(t, _)| *t == top).take(wanted.len()) {
+            for &(_, b) in taste
+                .brands
+                .iter()
+                .filter(|(t, _)| *t == top)
+                .take(wanted.len())
+            {
                 wanted[n] = b;
                 n += 1;
             }
@@ -212,9 +250,18 @@ impl Population {
             let q = catalog.query(leaf, brand, rng);
             s.push(EventType::Search, None, Some(q), None);
         }
+        let mut last = None;
         while s.left > 0 {
             let t = s.advance(rng.random_range(8_000..150_000));
-            let item = catalog.pick_item(leaf, t, brands, rng);
+            // People do go back to an item, but not view by view: redraw most repeats.
+            let mut item = catalog.pick_item(leaf, t, brands, rng);
+            for _ in 0..3 {
+                if last != Some(item) {
+                    break;
+                }
+                item = catalog.pick_item(leaf, t, brands, rng);
+            }
+            last = Some(item);
             s.push(EventType::View, Some(item), None, None);
             if s.left > 0 && rng.random_bool(P_WATCH) {
                 s.advance(rng.random_range(2_000..30_000));
@@ -225,7 +272,8 @@ impl Population {
                 s.push(EventType::AddToCart, Some(item), None, None);
                 if s.left > 0 && rng.random_bool(P_BUY_AFTER_CART) {
                     s.advance(rng.random_range(30_000..300_000));
-                    let quantity = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 3.0][rng.random_range(0..10)];
+                    let quantity =
+                        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 3.0][rng.random_range(0..10)];
                     s.push(EventType::Purchase, Some(item), None, Some(quantity));
                 }
             }
@@ -236,11 +284,6 @@ impl Population {
             }
         }
     }
-}
-
-/// Global popularity weight of leaf `l` (its probability mass in `catalog.leaf_pop`).
-fn leaf_popularity(catalog: &Catalog, l: usize) -> f64 {
-    catalog.leaf_pop_weight(l)
 }
 
 /// Relative activity of the user at quantile `q` of `n`: log-logistic, (p / (1 - p))^skew.
@@ -268,9 +311,22 @@ impl Session<'_> {
         self.t
     }
 
-    fn push(&mut self, event_type: EventType, item: Option<u64>, query: Option<String>, value: Option<f32>) {
+    fn push(
+        &mut self,
+        event_type: EventType,
+        item: Option<u64>,
+        query: Option<String>,
+        value: Option<f32>,
+    ) {
         let item_id = item.map(|i| i + 1);
-        self.out.push(Event { user_id: self.user_id, ts_ms: self.t, event_type, item_id, query, value });
+        self.out.push(Event {
+            user_id: self.user_id,
+            ts_ms: self.t,
+            event_type,
+            item_id,
+            query,
+            value,
+        });
         self.left -= 1;
     }
 }

@@ -1,0 +1,10 @@
+//! One module per subcommand: parse-time arguments in, a library call, a printed result out.
+
+pub mod eval;
+pub mod prepare;
+pub mod train;
+
+/// Parses `--device`, turning the library error into a CLI error.
+pub fn device(spec: &str) -> anyhow::Result<tch::Device> {
+    Ok(towers::parse_device(spec)?)
+}

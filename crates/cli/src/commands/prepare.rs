@@ -1,0 +1,205 @@
+//! `twotower prepare`: a dataset into `DATA_DIR`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use features::prepare::{self, PrepareConfig, Provenance};
+use features::records::parse_time_ms;
+use features::sources::{BadRows, Source};
+use features::splits::{SplitConfig, SplitStrategy};
+use features::synthetic::{SyntheticConfig, SyntheticGenerator};
+use features::tokenizer::VocabConfig;
+
+use crate::progress::Bars;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SplitKind {
+    /// Per user: last interaction tests, second-last validates, the rest trains.
+    LeaveLastOut,
+    /// Global: before --cutoff trains, then validation, then test from --test-cutoff.
+    Time,
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// ml-100k (default data), ml-latest-small, complete-journey, synthetic, or files (your own).
+    #[arg(long, default_value = "ml-100k")]
+    dataset: String,
+    /// Where to write the prepared dataset (replaced atomically if it exists).
+    #[arg(long)]
+    out: PathBuf,
+    /// files: items file (.parquet or .csv). synthetic: number of items.
+    #[arg(long)]
+    items: Option<String>,
+    /// files: events file (.parquet or .csv). synthetic: number of events.
+    #[arg(long)]
+    events: Option<String>,
+    /// files: optional users file (.parquet or .csv). synthetic: number of users.
+    #[arg(long)]
+    users: Option<String>,
+    /// Seed of the synthetic generator and of the cold-item draw.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// What to do with a bad event row: fail (naming it) or skip (and count it).
+    #[arg(long, default_value = "fail")]
+    on_bad_rows: String,
+    #[arg(long, value_enum, default_value = "leave-last-out")]
+    split: SplitKind,
+    /// Time split: first time of the validation period (ms since the epoch, or RFC 3339 / YYYY-MM-DD).
+    #[arg(long)]
+    cutoff: Option<String>,
+    /// Time split: first time of the test period (default: halfway from --cutoff to the end).
+    #[arg(long)]
+    test_cutoff: Option<String>,
+    /// Events kept in each example's history (L).
+    #[arg(long, default_value_t = 50)]
+    history_len: usize,
+    /// Fraction of items held out entirely, to measure cold-start retrieval.
+    #[arg(long, default_value_t = 0.0)]
+    cold_items: f64,
+    /// Minimum count of a title word to get its own embedding (rarer words are hashed).
+    #[arg(long, default_value_t = VocabConfig::default().min_count)]
+    min_count: u32,
+    /// Hash buckets for title and query words outside the vocabulary.
+    #[arg(long, default_value_t = VocabConfig::default().title_buckets)]
+    title_buckets: u32,
+}
+
+fn time_arg(flag: &str, value: &Option<String>) -> anyhow::Result<Option<i64>> {
+    value
+        .as_deref()
+        .map(|s| {
+            parse_time_ms(s).with_context(|| {
+                format!("--{flag} `{s}`: expected ms since the epoch, YYYY-MM-DD or RFC 3339")
+            })
+        })
+        .transpose()
+}
+
+fn count_arg(flag: &str, value: &Option<String>, default: u64) -> anyhow::Result<u64> {
+    match value {
+        None => Ok(default),
+        Some(s) => s
+            .parse()
+            .with_context(|| format!("--{flag} `{s}`: synthetic data takes a count here")),
+    }
+}
+
+pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
+    if !(0.0..1.0).contains(&args.cold_items) {
+        bail!("--cold-items {}: must be in [0, 1)", args.cold_items);
+    }
+    if args.history_len == 0 {
+        bail!("--history-len must be at least 1");
+    }
+    let on_bad_rows: BadRows = args.on_bad_rows.parse()?;
+    let strategy = match args.split {
+        SplitKind::LeaveLastOut => SplitStrategy::LeaveLastOut,
+        SplitKind::Time => SplitStrategy::Time {
+            cutoff_ms: time_arg("cutoff", &args.cutoff)?.context("--split time needs --cutoff")?,
+            test_cutoff_ms: time_arg("test-cutoff", &args.test_cutoff)?,
+        },
+    };
+    let mut cfg = PrepareConfig {
+        split: SplitConfig {
+            strategy,
+            history_len: args.history_len,
+            cold_items: args.cold_items,
+            seed: args.seed,
+        },
+        vocab: VocabConfig {
+            min_count: args.min_count,
+            title_buckets: args.title_buckets.max(1),
+        },
+    };
+    let bars = Bars::new();
+    let info = if args.dataset == "synthetic" {
+        let defaults = SyntheticConfig::default();
+        let syn = SyntheticConfig {
+            items: count_arg("items", &args.items, defaults.items)?,
+            users: count_arg("users", &args.users, defaults.users)?,
+            events: count_arg("events", &args.events, defaults.events)?,
+            seed: args.seed,
+            ..defaults
+        };
+        let generator = SyntheticGenerator::new(syn.clone())?;
+        if let SplitStrategy::Time {
+            cutoff_ms,
+            test_cutoff_ms: test @ None,
+        } = &mut cfg.split.strategy
+        {
+            let (_, end) = generator.time_range_ms();
+            *test = Some(*cutoff_ms + (end - *cutoff_ms) / 2);
+        }
+        let provenance = Provenance {
+            source: "synthetic".into(),
+            detail: serde_json::to_string(&syn)?,
+            items_label: "synthetic items".into(),
+            events_label: "synthetic events".into(),
+        };
+        prepare::prepare_streaming(
+            || generator.items(),
+            generator.users(),
+            provenance,
+            &args.out,
+            &cfg,
+            &bars,
+        )?
+    } else {
+        let source = if args.dataset == "files" {
+            let path = |flag: &str, v: &Option<String>| -> anyhow::Result<PathBuf> {
+                v.as_ref()
+                    .map(PathBuf::from)
+                    .with_context(|| format!("--dataset files needs --{flag} FILE"))
+            };
+            Source::Files {
+                items: path("items", &args.items)?,
+                events: path("events", &args.events)?,
+                users: args.users.as_ref().map(PathBuf::from),
+                on_bad_rows,
+            }
+        } else {
+            if args.items.is_some() || args.events.is_some() || args.users.is_some() {
+                bail!(
+                    "--items/--events/--users apply to --dataset files or synthetic, not `{}`",
+                    args.dataset
+                );
+            }
+            args.dataset.parse::<Source>()?
+        };
+        let (items_label, events_label) = match &source {
+            Source::Files { items, events, .. } => (items.clone(), events.clone()),
+            other => (
+                format!("{} items", other.name()).into(),
+                format!("{} events", other.name()).into(),
+            ),
+        };
+        let raw = source
+            .load(&bars)
+            .with_context(|| format!("loading dataset `{}`", source.name()))?;
+        let provenance = Provenance {
+            source: source.name().into(),
+            detail: source.provenance(),
+            items_label,
+            events_label,
+        };
+        prepare::prepare_raw(raw, provenance, &args.out, &cfg, on_bad_rows, &bars)?
+    };
+    let c = &info.counts;
+    println!(
+        "prepared {} into {}: {} items, {} users, {} events; examples: {} train, {} valid, {} test{}{} ({:.1} s)",
+        info.provenance.source,
+        args.out.display(),
+        c.items,
+        c.users,
+        c.events,
+        c.train,
+        c.valid,
+        c.test,
+        if c.cold_items > 0 { format!("; {} cold items ({} cold targets)", c.cold_items, c.cold_targets) } else { String::new() },
+        if c.skipped_rows > 0 { format!("; skipped {} bad rows", c.skipped_rows) } else { String::new() },
+        info.prepare_seconds
+    );
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! `twotower train`: `DATA_DIR` into `MODEL_DIR`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use trainer::{TrainConfig, TrainOptions};
+
+use crate::progress::Bars;
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// A prepared dataset (from `twotower prepare`).
+    #[arg(long)]
+    data: PathBuf,
+    /// Where to write the model, metrics and checkpoints.
+    #[arg(long)]
+    out: PathBuf,
+    /// TOML file of training settings (see docs/operations.md); flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// auto (CUDA when libtorch sees a GPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Continue after the last completed epoch of an interrupted run in --out.
+    #[arg(long)]
+    resume: bool,
+}
+
+/// Defaults, then the config file, then flags.
+pub fn config(
+    file: Option<&PathBuf>,
+    epochs: Option<usize>,
+    batch_size: Option<usize>,
+    lr: Option<f64>,
+    seed: Option<u64>,
+) -> anyhow::Result<TrainConfig> {
+    let mut cfg = match file {
+        Some(path) => TrainConfig::from_toml_file(path)?,
+        None => TrainConfig::default(),
+    };
+    cfg.epochs = epochs.unwrap_or(cfg.epochs);
+    cfg.batch_size = batch_size.unwrap_or(cfg.batch_size);
+    cfg.lr = lr.unwrap_or(cfg.lr);
+    cfg.seed = seed.unwrap_or(cfg.seed);
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let cfg = config(
+        args.config.as_ref(),
+        args.epochs,
+        args.batch_size,
+        args.lr,
+        args.seed,
+    )?;
+    let device = super::device(&args.device)?;
+    let report = trainer::train(
+        TrainOptions {
+            data: args.data.clone(),
+            out: args.out.clone(),
+            config: cfg,
+            device,
+            resume: args.resume,
+        },
+        &Bars::new(),
+    )
+    .with_context(|| format!("training on {}", args.data.display()))?;
+    let get = |m: &trainer::eval::Metrics, k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+    println!("model written to {}", args.out.display());
+    println!(
+        "{:<22} {:>10} {:>10} {:>10}",
+        "test (full ranking)", "recall@10", "ndcg@10", "recall@50"
+    );
+    for (name, m) in [
+        ("two-tower", &report.test),
+        ("popularity", &report.baseline_popularity),
+    ] {
+        println!(
+            "{name:<22} {:>10.4} {:>10.4} {:>10.4}",
+            get(m, "recall@10"),
+            get(m, "ndcg@10"),
+            get(m, "recall@50")
+        );
+    }
+    if let (Some(cold), Some(warm)) = (&report.cold_items, &report.warm_items) {
+        println!(
+            "{:<22} {:>10.4} {:>10.4} {:>10.4}",
+            "  cold-item targets",
+            get(cold, "recall@10"),
+            get(cold, "ndcg@10"),
+            get(cold, "recall@50")
+        );
+        println!(
+            "{:<22} {:>10.4} {:>10.4} {:>10.4}",
+            "  warm-item targets",
+            get(warm, "recall@10"),
+            get(warm, "ndcg@10"),
+            get(warm, "recall@50")
+        );
+    }
+    println!(
+        "{} epochs (best {}), {:.0} examples/s on {}, {:.1} s",
+        report.train.epochs,
+        report.train.best_epoch,
+        report.train.examples_per_sec,
+        report.train.device,
+        report.train.seconds
+    );
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! The architecture of the two towers, in one serde struct saved next to the weights
+//! (`model.json`), so a model directory fully describes how to rebuild its network.
+
+use serde::{Deserialize, Serialize};
+
+/// Non-linearity between MLP layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    #[default]
+    Relu,
+    Gelu,
+}
+
+/// Sizes of the embedding tables, taken from the dataset's vocabularies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct VocabSizes {
+    /// Title and query words (padding + vocabulary + hash buckets).
+    pub title: i64,
+    pub aspects: i64,
+    pub categories: i64,
+    pub user_features: i64,
+}
+
+/// Every architectural choice of the item and user encoders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TowerConfig {
+    /// Dimension of the unit vectors both towers output (and of the FAISS index).
+    pub dim: i64,
+    /// Width of title and query word embeddings.
+    pub token_dim: i64,
+    /// Width of aspect embeddings.
+    pub aspect_dim: i64,
+    /// Width of category embeddings.
+    pub category_dim: i64,
+    /// Hidden layer widths of the item MLP (the output layer, of width `dim`, is added).
+    pub item_hidden: Vec<i64>,
+    /// Hidden size of the GRU over the user's events.
+    pub gru_hidden: i64,
+    /// Width of the event-type embedding added to each history event.
+    pub event_type_dim: i64,
+    /// Width of the time-gap bucket embedding added to each history event.
+    pub gap_dim: i64,
+    /// Width of the hour and weekday embeddings.
+    pub context_dim: i64,
+    /// Width of user-feature embeddings.
+    pub user_feature_dim: i64,
+    /// Hidden layer widths of the user MLP.
+    pub user_hidden: Vec<i64>,
+    pub activation: Activation,
+    pub dropout: f64,
+    /// Layer norm after each hidden layer.
+    pub layer_norm: bool,
+    /// Initial softmax temperature; scores are `u·v / temperature`.
+    pub temperature: f64,
+    /// Learn the temperature (kept within [0.01, 1]).
+    pub learn_temperature: bool,
+    /// Title words kept per item.
+    pub max_title_tokens: usize,
+    /// Aspects kept per item.
+    pub max_aspects: usize,
+    /// Category levels kept per item.
+    pub max_categories: usize,
+    /// Words kept per search query.
+    pub max_query_tokens: usize,
+    /// User features kept per user.
+    pub max_user_features: usize,
+    /// History events read per user (L); longer histories keep their most recent events.
+    pub history_len: usize,
+    /// Embedding table sizes; filled in from the vocabularies when training starts.
+    pub vocab: VocabSizes,
+}
+
+impl Default for TowerConfig {
+    fn default() -> Self {
+        TowerConfig {
+            dim: 64,
+            token_dim: 64,
+            aspect_dim: 32,
+            category_dim: 32,
+            item_hidden: vec![256],
+            gru_hidden: 128,
+            event_type_dim: 16,
+            gap_dim: 16,
+            context_dim: 8,
+            user_feature_dim: 16,
+            user_hidden: vec![256],
+            activation: Activation::Relu,
+            dropout: 0.1,
+            layer_norm: true,
+            temperature: 0.05,
+            learn_temperature: true,
+            max_title_tokens: 16,
+            max_aspects: 16,
+            max_categories: 8,
+            max_query_tokens: 8,
+            max_user_features: 8,
+            history_len: 50,
+            vocab: VocabSizes::default(),
+        }
+    }
+}
+
+impl TowerConfig {
+    /// Checks that the configuration can build a network. Names the offending field.
+    pub fn validate(&self) -> crate::Result<()> {
+        let positive = [
+            ("dim", self.dim),
+            ("token_dim", self.token_dim),
+            ("aspect_dim", self.aspect_dim),
+            ("category_dim", self.category_dim),
+            ("gru_hidden", self.gru_hidden),
+            ("event_type_dim", self.event_type_dim),
+            ("gap_dim", self.gap_dim),
+            ("context_dim", self.context_dim),
+            ("user_feature_dim", self.user_feature_dim),
+            ("vocab.title", self.vocab.title),
+            ("vocab.aspects", self.vocab.aspects),
+            ("vocab.categories", self.vocab.categories),
+            ("vocab.user_features", self.vocab.user_features),
+        ];
+        for (field, v) in positive {
+            if v <= 0 {
+                return Err(crate::Error::Config {
+                    field: field.into(),
+                    reason: format!("must be positive, got {v}"),
+                });
+            }
+        }
+        for (field, widths) in [
+            ("item_hidden", &self.item_hidden),
+            ("user_hidden", &self.user_hidden),
+        ] {
+            if widths.iter().any(|&w| w <= 0) {
+                return Err(crate::Error::Config {
+                    field: field.into(),
+                    reason: "layer widths must be positive".into(),
+                });
+            }
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(crate::Error::Config {
+                field: "dropout".into(),
+                reason: "must be in [0, 1)".into(),
+            });
+        }
+        if !(0.01..=1.0).contains(&self.temperature) {
+            return Err(crate::Error::Config {
+                field: "temperature".into(),
+                reason: "must be in [0.01, 1]".into(),
+            });
+        }
+        let lengths = [
+            ("max_title_tokens", self.max_title_tokens),
+            ("max_aspects", self.max_aspects),
+            ("max_categories", self.max_categories),
+            ("max_query_tokens", self.max_query_tokens),
+            ("max_user_features", self.max_user_features),
+        ];
+        for (field, v) in lengths {
+            if v == 0 {
+                return Err(crate::Error::Config {
+                    field: field.into(),
+                    reason: "must be at least 1".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}

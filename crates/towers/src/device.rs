@@ -1,0 +1,63 @@
+//! Choosing where tensors live.
+
+use tch::Device;
+
+use crate::error::{Error, Result};
+
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N`. `auto` picks the first GPU when libtorch sees one.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let err = |reason: &str| Error::Device {
+        device: spec.to_string(),
+        reason: reason.to_string(),
+    };
+    match spec {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0).map_err(|r| err(&r)),
+        _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => cuda(n).map_err(|r| err(&r)),
+            _ => Err(err("expected auto, cpu, cuda or cuda:N")),
+        },
+    }
+}
+
+fn cuda(n: usize) -> std::result::Result<Device, String> {
+    let count = tch::Cuda::device_count() as usize;
+    if n < count {
+        Ok(Device::Cuda(n))
+    } else if count == 0 {
+        Err(
+            "libtorch sees no CUDA device on this machine (see docs/development.md for GPU builds)"
+                .into(),
+        )
+    } else {
+        Err(format!("only {count} CUDA device(s) visible"))
+    }
+}
+
+/// Human-readable name of a device, as recorded in metrics.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cpu_and_rejects_nonsense() {
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        let err = parse_device("tpu").unwrap_err().to_string();
+        assert!(err.contains("`tpu`") && err.contains("cuda:N"), "{err}");
+        assert!(parse_device("cuda:x").is_err());
+        if tch::Cuda::device_count() == 0 {
+            let err = parse_device("cuda").unwrap_err().to_string();
+            assert!(err.contains("no CUDA device"), "{err}");
+            assert_eq!(parse_device("auto").unwrap(), Device::Cpu);
+        }
+    }
+}

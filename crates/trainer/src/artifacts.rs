@@ -1,0 +1,129 @@
+//! What `twotower train` leaves in `MODEL_DIR`, and how later stages read it back.
+//!
+//! - `model.safetensors`: the weights (tensor names in `docs/architecture.md`);
+//! - `model.json`: architecture, training settings, and the checksums of the vocabularies and of
+//!   `dataset.json` it was trained on, so indexer and server can refuse mismatched inputs;
+//! - `metrics.json`, `train_log.jsonl`, `training_curves.png`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Device;
+use towers::{TowerConfig, TwoTower};
+
+use crate::config::TrainConfig;
+use crate::error::{Error, Result};
+
+/// Identifies the file format of `model.json`.
+pub const MODEL_FORMAT: &str = "twotower-model/1";
+
+/// `model.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub format: String,
+    /// Short content hash of the weights: the model's version string.
+    pub version: String,
+    pub tower: TowerConfig,
+    pub train: TrainConfig,
+    /// Checksum of the `vocab/` the model was trained with.
+    pub vocab_checksum: String,
+    /// sha256 of the `dataset.json` the model was trained on.
+    pub dataset_checksum: String,
+    /// Name of the weights file, relative to `model.json`.
+    pub weights: String,
+    /// sha256 of the weights file.
+    pub weights_sha256: String,
+    /// Device the model was trained on.
+    pub device: String,
+}
+
+/// Paths inside a model directory.
+pub struct ModelLayout(pub PathBuf);
+
+impl ModelLayout {
+    pub fn info(&self) -> PathBuf {
+        self.0.join("model.json")
+    }
+    pub fn weights(&self) -> PathBuf {
+        self.0.join("model.safetensors")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.0.join("metrics.json")
+    }
+    pub fn train_log(&self) -> PathBuf {
+        self.0.join("train_log.jsonl")
+    }
+    pub fn curves(&self) -> PathBuf {
+        self.0.join("training_curves.png")
+    }
+    pub fn checkpoint(&self) -> PathBuf {
+        self.0.join("checkpoint")
+    }
+}
+
+/// A trained model loaded from its directory, with its description.
+pub struct LoadedModel {
+    pub info: ModelInfo,
+    pub model: TwoTower,
+    pub dir: PathBuf,
+}
+
+impl LoadedModel {
+    /// Loads `MODEL_DIR`, checking the weights against the checksum in `model.json`.
+    pub fn load(dir: &Path, device: Device) -> Result<LoadedModel> {
+        let layout = ModelLayout(dir.to_path_buf());
+        let info_path = layout.info();
+        let bytes = std::fs::read(&info_path).map_err(|e| Error::io(&info_path, e))?;
+        let info: ModelInfo = serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
+            path: info_path.clone(),
+            reason: format!("invalid model.json: {e}"),
+        })?;
+        if info.format != MODEL_FORMAT {
+            return Err(Error::BadFile {
+                path: info_path,
+                reason: format!("format `{}`, expected `{MODEL_FORMAT}`", info.format),
+            });
+        }
+        let weights = dir.join(&info.weights);
+        let sum = features::fsutil::sha256_file(&weights)?;
+        if sum != info.weights_sha256 {
+            return Err(Error::BadFile {
+                path: weights,
+                reason: format!(
+                    "sha256 {sum} does not match model.json ({}): corrupt or replaced",
+                    info.weights_sha256
+                ),
+            });
+        }
+        let model = TwoTower::load(info.tower.clone(), &weights, device)?;
+        Ok(LoadedModel {
+            info,
+            model,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Refuses data whose vocabularies differ from the model's.
+    pub fn check_vocab(&self, data_dir: &Path, vocab_checksum: &str) -> Result<()> {
+        if vocab_checksum != self.info.vocab_checksum {
+            return Err(Error::Mismatch(format!(
+                "vocabulary mismatch: {} was trained with vocabulary {}, but {} has {}; train a model on this data or use the data it was trained on",
+                self.dir.display(),
+                short(&self.info.vocab_checksum),
+                data_dir.display(),
+                short(vocab_checksum)
+            )));
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn short(checksum: &str) -> &str {
+    &checksum[..checksum.len().min(12)]
+}
+
+/// Writes JSON atomically.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).expect("serializable");
+    features::fsutil::write_atomic(path, &bytes).map_err(Error::from)
+}

@@ -1,0 +1,138 @@
+//! Training settings: one serde struct with defaults, loadable from a TOML file
+//! (`twotower train --config FILE`, or the `[train]` table of a pipeline file).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use towers::TowerConfig;
+
+use crate::error::{Error, Result};
+
+/// Everything tunable about a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Maximum passes over the training examples.
+    pub epochs: usize,
+    /// Examples per step; every other example's target is a negative (in-batch softmax).
+    pub batch_size: usize,
+    /// Peak learning rate of AdamW.
+    pub lr: f64,
+    /// Decoupled weight decay of AdamW.
+    pub weight_decay: f64,
+    /// Steps of linear warm-up from 0 to `lr`.
+    pub warmup_steps: usize,
+    /// The learning rate decays (cosine) to `lr * final_lr_ratio` by the last epoch.
+    pub final_lr_ratio: f64,
+    /// Global gradient-norm clip.
+    pub grad_clip: f64,
+    /// Subtract log of each candidate's sampling probability (logQ correction).
+    pub logq_correction: bool,
+    /// Mask other rows' positives that are the same item as this row's positive.
+    pub remove_accidental_hits: bool,
+    /// Extra negatives per batch sampled uniformly from the catalog (mixed negative sampling).
+    pub extra_negatives: usize,
+    /// Stop after this many epochs without a better validation NDCG@10.
+    pub patience: usize,
+    /// Users scored per step during evaluation.
+    pub eval_batch_size: usize,
+    /// Run the forward pass in bfloat16/float16 autocast on CUDA.
+    pub mixed_precision: bool,
+    /// Seed of initialisation, shuffling, dropout and negative sampling.
+    pub seed: u64,
+    /// The model architecture.
+    pub tower: TowerConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 20,
+            batch_size: 256,
+            lr: 2e-3,
+            weight_decay: 1e-4,
+            warmup_steps: 200,
+            final_lr_ratio: 0.05,
+            grad_clip: 1.0,
+            logq_correction: true,
+            remove_accidental_hits: true,
+            extra_negatives: 0,
+            patience: 3,
+            eval_batch_size: 512,
+            mixed_precision: false,
+            seed: 42,
+            tower: TowerConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML file of `TrainConfig` fields; missing fields keep their defaults.
+    pub fn from_toml_file(path: &Path) -> Result<TrainConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Config {
+            field: path.display().to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks the values that the towers' own validation does not cover.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, reason: &str| {
+            Err(Error::Config {
+                field: field.into(),
+                reason: reason.into(),
+            })
+        };
+        if self.batch_size < 2 {
+            return bad(
+                "batch_size",
+                "must be at least 2 (the other rows of a batch are the negatives)",
+            );
+        }
+        if self.epochs == 0 {
+            return bad("epochs", "must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("lr", "must be a positive number");
+        }
+        if self.eval_batch_size == 0 {
+            return bad("eval_batch_size", "must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.final_lr_ratio) {
+            return bad("final_lr_ratio", "must be in [0, 1]");
+        }
+        if self.grad_clip <= 0.0 {
+            return bad("grad_clip", "must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_validates_and_partial_toml_keeps_defaults() {
+        TrainConfig::default().validate().unwrap();
+        let cfg: TrainConfig = toml::from_str("epochs = 3\n[tower]\ndim = 32\n").unwrap();
+        assert_eq!(cfg.epochs, 3);
+        assert_eq!(cfg.tower.dim, 32);
+        assert_eq!(cfg.batch_size, TrainConfig::default().batch_size);
+    }
+
+    #[test]
+    fn unknown_fields_and_zero_batch_are_rejected() {
+        assert!(toml::from_str::<TrainConfig>("epochz = 3").is_err());
+        let cfg = TrainConfig {
+            batch_size: 0,
+            ..Default::default()
+        };
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("batch_size"));
+    }
+}

@@ -1,0 +1,275 @@
+//! The prepared dataset as the trainer needs it: the catalog tokenized once, and examples
+//! encoded compactly (item rows instead of ids, interned queries) so an epoch only has to pad.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use features::prepare::{DataLayout, DatasetInfo};
+use features::splits::Split;
+use features::{Event, Example, Item, ItemTokens, TableReader, Vocabularies};
+use towers::{EventInput, TowerConfig, UserInput, VocabSizes};
+
+use crate::error::{Error, Result};
+
+/// Marks "no item" / "no query" in the compact encodings below.
+pub const NONE: u32 = u32::MAX;
+
+/// A prepared dataset: its description, vocabularies and tokenized catalog.
+pub struct Dataset {
+    pub dir: PathBuf,
+    pub info: DatasetInfo,
+    pub vocabs: Vocabularies,
+    pub catalog: std::sync::Arc<Catalog>,
+}
+
+impl Dataset {
+    /// Opens `DATA_DIR`, verifying that the vocabularies are the ones `dataset.json` names.
+    pub fn open(dir: &Path) -> Result<Dataset> {
+        let layout = DataLayout(dir.to_path_buf());
+        if !layout.info().is_file() {
+            return Err(Error::Mismatch(format!(
+                "{}: not a prepared dataset (no dataset.json); run `twotower prepare` first",
+                dir.display()
+            )));
+        }
+        let info = DatasetInfo::load(dir)?;
+        let (vocabs, checksum) = Vocabularies::load(&layout.vocab())?;
+        if checksum != info.vocab_checksum {
+            return Err(Error::Mismatch(format!(
+                "{}: vocabulary checksum {checksum} differs from dataset.json's {}",
+                layout.vocab().display(),
+                info.vocab_checksum
+            )));
+        }
+        let catalog = Catalog::load(&layout.items(), &vocabs)?;
+        Ok(Dataset {
+            dir: dir.to_path_buf(),
+            info,
+            vocabs,
+            catalog: std::sync::Arc::new(catalog),
+        })
+    }
+
+    pub fn layout(&self) -> DataLayout {
+        DataLayout(self.dir.clone())
+    }
+
+    /// Embedding table sizes for this dataset's vocabularies.
+    pub fn vocab_sizes(&self) -> VocabSizes {
+        VocabSizes {
+            title: self.vocabs.title.size(),
+            aspects: self.vocabs.aspects.size(),
+            categories: self.vocabs.categories.size(),
+            user_features: self.vocabs.user_features.size(),
+        }
+    }
+
+    /// Loads and encodes one split's examples.
+    pub fn examples(&self, split: Split, cfg: &TowerConfig) -> Result<ExampleSet> {
+        ExampleSet::load(
+            &self.layout().split(split),
+            &self.catalog,
+            &self.vocabs,
+            cfg.history_len,
+        )
+    }
+}
+
+/// Every item, tokenized, with a dense row number per item id.
+pub struct Catalog {
+    pub ids: Vec<u64>,
+    pub tokens: Vec<ItemTokens>,
+    pub row_of: HashMap<u64, u32>,
+}
+
+impl Catalog {
+    pub fn load(items_path: &Path, vocabs: &Vocabularies) -> Result<Catalog> {
+        let mut catalog = Catalog {
+            ids: Vec::new(),
+            tokens: Vec::new(),
+            row_of: HashMap::new(),
+        };
+        for batch in TableReader::<Item>::open(items_path)? {
+            for item in batch? {
+                catalog.push(&item, vocabs);
+            }
+        }
+        Ok(catalog)
+    }
+
+    /// Adds one item (tokenizing it with `vocabs`).
+    pub fn push(&mut self, item: &Item, vocabs: &Vocabularies) {
+        self.row_of.insert(item.item_id, self.ids.len() as u32);
+        self.ids.push(item.item_id);
+        self.tokens
+            .push(vocabs.item_tokens(&item.title, &item.aspects, &item.categories));
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// One history event, compactly.
+#[derive(Debug, Clone, Copy)]
+pub struct EncodedEvent {
+    pub event_type: u8,
+    pub item_row: u32,
+    pub query: u32,
+    pub gap_s: i64,
+}
+
+/// One example with catalog rows instead of item ids.
+#[derive(Debug, Clone)]
+pub struct EncodedExample {
+    pub user_id: u64,
+    pub ts_ms: i64,
+    pub target_row: u32,
+    pub history: Vec<EncodedEvent>,
+    pub hour: u8,
+    pub weekday: u8,
+    pub user_features: Vec<i64>,
+}
+
+/// A split's examples and the query token lists they refer to.
+pub struct ExampleSet {
+    pub examples: Vec<EncodedExample>,
+    pub queries: Vec<Vec<i64>>,
+}
+
+impl ExampleSet {
+    /// Reads and encodes a split file. Targets must be catalog items; history items that are not
+    /// (e.g. removed from the catalog) become type-only events.
+    pub fn load(
+        path: &Path,
+        catalog: &Catalog,
+        vocabs: &Vocabularies,
+        history_len: usize,
+    ) -> Result<ExampleSet> {
+        let mut set = ExampleSet {
+            examples: Vec::new(),
+            queries: Vec::new(),
+        };
+        let mut row = 0usize;
+        for batch in TableReader::<Example>::open(path)? {
+            for ex in batch? {
+                row += 1;
+                let Some(&target_row) = catalog.row_of.get(&ex.target_item_id) else {
+                    return Err(Error::Mismatch(format!(
+                        "{}: row {row}: target item {} is not in items.parquet",
+                        path.display(),
+                        ex.target_item_id
+                    )));
+                };
+                let start = ex.history.len().saturating_sub(history_len);
+                let history = ex.history[start..]
+                    .iter()
+                    .map(|h| EncodedEvent {
+                        event_type: h.event_type.code() as u8,
+                        item_row: h
+                            .item_id
+                            .and_then(|id| catalog.row_of.get(&id).copied())
+                            .unwrap_or(NONE),
+                        query: match &h.query {
+                            Some(q) => {
+                                set.queries.push(vocabs.query_tokens(q));
+                                (set.queries.len() - 1) as u32
+                            }
+                            None => NONE,
+                        },
+                        gap_s: h.gap_s,
+                    })
+                    .collect();
+                set.examples.push(EncodedExample {
+                    user_id: ex.user_id,
+                    ts_ms: ex.ts_ms,
+                    target_row,
+                    history,
+                    hour: ex.hour,
+                    weekday: ex.weekday,
+                    user_features: vocabs.user_feature_ids(&ex.user_features),
+                });
+            }
+        }
+        Ok(set)
+    }
+
+    pub fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.examples.is_empty()
+    }
+
+    /// The user-tower input of one example; `item_row` maps catalog rows to rows of the item
+    /// vectors the tower will receive.
+    pub fn user_input(
+        &self,
+        ex: &EncodedExample,
+        mut item_row: impl FnMut(u32) -> i64,
+    ) -> UserInput {
+        UserInput {
+            history: ex
+                .history
+                .iter()
+                .map(|h| EventInput {
+                    event_type: h.event_type as i64,
+                    item_row: (h.item_row != NONE).then(|| item_row(h.item_row)),
+                    query: if h.query == NONE {
+                        Vec::new()
+                    } else {
+                        self.queries[h.query as usize].clone()
+                    },
+                    gap_s: h.gap_s,
+                })
+                .collect(),
+            hour: ex.hour,
+            weekday: ex.weekday,
+            user_features: ex.user_features.clone(),
+        }
+    }
+}
+
+/// Each user's item interactions in canonical order: what full-ranking evaluation masks.
+pub struct SeenItems {
+    by_user: HashMap<u64, Vec<(i64, u64, u32)>>,
+}
+
+impl SeenItems {
+    pub fn load(events_path: &Path, catalog: &Catalog) -> Result<SeenItems> {
+        let mut by_user: HashMap<u64, Vec<(i64, u64, u32)>> = HashMap::new();
+        for batch in TableReader::<Event>::open(events_path)? {
+            for e in batch? {
+                if let Some(&row) = e.item_id.and_then(|id| catalog.row_of.get(&id)) {
+                    by_user.entry(e.user_id).or_default().push((
+                        e.ts_ms,
+                        e.item_id.unwrap_or_default(),
+                        row,
+                    ));
+                }
+            }
+        }
+        for v in by_user.values_mut() {
+            v.sort_unstable();
+        }
+        Ok(SeenItems { by_user })
+    }
+
+    /// Catalog rows of the items the user interacted with before the target: earlier in time,
+    /// or at the same time with a smaller item id (the canonical order of `features::splits`).
+    pub fn before(
+        &self,
+        user_id: u64,
+        ts_ms: i64,
+        target_item: u64,
+    ) -> impl Iterator<Item = u32> + '_ {
+        let events = self.by_user.get(&user_id).map(Vec::as_slice).unwrap_or(&[]);
+        let end = events.partition_point(|&(ts, item, _)| (ts, item) < (ts_ms, target_item));
+        events[..end].iter().map(|&(_, _, row)| row)
+    }
+}

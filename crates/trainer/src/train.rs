@@ -1,0 +1,486 @@
+//! `twotower train`: the training loop, with per-epoch validation, early stopping on NDCG@10,
+//! atomic checkpoints and `--resume`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use features::prepare::DataLayout;
+use features::splits::Split;
+use features::Progress;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+use towers::TwoTower;
+
+use crate::artifacts::{short, write_json, ModelInfo, ModelLayout, MODEL_FORMAT};
+use crate::batches::{BatchSource, TargetFrequency};
+use crate::config::TrainConfig;
+use crate::data::{Dataset, SeenItems};
+use crate::error::{Error, Result};
+use crate::eval::{self, Metrics, Scorer, DEFAULT_KS};
+use crate::loss::{in_batch_softmax_loss, DeviceBatch};
+use crate::optim::{learning_rate, AdamW};
+
+/// What to train, where, and how.
+pub struct TrainOptions {
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub config: TrainConfig,
+    pub device: Device,
+    /// Continue from `MODEL_DIR/checkpoint` after the last completed epoch.
+    pub resume: bool,
+}
+
+/// One line of `train_log.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub lr: f64,
+    pub temperature: f64,
+    pub examples_per_sec: f64,
+    pub seconds: f64,
+    pub valid: Metrics,
+}
+
+/// Progress of a run, saved in every checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunState {
+    /// Epochs completed (the next epoch to run).
+    epochs_done: usize,
+    best_epoch: usize,
+    best_ndcg: f64,
+    log: Vec<EpochLog>,
+    /// The settings the run started with; `--resume` refuses different ones.
+    config: TrainConfig,
+}
+
+/// `metrics.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub test: Metrics,
+    pub valid: Metrics,
+    pub baseline_popularity: Metrics,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cold_items: Option<Metrics>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warm_items: Option<Metrics>,
+    pub train: TrainSummary,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub examples_per_sec: f64,
+    pub device: String,
+    pub epochs: usize,
+    pub best_epoch: usize,
+    pub seconds: f64,
+    pub parameters: i64,
+    pub train_examples: usize,
+}
+
+/// Trains a model on `opts.data` and writes every artifact into `opts.out`.
+pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport> {
+    let started = Instant::now();
+    let mut cfg = opts.config.clone();
+    cfg.validate()?;
+    let data = Dataset::open(&opts.data)?;
+    cfg.tower.vocab = data.vocab_sizes();
+    cfg.tower.validate()?;
+
+    progress.start("loading examples", None);
+    let train_set = Arc::new(data.examples(Split::Train, &cfg.tower)?);
+    let valid_set = data.examples(Split::Valid, &cfg.tower)?;
+    let seen = SeenItems::load(&data.layout().events(), &data.catalog)?;
+    progress.finish();
+    if train_set.len() < 2 {
+        return Err(Error::Mismatch(format!(
+            "{}: {} training examples; at least 2 are needed",
+            data.layout().split(Split::Train).display(),
+            train_set.len()
+        )));
+    }
+
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    let layout = ModelLayout(opts.out.clone());
+    tch::manual_seed(cfg.seed as i64);
+    let mut model = TwoTower::new(cfg.tower.clone(), opts.device)?;
+    let mut opt = AdamW::new(&model.vs, cfg.weight_decay);
+    let mut state = RunState {
+        epochs_done: 0,
+        best_epoch: 0,
+        best_ndcg: f64::NEG_INFINITY,
+        log: Vec::new(),
+        config: cfg.clone(),
+    };
+    if opts.resume {
+        match load_checkpoint(&layout, &mut model, &mut opt)? {
+            Some(saved) => {
+                if !same_run(&saved.config, &cfg) {
+                    return Err(Error::Mismatch(format!(
+                        "{}: the checkpoint was made with different settings; train into a new directory or drop --resume",
+                        layout.checkpoint().display()
+                    )));
+                }
+                tracing::info!(epochs_done = saved.epochs_done, "resuming from checkpoint");
+                state = saved;
+                state.config.epochs = cfg.epochs;
+            }
+            None => tracing::warn!(
+                "--resume: no checkpoint in {}, starting from scratch",
+                opts.out.display()
+            ),
+        }
+    }
+
+    let catalog = Arc::clone(&data.catalog);
+    let freq = Arc::new(TargetFrequency::new(&train_set, catalog.len()));
+    let source = Arc::new(BatchSource {
+        train: Arc::clone(&train_set),
+        catalog: Arc::clone(&catalog),
+        freq,
+        tower: cfg.tower.clone(),
+        batch_size: cfg.batch_size,
+        extra_negatives: cfg.extra_negatives,
+        logq: cfg.logq_correction,
+    });
+    let steps_per_epoch = (train_set.len() / cfg.batch_size).max(1) as u64;
+    let total_steps = steps_per_epoch * cfg.epochs as u64;
+    tracing::info!(
+        device = %towers::device_name(opts.device),
+        parameters = model.parameter_count(),
+        train_examples = train_set.len(),
+        items = catalog.len(),
+        "training"
+    );
+
+    let mut stale = state
+        .log
+        .iter()
+        .rev()
+        .take_while(|l| l.epoch != state.best_epoch)
+        .count();
+    for epoch in state.epochs_done..cfg.epochs {
+        if state.epochs_done > 0 && stale >= cfg.patience {
+            tracing::info!(
+                epoch,
+                best_epoch = state.best_epoch,
+                "early stop: validation NDCG@10 stopped improving"
+            );
+            break;
+        }
+        tch::manual_seed((cfg.seed as i64).wrapping_add(1 + epoch as i64));
+        let epoch_start = Instant::now();
+        let (batches, n_batches) = source.epoch(cfg.seed, epoch);
+        progress.start(
+            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
+            Some(n_batches as u64),
+        );
+        let loss_sum = Tensor::zeros([], (Kind::Float, opts.device));
+        let (mut examples, mut steps) = (0usize, 0u64);
+        let mut lr = cfg.lr;
+        for host in batches {
+            let batch = DeviceBatch::new(&host, opts.device);
+            lr = learning_rate(
+                opt.step,
+                cfg.warmup_steps as u64,
+                total_steps,
+                cfg.lr,
+                cfg.final_lr_ratio,
+            );
+            opt.zero_grad();
+            let loss = if cfg.mixed_precision && opts.device.is_cuda() {
+                tch::autocast(true, || {
+                    in_batch_softmax_loss(&model, &batch, cfg.remove_accidental_hits)
+                })
+            } else {
+                in_batch_softmax_loss(&model, &batch, cfg.remove_accidental_hits)
+            };
+            loss.backward();
+            opt.step(lr, cfg.grad_clip);
+            let _ = tch::no_grad(|| loss_sum.shallow_clone().g_add_(&loss.detach()));
+            examples += host.size;
+            steps += 1;
+            progress.advance(1);
+            // Reading the loss forces a device sync, so the display updates only now and then.
+            if steps % 50 == 0 {
+                progress.message(&format!(
+                    "loss {:.4}",
+                    loss_sum.double_value(&[]) / steps as f64
+                ));
+            }
+        }
+        progress.finish();
+        let seconds = epoch_start.elapsed().as_secs_f64();
+        let train_loss = loss_sum.double_value(&[]) / steps.max(1) as f64;
+        if !train_loss.is_finite() {
+            return Err(Error::Mismatch(format!(
+                "epoch {}: training loss is {train_loss}; lower --lr",
+                epoch + 1
+            )));
+        }
+        let valid = evaluate_split(&model, &valid_set, &seen, &catalog, cfg.eval_batch_size);
+        let log = EpochLog {
+            epoch: epoch + 1,
+            train_loss,
+            lr,
+            temperature: model.temperature().double_value(&[]),
+            examples_per_sec: examples as f64 / seconds,
+            seconds,
+            valid,
+        };
+        let ndcg = log.valid.get("ndcg@10").copied().unwrap_or(0.0);
+        tracing::info!(
+            epoch = epoch + 1,
+            loss = format!("{train_loss:.4}"),
+            valid_recall_at_10 =
+                format!("{:.4}", log.valid.get("recall@10").copied().unwrap_or(0.0)),
+            valid_ndcg_at_10 = format!("{ndcg:.4}"),
+            examples_per_sec = format!("{:.0}", log.examples_per_sec),
+            "epoch done"
+        );
+        let improved = ndcg > state.best_ndcg;
+        if improved {
+            state.best_ndcg = ndcg;
+            state.best_epoch = epoch + 1;
+            stale = 0;
+        } else {
+            stale += 1;
+        }
+        state.log.push(log);
+        state.epochs_done = epoch + 1;
+        save_checkpoint(&layout, &model, &opt, &state, improved)?;
+    }
+
+    // Restore the best epoch's weights.
+    let best = layout.checkpoint().join("best.safetensors");
+    model.vs.load(&best).map_err(|e| Error::BadFile {
+        path: best.clone(),
+        reason: e.to_string(),
+    })?;
+    model.save(&layout.weights())?;
+
+    progress.start("evaluating", None);
+    let test_set = data.examples(Split::Test, &cfg.tower)?;
+    let catalog_vecs = eval::catalog_vectors(&model, &catalog, cfg.eval_batch_size);
+    let scorer = Scorer::Model {
+        model: &model,
+        catalog_vecs: &catalog_vecs,
+    };
+    let all = |_: &crate::data::EncodedExample| true;
+    let test = eval::evaluate(
+        &scorer,
+        &test_set,
+        &seen,
+        &catalog,
+        &DEFAULT_KS,
+        cfg.eval_batch_size,
+        all,
+    );
+    let valid = eval::evaluate(
+        &scorer,
+        &valid_set,
+        &seen,
+        &catalog,
+        &DEFAULT_KS,
+        cfg.eval_batch_size,
+        all,
+    );
+    let pop = eval::popularity_scores(&train_set, catalog.len(), opts.device);
+    let baseline_popularity = eval::evaluate(
+        &Scorer::Fixed(&pop),
+        &test_set,
+        &seen,
+        &catalog,
+        &DEFAULT_KS,
+        cfg.eval_batch_size,
+        all,
+    );
+    let (cold_items, warm_items) = if data.info.settings.split.cold_items > 0.0 {
+        let split = &data.info.settings.split;
+        let is_cold =
+            |e: &crate::data::EncodedExample| split.is_cold(catalog.ids[e.target_row as usize]);
+        let cold = eval::evaluate(
+            &scorer,
+            &test_set,
+            &seen,
+            &catalog,
+            &DEFAULT_KS,
+            cfg.eval_batch_size,
+            is_cold,
+        );
+        let warm = eval::evaluate(
+            &scorer,
+            &test_set,
+            &seen,
+            &catalog,
+            &DEFAULT_KS,
+            cfg.eval_batch_size,
+            |e| !is_cold(e),
+        );
+        (Some(cold), Some(warm))
+    } else {
+        (None, None)
+    };
+    progress.finish();
+
+    let trained: Vec<&EpochLog> = state.log.iter().collect();
+    let examples_per_sec =
+        trained.iter().map(|l| l.examples_per_sec).sum::<f64>() / trained.len().max(1) as f64;
+    let report = TrainReport {
+        test,
+        valid,
+        baseline_popularity,
+        cold_items,
+        warm_items,
+        train: TrainSummary {
+            examples_per_sec,
+            device: towers::device_name(opts.device),
+            epochs: state.epochs_done,
+            best_epoch: state.best_epoch,
+            seconds: started.elapsed().as_secs_f64(),
+            parameters: model.parameter_count(),
+            train_examples: train_set.len(),
+        },
+    };
+    write_artifacts(&layout, &data, &cfg, &model, &state, &report, opts.device)?;
+    Ok(report)
+}
+
+fn evaluate_split(
+    model: &TwoTower,
+    set: &crate::data::ExampleSet,
+    seen: &SeenItems,
+    catalog: &crate::data::Catalog,
+    batch: usize,
+) -> Metrics {
+    let vecs = eval::catalog_vectors(model, catalog, batch);
+    eval::evaluate(
+        &Scorer::Model {
+            model,
+            catalog_vecs: &vecs,
+        },
+        set,
+        seen,
+        catalog,
+        &DEFAULT_KS,
+        batch,
+        |_| true,
+    )
+}
+
+/// Two configs describe the same run if they differ at most in the number of epochs.
+fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
+    TrainConfig {
+        epochs: 0,
+        ..a.clone()
+    } == TrainConfig {
+        epochs: 0,
+        ..b.clone()
+    }
+}
+
+fn save_checkpoint(
+    layout: &ModelLayout,
+    model: &TwoTower,
+    opt: &AdamW,
+    state: &RunState,
+    improved: bool,
+) -> Result<()> {
+    let dir = layout.checkpoint();
+    let tmp = layout.0.join(".checkpoint.tmp");
+    let old = layout.0.join(".checkpoint.old");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    model.save(&tmp.join("weights.safetensors"))?;
+    opt.save(&tmp.join("optimizer.safetensors"))?;
+    let best = tmp.join("best.safetensors");
+    if improved {
+        model.save(&best)?;
+    } else {
+        std::fs::copy(dir.join("best.safetensors"), &best).map_err(|e| Error::io(&best, e))?;
+    }
+    write_json(&tmp.join("state.json"), state)?;
+    // Swap directories so that either the previous or the new checkpoint is complete at any time.
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(&dir, &old).map_err(|e| Error::io(&dir, e))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    features::table::sync_parent(&dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn load_checkpoint(
+    layout: &ModelLayout,
+    model: &mut TwoTower,
+    opt: &mut AdamW,
+) -> Result<Option<RunState>> {
+    let mut dir = layout.checkpoint();
+    if !dir.exists() {
+        // A crash between the two renames of `save_checkpoint` leaves the previous one here.
+        dir = layout.0.join(".checkpoint.old");
+        if !dir.exists() {
+            return Ok(None);
+        }
+    }
+    let state_path = dir.join("state.json");
+    let bytes = std::fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let state: RunState = serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
+        path: state_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let weights = dir.join("weights.safetensors");
+    model.vs.load(&weights).map_err(|e| Error::BadFile {
+        path: weights,
+        reason: e.to_string(),
+    })?;
+    opt.load(&dir.join("optimizer.safetensors"))?;
+    Ok(Some(state))
+}
+
+fn write_artifacts(
+    layout: &ModelLayout,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    model: &TwoTower,
+    state: &RunState,
+    report: &TrainReport,
+    device: Device,
+) -> Result<()> {
+    let weights_sha256 = features::fsutil::sha256_file(&layout.weights())?;
+    let info = ModelInfo {
+        format: MODEL_FORMAT.into(),
+        version: short(&weights_sha256).to_string(),
+        tower: model.config.clone(),
+        train: cfg.clone(),
+        vocab_checksum: data.info.vocab_checksum.clone(),
+        dataset_checksum: features::fsutil::sha256_file(&DataLayout(data.dir.clone()).info())?,
+        weights: "model.safetensors".into(),
+        weights_sha256,
+        device: towers::device_name(device),
+    };
+    write_json(&layout.metrics(), report)?;
+    let log: String = state
+        .log
+        .iter()
+        .map(|l| serde_json::to_string(l).expect("serializable") + "\n")
+        .collect();
+    features::fsutil::write_atomic(&layout.train_log(), log.as_bytes())?;
+    let points: Vec<crate::plot::CurvePoint> = state
+        .log
+        .iter()
+        .map(|l| crate::plot::CurvePoint {
+            epoch: l.epoch,
+            train_loss: l.train_loss,
+            valid_recall_at_10: l.valid.get("recall@10").copied().unwrap_or(f64::NAN),
+            valid_ndcg_at_10: l.valid.get("ndcg@10").copied().unwrap_or(f64::NAN),
+        })
+        .collect();
+    if let Err(e) = crate::plot::training_curves(&points, &layout.curves()) {
+        tracing::warn!("could not draw {}: {e}", layout.curves().display());
+    }
+    // model.json last: its presence means the directory is complete.
+    write_json(&layout.info(), &info)
+}
