@@ -1,4 +1,5 @@
 //! Integration tests of the `twotower` binary, run as a user would run it.
 
 mod harness;
+mod prepare;
 mod subcommands;

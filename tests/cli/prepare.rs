@@ -1,0 +1,112 @@
+//! `twotower prepare` as a user runs it: their own CSV files, bad rows, and the synthetic data.
+
+use crate::harness::Dir;
+
+const ITEMS: &str = "item_id,title,aspects,categories\n1,Red running shoe,brand:acme|color:red,shoes|running\n2,Blue hat,brand:zed,hats\n3,Green scarf,,scarves\n";
+
+fn events(rows: &[&str]) -> String {
+    let mut s = String::from("user_id,ts,event_type,item_id,query,value\n");
+    for r in rows {
+        s.push_str(r);
+        s.push('\n');
+    }
+    s
+}
+
+fn good_events() -> String {
+    events(&[
+        "7,1000,view,1,,",
+        "7,2000,search,,red shoes,",
+        "7,3000,purchase,2,,1",
+        "7,4000,view,3,,",
+        "8,1500,view,2,,",
+        "8,2500,view,3,,",
+    ])
+}
+
+fn prepare_files(dir: &Dir, events_csv: &str, extra: &[&str]) -> crate::harness::TestCommand {
+    std::fs::write(dir.join("items.csv"), ITEMS).unwrap();
+    std::fs::write(dir.join("events.csv"), events_csv).unwrap();
+    let mut args = vec!["prepare", "--dataset", "files", "--items", "items.csv", "--events", "events.csv", "--out", "data"];
+    args.extend_from_slice(extra);
+    dir.command(&args)
+}
+
+#[test]
+fn own_csv_files_become_a_dataset() {
+    let dir = Dir::new();
+    let out = prepare_files(&dir, &good_events(), &[]).ok();
+    assert!(out.contains("3 items, 2 users, 6 events"), "{out}");
+    for f in ["items.parquet", "users.parquet", "events.parquet", "splits/train.parquet", "splits/valid.parquet", "splits/test.parquet", "vocab/checksums.json", "dataset.json"] {
+        assert!(dir.join("data").join(f).is_file(), "missing {f}");
+    }
+}
+
+#[test]
+fn each_bad_row_is_named_and_nothing_is_left_behind() {
+    let cases: [(&str, &str, &str); 5] = [
+        ("7,1000,click,1,,", "event_type", "unknown event type"),
+        ("7,-5,view,1,,", "ts", "negative"),
+        ("7,yesterday,view,1,,", "ts", "yesterday"),
+        ("7,1000,view,42,,", "item_id", "unknown item 42"),
+        ("7,1000,view,,,", "item_id", "needs an item_id"),
+    ];
+    for (row, column, reason) in cases {
+        let dir = Dir::new();
+        let err = prepare_files(&dir, &events(&["8,500,view,2,,", row]), &[]).fails();
+        assert!(err.contains("events.csv") && err.contains("row 2") && err.contains(column) && err.contains(reason), "{row}: {err}");
+        assert!(!dir.join("data").exists(), "{row}: output left behind");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers.len(), 2, "{row}: stray files {leftovers:?}");
+    }
+}
+
+#[test]
+fn bad_rows_can_be_skipped_and_are_counted() {
+    let dir = Dir::new();
+    let mut rows = good_events();
+    rows.push_str("7,1000,click,1,,\n7,-1,view,1,,\n");
+    let out = prepare_files(&dir, &rows, &["--on-bad-rows", "skip"]).ok();
+    assert!(out.contains("skipped 2 bad rows"), "{out}");
+}
+
+#[test]
+fn missing_column_duplicate_item_and_empty_file_are_errors() {
+    let dir = Dir::new();
+    let err = prepare_files(&dir, "user_id,event_type,item_id\n7,view,1\n", &[]).fails();
+    assert!(err.contains("events.csv") && err.contains("`ts`"), "{err}");
+
+    let dir = Dir::new();
+    std::fs::write(dir.join("items.csv"), format!("{ITEMS}2,Another hat,,hats\n")).unwrap();
+    std::fs::write(dir.join("events.csv"), good_events()).unwrap();
+    let err = dir.command(&["prepare", "--dataset", "files", "--items", "items.csv", "--events", "events.csv", "--out", "data"]).fails();
+    assert!(err.contains("items.csv") && err.contains("row 4") && err.contains("duplicate item_id 2"), "{err}");
+
+    let dir = Dir::new();
+    let err = prepare_files(&dir, "user_id,ts,event_type,item_id,query,value\n", &[]).fails();
+    assert!(err.contains("events.csv") && err.contains("no rows"), "{err}");
+}
+
+#[test]
+fn unknown_dataset_and_bad_options_are_explained() {
+    let dir = Dir::new();
+    let err = dir.command(&["prepare", "--dataset", "netflix", "--out", "d"]).fails();
+    assert!(err.contains("netflix") && err.contains("ml-100k"), "{err}");
+    let err = dir.command(&["prepare", "--dataset", "synthetic", "--items", "many", "--out", "d"]).fails();
+    assert!(err.contains("--items") && err.contains("many"), "{err}");
+    let err = dir.command(&["prepare", "--dataset", "synthetic", "--cold-items", "1.5", "--out", "d"]).fails();
+    assert!(err.contains("--cold-items"), "{err}");
+    let err = dir.command(&["prepare", "--dataset", "synthetic", "--split", "time", "--out", "d"]).fails();
+    assert!(err.contains("--cutoff"), "{err}");
+}
+
+#[test]
+fn synthetic_prepare_is_deterministic() {
+    let dir = Dir::new();
+    for out in ["a", "b"] {
+        dir.command(&["prepare", "--dataset", "synthetic", "--items", "300", "--users", "40", "--events", "2000", "--seed", "9", "--out", out]).ok();
+    }
+    for f in ["items.parquet", "events.parquet", "splits/train.parquet"] {
+        assert_eq!(std::fs::read(dir.join("a").join(f)).unwrap(), std::fs::read(dir.join("b").join(f)).unwrap(), "{f}");
+    }
+}
