@@ -43,11 +43,6 @@ pub struct TestCommand {
 }
 
 impl TestCommand {
-    pub fn env(mut self, key: &str, value: &str) -> Self {
-        self.cmd.env(key, value);
-        self
-    }
-
     fn run(&mut self) -> Output {
         self.cmd.output().expect("twotower binary runs")
     }

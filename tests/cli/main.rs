@@ -3,3 +3,4 @@
 mod harness;
 mod prepare;
 mod subcommands;
+mod train;

@@ -27,7 +27,17 @@ fn good_events() -> String {
 fn prepare_files(dir: &Dir, events_csv: &str, extra: &[&str]) -> crate::harness::TestCommand {
     std::fs::write(dir.join("items.csv"), ITEMS).unwrap();
     std::fs::write(dir.join("events.csv"), events_csv).unwrap();
-    let mut args = vec!["prepare", "--dataset", "files", "--items", "items.csv", "--events", "events.csv", "--out", "data"];
+    let mut args = vec![
+        "prepare",
+        "--dataset",
+        "files",
+        "--items",
+        "items.csv",
+        "--events",
+        "events.csv",
+        "--out",
+        "data",
+    ];
     args.extend_from_slice(extra);
     dir.command(&args)
 }
@@ -37,7 +47,16 @@ fn own_csv_files_become_a_dataset() {
     let dir = Dir::new();
     let out = prepare_files(&dir, &good_events(), &[]).ok();
     assert!(out.contains("3 items, 2 users, 6 events"), "{out}");
-    for f in ["items.parquet", "users.parquet", "events.parquet", "splits/train.parquet", "splits/valid.parquet", "splits/test.parquet", "vocab/checksums.json", "dataset.json"] {
+    for f in [
+        "items.parquet",
+        "users.parquet",
+        "events.parquet",
+        "splits/train.parquet",
+        "splits/valid.parquet",
+        "splits/test.parquet",
+        "vocab/checksums.json",
+        "dataset.json",
+    ] {
         assert!(dir.join("data").join(f).is_file(), "missing {f}");
     }
 }
@@ -54,9 +73,18 @@ fn each_bad_row_is_named_and_nothing_is_left_behind() {
     for (row, column, reason) in cases {
         let dir = Dir::new();
         let err = prepare_files(&dir, &events(&["8,500,view,2,,", row]), &[]).fails();
-        assert!(err.contains("events.csv") && err.contains("row 2") && err.contains(column) && err.contains(reason), "{row}: {err}");
+        assert!(
+            err.contains("events.csv")
+                && err.contains("row 2")
+                && err.contains(column)
+                && err.contains(reason),
+            "{row}: {err}"
+        );
         assert!(!dir.join("data").exists(), "{row}: output left behind");
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(leftovers.len(), 2, "{row}: stray files {leftovers:?}");
     }
 }
@@ -77,26 +105,80 @@ fn missing_column_duplicate_item_and_empty_file_are_errors() {
     assert!(err.contains("events.csv") && err.contains("`ts`"), "{err}");
 
     let dir = Dir::new();
-    std::fs::write(dir.join("items.csv"), format!("{ITEMS}2,Another hat,,hats\n")).unwrap();
+    std::fs::write(
+        dir.join("items.csv"),
+        format!("{ITEMS}2,Another hat,,hats\n"),
+    )
+    .unwrap();
     std::fs::write(dir.join("events.csv"), good_events()).unwrap();
-    let err = dir.command(&["prepare", "--dataset", "files", "--items", "items.csv", "--events", "events.csv", "--out", "data"]).fails();
-    assert!(err.contains("items.csv") && err.contains("row 4") && err.contains("duplicate item_id 2"), "{err}");
+    let err = dir
+        .command(&[
+            "prepare",
+            "--dataset",
+            "files",
+            "--items",
+            "items.csv",
+            "--events",
+            "events.csv",
+            "--out",
+            "data",
+        ])
+        .fails();
+    assert!(
+        err.contains("items.csv") && err.contains("row 4") && err.contains("duplicate item_id 2"),
+        "{err}"
+    );
 
     let dir = Dir::new();
     let err = prepare_files(&dir, "user_id,ts,event_type,item_id,query,value\n", &[]).fails();
-    assert!(err.contains("events.csv") && err.contains("no rows"), "{err}");
+    assert!(
+        err.contains("events.csv") && err.contains("no rows"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unknown_dataset_and_bad_options_are_explained() {
     let dir = Dir::new();
-    let err = dir.command(&["prepare", "--dataset", "netflix", "--out", "d"]).fails();
+    let err = dir
+        .command(&["prepare", "--dataset", "netflix", "--out", "d"])
+        .fails();
     assert!(err.contains("netflix") && err.contains("ml-100k"), "{err}");
-    let err = dir.command(&["prepare", "--dataset", "synthetic", "--items", "many", "--out", "d"]).fails();
+    let err = dir
+        .command(&[
+            "prepare",
+            "--dataset",
+            "synthetic",
+            "--items",
+            "many",
+            "--out",
+            "d",
+        ])
+        .fails();
     assert!(err.contains("--items") && err.contains("many"), "{err}");
-    let err = dir.command(&["prepare", "--dataset", "synthetic", "--cold-items", "1.5", "--out", "d"]).fails();
+    let err = dir
+        .command(&[
+            "prepare",
+            "--dataset",
+            "synthetic",
+            "--cold-items",
+            "1.5",
+            "--out",
+            "d",
+        ])
+        .fails();
     assert!(err.contains("--cold-items"), "{err}");
-    let err = dir.command(&["prepare", "--dataset", "synthetic", "--split", "time", "--out", "d"]).fails();
+    let err = dir
+        .command(&[
+            "prepare",
+            "--dataset",
+            "synthetic",
+            "--split",
+            "time",
+            "--out",
+            "d",
+        ])
+        .fails();
     assert!(err.contains("--cutoff"), "{err}");
 }
 
@@ -104,9 +186,28 @@ fn unknown_dataset_and_bad_options_are_explained() {
 fn synthetic_prepare_is_deterministic() {
     let dir = Dir::new();
     for out in ["a", "b"] {
-        dir.command(&["prepare", "--dataset", "synthetic", "--items", "300", "--users", "40", "--events", "2000", "--seed", "9", "--out", out]).ok();
+        dir.command(&[
+            "prepare",
+            "--dataset",
+            "synthetic",
+            "--items",
+            "300",
+            "--users",
+            "40",
+            "--events",
+            "2000",
+            "--seed",
+            "9",
+            "--out",
+            out,
+        ])
+        .ok();
     }
     for f in ["items.parquet", "events.parquet", "splits/train.parquet"] {
-        assert_eq!(std::fs::read(dir.join("a").join(f)).unwrap(), std::fs::read(dir.join("b").join(f)).unwrap(), "{f}");
+        assert_eq!(
+            std::fs::read(dir.join("a").join(f)).unwrap(),
+            std::fs::read(dir.join("b").join(f)).unwrap(),
+            "{f}"
+        );
     }
 }

@@ -38,8 +38,9 @@ enum Command {
     Recommend,
     /// Run prepare, train and index from a pipeline file.
     Pipeline,
-    /// Measure training, indexing or serving speed.
-    Bench,
+    /// Measure training or serving speed.
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -59,7 +60,7 @@ fn main() -> ExitCode {
         Command::Serve => not_built("serve"),
         Command::Recommend => not_built("recommend"),
         Command::Pipeline => not_built("pipeline"),
-        Command::Bench => not_built("bench"),
+        Command::Bench(cmd) => commands::bench::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

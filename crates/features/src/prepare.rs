@@ -569,12 +569,31 @@ mod tests {
     use crate::table::read_table;
 
     fn provenance() -> Provenance {
-        Provenance { source: "test".into(), detail: String::new(), items_label: "items.csv".into(), events_label: "events.csv".into() }
+        Provenance {
+            source: "test".into(),
+            detail: String::new(),
+            items_label: "items.csv".into(),
+            events_label: "events.csv".into(),
+        }
     }
 
     fn synthetic(dir: &Path, cfg: &PrepareConfig) -> (DatasetInfo, SyntheticGenerator) {
-        let generator = SyntheticGenerator::new(SyntheticConfig { items: 800, users: 150, events: 9_000, ..Default::default() }).unwrap();
-        let info = prepare_streaming(|| generator.items(), generator.users(), provenance(), dir, cfg, &NoProgress).unwrap();
+        let generator = SyntheticGenerator::new(SyntheticConfig {
+            items: 800,
+            users: 150,
+            events: 9_000,
+            ..Default::default()
+        })
+        .unwrap();
+        let info = prepare_streaming(
+            || generator.items(),
+            generator.users(),
+            provenance(),
+            dir,
+            cfg,
+            &NoProgress,
+        )
+        .unwrap();
         (info, generator)
     }
 
@@ -587,14 +606,21 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data");
         let (info, _) = synthetic(&dir, &PrepareConfig::default());
-        assert!(info.counts.train > 1000 && info.counts.test > 100, "{:?}", info.counts);
+        assert!(
+            info.counts.train > 1000 && info.counts.test > 100,
+            "{:?}",
+            info.counts
+        );
         let events: Vec<Event> = read_table(&DataLayout(dir.clone()).events()).unwrap();
         let mut by_user: HashMap<u64, Vec<&Event>> = HashMap::new();
         for e in &events {
             by_user.entry(e.user_id).or_default().push(e);
         }
         let test = examples(&dir, Split::Test);
-        let test_of: HashMap<u64, (i64, u64)> = test.iter().map(|e| (e.user_id, (e.ts_ms, e.target_item_id))).collect();
+        let test_of: HashMap<u64, (i64, u64)> = test
+            .iter()
+            .map(|e| (e.user_id, (e.ts_ms, e.target_item_id)))
+            .collect();
         assert_eq!(test_of.len(), test.len(), "one test example per user");
         for split in Split::ALL {
             for ex in examples(&dir, split) {
@@ -602,20 +628,36 @@ mod tests {
                 for h in &ex.history {
                     assert!(h.gap_s >= 0);
                     let ts = ex.ts_ms - h.gap_s * 1000;
-                    let earlier = by_user[&ex.user_id].iter().any(|e| e.item_id == h.item_id && e.ts_ms < ex.ts_ms && e.ts_ms <= ts + 999);
-                    assert!(earlier, "history event not found strictly before target: {h:?} in {ex:?}");
+                    let earlier = by_user[&ex.user_id].iter().any(|e| {
+                        e.item_id == h.item_id && e.ts_ms < ex.ts_ms && e.ts_ms <= ts + 999
+                    });
+                    assert!(
+                        earlier,
+                        "history event not found strictly before target: {h:?} in {ex:?}"
+                    );
                 }
                 assert!(ex.history.len() <= 50);
-                let Some(&(test_ts, test_item)) = test_of.get(&ex.user_id) else { continue };
+                let Some(&(test_ts, test_item)) = test_of.get(&ex.user_id) else {
+                    continue;
+                };
                 if split != Split::Test {
-                    assert!((ex.ts_ms, ex.target_item_id) != (test_ts, test_item), "test target reused in {split:?}");
-                    assert!(ex.ts_ms <= test_ts, "{split:?} example after the user's test target");
+                    assert!(
+                        (ex.ts_ms, ex.target_item_id) != (test_ts, test_item),
+                        "test target reused in {split:?}"
+                    );
+                    assert!(
+                        ex.ts_ms <= test_ts,
+                        "{split:?} example after the user's test target"
+                    );
                 }
             }
         }
         // Test examples' histories never contain the test event itself.
         for ex in &test {
-            assert!(ex.history.iter().all(|h| h.gap_s > 0 || h.item_id != Some(ex.target_item_id)));
+            assert!(ex
+                .history
+                .iter()
+                .all(|h| h.gap_s > 0 || h.item_id != Some(ex.target_item_id)));
         }
     }
 
@@ -623,8 +665,21 @@ mod tests {
     fn ml_100k_has_one_valid_and_one_test_example_per_user() {
         let tmp = tempfile::tempdir().unwrap();
         let raw = crate::sources::Source::Ml100k.load(&NoProgress).unwrap();
-        let prov = Provenance { source: "ml-100k".into(), detail: String::new(), items_label: "i".into(), events_label: "e".into() };
-        let info = prepare_raw(raw, prov, &tmp.path().join("d"), &PrepareConfig::default(), BadRows::Fail, &NoProgress).unwrap();
+        let prov = Provenance {
+            source: "ml-100k".into(),
+            detail: String::new(),
+            items_label: "i".into(),
+            events_label: "e".into(),
+        };
+        let info = prepare_raw(
+            raw,
+            prov,
+            &tmp.path().join("d"),
+            &PrepareConfig::default(),
+            BadRows::Fail,
+            &NoProgress,
+        )
+        .unwrap();
         let c = &info.counts;
         assert_eq!((c.users, c.items, c.events), (943, 1682, 100_000));
         assert_eq!((c.valid, c.test, c.train), (943, 943, 100_000 - 2 * 943));
@@ -632,7 +687,10 @@ mod tests {
         let users: HashSet<u64> = test.iter().map(|e| e.user_id).collect();
         assert_eq!(users.len(), 943);
         let mean = test.iter().map(|e| e.history.len()).sum::<usize>() as f64 / test.len() as f64;
-        assert!(mean > 40.0, "test histories are filled up to L = 50: mean {mean}");
+        assert!(
+            mean > 40.0,
+            "test histories are filled up to L = 50: mean {mean}"
+        );
     }
 
     #[test]
@@ -641,8 +699,18 @@ mod tests {
         let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
         synthetic(&a, &PrepareConfig::default());
         synthetic(&b, &PrepareConfig::default());
-        for f in ["items.parquet", "events.parquet", "splits/train.parquet", "splits/test.parquet", "vocab/title.json"] {
-            assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f}");
+        for f in [
+            "items.parquet",
+            "events.parquet",
+            "splits/train.parquet",
+            "splits/test.parquet",
+            "vocab/title.json",
+        ] {
+            assert_eq!(
+                std::fs::read(a.join(f)).unwrap(),
+                std::fs::read(b.join(f)).unwrap(),
+                "{f}"
+            );
         }
     }
 
@@ -650,34 +718,71 @@ mod tests {
     fn cold_items_are_held_out_of_training_and_vocabulary_counts() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data");
-        let cfg = PrepareConfig { split: SplitConfig { cold_items: 0.2, ..Default::default() }, ..Default::default() };
+        let cfg = PrepareConfig {
+            split: SplitConfig {
+                cold_items: 0.2,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         let (info, _) = synthetic(&dir, &cfg);
-        assert!(info.counts.cold_items > 100 && info.counts.cold_targets > 0, "{:?}", info.counts);
+        assert!(
+            info.counts.cold_items > 100 && info.counts.cold_targets > 0,
+            "{:?}",
+            info.counts
+        );
         for ex in examples(&dir, Split::Train) {
             assert!(!cfg.split.is_cold(ex.target_item_id));
-            assert!(ex.history.iter().all(|h| !h.item_id.is_some_and(|i| cfg.split.is_cold(i))));
+            assert!(ex
+                .history
+                .iter()
+                .all(|h| !h.item_id.is_some_and(|i| cfg.split.is_cold(i))));
         }
     }
 
     fn item(id: u64) -> Item {
-        Item { item_id: id, title: format!("thing {id}"), aspects: vec![], categories: vec!["c".into()], created_at_ms: None }
+        Item {
+            item_id: id,
+            title: format!("thing {id}"),
+            aspects: vec![],
+            categories: vec!["c".into()],
+            created_at_ms: None,
+        }
     }
 
     fn event(user: u64, ts: i64, item: u64) -> Event {
-        Event { user_id: user, ts_ms: ts, event_type: EventType::View, item_id: Some(item), query: None, value: None }
+        Event {
+            user_id: user,
+            ts_ms: ts,
+            event_type: EventType::View,
+            item_id: Some(item),
+            query: None,
+            value: None,
+        }
     }
 
     fn raw() -> RawData {
         RawData {
             items: (1..=5).map(item).collect(),
             users: vec![],
-            events: (0..20).map(|i| event(1 + i % 3, 1000 * i as i64, 1 + i % 5)).collect(),
+            events: (0..20)
+                .map(|i| event(1 + i % 3, 1000 * i as i64, 1 + i % 5))
+                .collect(),
             skipped_rows: 0,
         }
     }
 
     fn prepare_err(raw: RawData, out: &Path, on_bad_rows: BadRows) -> String {
-        prepare_raw(raw, provenance(), out, &PrepareConfig::default(), on_bad_rows, &NoProgress).unwrap_err().to_string()
+        prepare_raw(
+            raw,
+            provenance(),
+            out,
+            &PrepareConfig::default(),
+            on_bad_rows,
+            &NoProgress,
+        )
+        .unwrap_err()
+        .to_string()
     }
 
     #[test]
@@ -687,22 +792,53 @@ mod tests {
         let mut dup = raw();
         dup.items.push(item(3));
         let err = prepare_err(dup, &out, BadRows::Fail);
-        assert!(err.contains("items.csv") && err.contains("row 6") && err.contains("item_id") && err.contains("duplicate"), "{err}");
+        assert!(
+            err.contains("items.csv")
+                && err.contains("row 6")
+                && err.contains("item_id")
+                && err.contains("duplicate"),
+            "{err}"
+        );
 
         let mut unknown = raw();
         unknown.events[4].item_id = Some(99);
         let err = prepare_err(unknown.clone(), &out, BadRows::Fail);
-        assert!(err.contains("events.csv") && err.contains("row 5") && err.contains("unknown item 99"), "{err}");
+        assert!(
+            err.contains("events.csv") && err.contains("row 5") && err.contains("unknown item 99"),
+            "{err}"
+        );
 
-        let err = prepare_err(RawData { items: vec![], ..raw() }, &out, BadRows::Fail);
+        let err = prepare_err(
+            RawData {
+                items: vec![],
+                ..raw()
+            },
+            &out,
+            BadRows::Fail,
+        );
         assert!(err.contains("no items"), "{err}");
-        let err = prepare_err(RawData { events: vec![], ..raw() }, &out, BadRows::Fail);
+        let err = prepare_err(
+            RawData {
+                events: vec![],
+                ..raw()
+            },
+            &out,
+            BadRows::Fail,
+        );
         assert!(err.contains("no events"), "{err}");
         // Nothing was written: no output directory and no temporary directory.
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
 
         // Skipping counts the bad row and carries on.
-        let info = prepare_raw(unknown, provenance(), &out, &PrepareConfig::default(), BadRows::Skip, &NoProgress).unwrap();
+        let info = prepare_raw(
+            unknown,
+            provenance(),
+            &out,
+            &PrepareConfig::default(),
+            BadRows::Skip,
+            &NoProgress,
+        )
+        .unwrap();
         assert_eq!(info.counts.skipped_rows, 1);
         assert_eq!(info.counts.events, 19);
     }
@@ -711,12 +847,31 @@ mod tests {
     fn rerun_replaces_the_dataset_atomically() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("data");
-        prepare_raw(raw(), provenance(), &out, &PrepareConfig::default(), BadRows::Fail, &NoProgress).unwrap();
+        prepare_raw(
+            raw(),
+            provenance(),
+            &out,
+            &PrepareConfig::default(),
+            BadRows::Fail,
+            &NoProgress,
+        )
+        .unwrap();
         let mut fewer = raw();
         fewer.events.truncate(10);
-        let info = prepare_raw(fewer, provenance(), &out, &PrepareConfig::default(), BadRows::Fail, &NoProgress).unwrap();
+        let info = prepare_raw(
+            fewer,
+            provenance(),
+            &out,
+            &PrepareConfig::default(),
+            BadRows::Fail,
+            &NoProgress,
+        )
+        .unwrap();
         assert_eq!(DatasetInfo::load(&out).unwrap().counts, info.counts);
-        let names: HashSet<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let names: HashSet<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         assert_eq!(names, HashSet::from(["data".to_string()]));
     }
 
@@ -724,16 +879,48 @@ mod tests {
     fn time_split_rejects_a_cutoff_outside_the_data() {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = PrepareConfig {
-            split: SplitConfig { strategy: SplitStrategy::Time { cutoff_ms: 10_000_000, test_cutoff_ms: None }, ..Default::default() },
+            split: SplitConfig {
+                strategy: SplitStrategy::Time {
+                    cutoff_ms: 10_000_000,
+                    test_cutoff_ms: None,
+                },
+                ..Default::default()
+            },
             ..Default::default()
         };
-        let err = prepare_raw(raw(), provenance(), &tmp.path().join("d"), &cfg, BadRows::Fail, &NoProgress).unwrap_err();
+        let err = prepare_raw(
+            raw(),
+            provenance(),
+            &tmp.path().join("d"),
+            &cfg,
+            BadRows::Fail,
+            &NoProgress,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("cutoff"), "{err}");
         let cfg = PrepareConfig {
-            split: SplitConfig { strategy: SplitStrategy::Time { cutoff_ms: 10_000, test_cutoff_ms: Some(12_500) }, ..Default::default() },
+            split: SplitConfig {
+                strategy: SplitStrategy::Time {
+                    cutoff_ms: 10_000,
+                    test_cutoff_ms: Some(12_500),
+                },
+                ..Default::default()
+            },
             ..Default::default()
         };
-        let info = prepare_raw(raw(), provenance(), &tmp.path().join("d"), &cfg, BadRows::Fail, &NoProgress).unwrap();
-        assert!(info.counts.train > 0 && info.counts.valid > 0 && info.counts.test > 0, "{:?}", info.counts);
+        let info = prepare_raw(
+            raw(),
+            provenance(),
+            &tmp.path().join("d"),
+            &cfg,
+            BadRows::Fail,
+            &NoProgress,
+        )
+        .unwrap();
+        assert!(
+            info.counts.train > 0 && info.counts.valid > 0 && info.counts.test > 0,
+            "{:?}",
+            info.counts
+        );
     }
 }

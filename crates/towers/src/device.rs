@@ -4,8 +4,40 @@ use tch::Device;
 
 use crate::error::{Error, Result};
 
+/// Makes libtorch's CUDA backend visible if this machine can load it.
+///
+/// rustc links with `--as-needed`, which drops `libtorch_cuda.so` (nothing references it
+/// directly), and its CUDA dependencies are not installed on CPU machines anyway. Loading it at
+/// run time, before anything asks libtorch about CUDA, lets its static initialisers register the
+/// CUDA hooks, so the same binary uses a GPU where a full PyTorch 2.11 installation is on the
+/// loader path (see docs/development.md) and stays CPU-only elsewhere. Runs once.
+pub fn load_cuda_backend() -> bool {
+    static LOADED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LOADED.get_or_init(|| {
+        let name = c"libtorch_cuda.so";
+        // SAFETY: dlopen with a valid C string; the handle is intentionally never closed.
+        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if handle.is_null() {
+            // SAFETY: dlerror returns a thread-local C string or null.
+            let why = unsafe { libc::dlerror() };
+            let why = if why.is_null() {
+                String::new()
+            } else {
+                unsafe { std::ffi::CStr::from_ptr(why) }
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            tracing::debug!("CUDA backend not loaded ({why}); using CPU only");
+            false
+        } else {
+            true
+        }
+    })
+}
+
 /// Parses `auto`, `cpu`, `cuda` or `cuda:N`. `auto` picks the first GPU when libtorch sees one.
 pub fn parse_device(spec: &str) -> Result<Device> {
+    load_cuda_backend();
     let err = |reason: &str| Error::Device {
         device: spec.to_string(),
         reason: reason.to_string(),

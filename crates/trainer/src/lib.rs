@@ -9,6 +9,7 @@
 
 pub mod artifacts;
 pub mod batches;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod error;

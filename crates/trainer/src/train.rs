@@ -174,7 +174,7 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         let (batches, n_batches) = source.epoch(cfg.seed, epoch);
         progress.start(
             &format!("epoch {}/{}", epoch + 1, cfg.epochs),
-            Some(n_batches as u64),
+            Some((n_batches * cfg.batch_size).min(train_set.len()) as u64),
         );
         let loss_sum = Tensor::zeros([], (Kind::Float, opts.device));
         let (mut examples, mut steps) = (0usize, 0u64);
@@ -201,7 +201,7 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
             let _ = tch::no_grad(|| loss_sum.shallow_clone().g_add_(&loss.detach()));
             examples += host.size;
             steps += 1;
-            progress.advance(1);
+            progress.advance(host.size as u64);
             // Reading the loss forces a device sync, so the display updates only now and then.
             if steps % 50 == 0 {
                 progress.message(&format!(

@@ -1,5 +1,6 @@
 //! One module per subcommand: parse-time arguments in, a library call, a printed result out.
 
+pub mod bench;
 pub mod eval;
 pub mod prepare;
 pub mod train;
