@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test setup build
+.PHONY: demo test setup build build-release
 
 ## demo: set up, build, and run the main job end to end on the built-in default data (ml-100k).
 demo: setup
@@ -20,3 +20,6 @@ setup:
 
 build: setup
 	$(CARGO) build --workspace --all-targets
+
+build-release: setup
+	$(CARGO) build --release -p cli

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 mod commands;
 mod omp;
 mod progress;
+mod rss;
 
 /// Personalized two-tower recommendations: prepare data, train, index, serve.
 ///

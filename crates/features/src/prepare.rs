@@ -187,17 +187,23 @@ where
     U: Iterator<Item = (User, Vec<Event>)>,
 {
     let started = std::time::Instant::now();
-    if matches!(
-        cfg.split.strategy,
+    match cfg.split.strategy {
         SplitStrategy::Time {
             test_cutoff_ms: None,
             ..
+        } => {
+            return Err(Error::setting(
+                "test-cutoff",
+                "a time split of streamed data needs an explicit test cutoff",
+            ));
         }
-    ) {
-        return Err(Error::setting(
-            "test-cutoff",
-            "a time split of streamed data needs an explicit test cutoff",
-        ));
+        SplitStrategy::Time {
+            cutoff_ms,
+            test_cutoff_ms: Some(test),
+        } if test < cutoff_ms => {
+            return Err(Error::setting("test-cutoff", "must not be before --cutoff"));
+        }
+        _ => {}
     }
     let mut writer = DatasetWriter::create(out, cfg.clone(), provenance.clone())?;
     progress.start("writing items", None);
@@ -424,7 +430,11 @@ impl DatasetWriter {
             self.min_ts = self.min_ts.min(first.ts_ms);
             self.max_ts = self.max_ts.max(last.ts_ms);
         }
-        let mut train_end = i64::MAX;
+        // Queries after the training period must not shape the vocabulary.
+        let mut train_end = match self.cfg.split.strategy {
+            SplitStrategy::Time { cutoff_ms, .. } => cutoff_ms,
+            SplitStrategy::LeaveLastOut => i64::MAX,
+        };
         let mut produced: [Vec<Example>; 3] = Default::default();
         splits::user_examples(
             &self.cfg.split,

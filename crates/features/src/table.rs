@@ -631,8 +631,9 @@ pub fn validate_event(e: &Event) -> std::result::Result<(), (&'static str, Strin
         return Err(("ts", format!("negative timestamp {}", e.ts_ms)));
     }
     match (e.event_type, e.item_id, e.query.as_deref()) {
-        (EventType::Search, _, Some(q)) if !q.trim().is_empty() => Ok(()),
-        (EventType::Search, _, _) => {
+        (EventType::Search, Some(_), _) => Err(("item_id", "a search event has no item_id".into())),
+        (EventType::Search, None, Some(q)) if !q.trim().is_empty() => Ok(()),
+        (EventType::Search, None, _) => {
             Err(("query", "a search event needs a non-empty query".into()))
         }
         (_, Some(_), _) => Ok(()),

@@ -6,7 +6,7 @@
 //! `<unk>`) lets a brand-new item's unseen title words still carry signal that the model can
 //! share across items — the cold-start property the item tower is built for.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -175,7 +175,7 @@ const VOCAB_FILES: [&str; 4] = ["title", "aspects", "categories", "user_features
 struct Checksums {
     /// sha256 of the vocabulary as a whole: what model and index manifests record.
     checksum: String,
-    files: HashMap<String, String>,
+    files: BTreeMap<String, String>,
 }
 
 impl Vocabularies {
@@ -224,7 +224,7 @@ impl Vocabularies {
     /// Writes `dir/<name>.json` for each vocabulary and `dir/checksums.json`. Returns the checksum.
     pub fn save(&self, dir: &Path) -> Result<String> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut files = HashMap::new();
+        let mut files = BTreeMap::new();
         let mut whole = Sha256::new();
         for (name, vocab) in VOCAB_FILES.iter().zip(self.all()) {
             let bytes = serde_json::to_vec(vocab).expect("vocab serializes");
@@ -264,6 +264,9 @@ impl Vocabularies {
             }
             let mut vocab: Vocab = serde_json::from_slice(&bytes)
                 .map_err(|e| Error::bad_file(&path, e.to_string()))?;
+            if vocab.hash_buckets == 0 {
+                return Err(Error::bad_file(&path, "hash_buckets must be at least 1"));
+            }
             vocab.reindex();
             vocabs.push(vocab);
         }

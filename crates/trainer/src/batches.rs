@@ -56,6 +56,8 @@ pub struct BatchSource {
     pub train: Arc<ExampleSet>,
     pub catalog: Arc<Catalog>,
     pub freq: Arc<TargetFrequency>,
+    /// Catalog rows extra negatives are drawn from: every item but held-out cold ones.
+    pub negative_pool: Arc<Vec<u32>>,
     pub tower: TowerConfig,
     pub batch_size: usize,
     pub extra_negatives: usize,
@@ -114,14 +116,17 @@ impl BatchSource {
             });
             users.push(self.train.user_input(ex, |r| row_of(r, &mut rows)));
         }
-        let n_items = self.catalog.len();
+        let pool = &self.negative_pool;
         for _ in 0..self.extra_negatives {
-            let r = rng.random_range(0..n_items as u32);
+            if pool.is_empty() {
+                break;
+            }
+            let r = pool[rng.random_range(0..pool.len())];
             candidates.push(row_of(r, &mut rows));
             candidate_catalog_rows.push(r as i64);
-            // Uniform sampling: each item's expected count is N / |catalog|.
+            // Uniform sampling: each item's expected count is N / |pool|.
             candidate_log_q.push(if self.logq {
-                (self.extra_negatives as f32 / n_items as f32).ln()
+                (self.extra_negatives as f32 / pool.len() as f32).ln()
             } else {
                 0.0
             });

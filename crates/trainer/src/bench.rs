@@ -116,6 +116,7 @@ pub fn bench_train(
         train: Arc::clone(&train),
         catalog: Arc::clone(&data.catalog),
         freq: Arc::new(TargetFrequency::new(&train, data.catalog.len())),
+        negative_pool: Arc::new(data.warm_rows()),
         tower: cfg.tower.clone(),
         batch_size: cfg.batch_size,
         extra_negatives: cfg.extra_negatives,

@@ -102,8 +102,14 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&self.final_lr_ratio) {
             return bad("final_lr_ratio", "must be in [0, 1]");
         }
-        if self.grad_clip <= 0.0 {
-            return bad("grad_clip", "must be positive");
+        if !(self.grad_clip > 0.0 && self.grad_clip.is_finite()) {
+            return bad("grad_clip", "must be a positive number");
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad("weight_decay", "must be a non-negative number");
+        }
+        if self.patience == 0 {
+            return bad("patience", "must be at least 1 epoch");
         }
         Ok(())
     }

@@ -54,6 +54,14 @@ impl Dataset {
         DataLayout(self.dir.clone())
     }
 
+    /// Catalog rows that training may see: all but the held-out cold items.
+    pub fn warm_rows(&self) -> Vec<u32> {
+        let split = &self.info.settings.split;
+        (0..self.catalog.len() as u32)
+            .filter(|&r| !split.is_cold(self.catalog.ids[r as usize]))
+            .collect()
+    }
+
     /// Embedding table sizes for this dataset's vocabularies.
     pub fn vocab_sizes(&self) -> VocabSizes {
         VocabSizes {

@@ -123,9 +123,15 @@ fn rank_targets(
         &Tensor::from_slice(&targets).to_device(device).unsqueeze(1),
         false,
     );
+    // Ties count against the target (items with identical content score identically), and a
+    // NaN score — a broken model — ranks last rather than first.
+    let n = scores.size()[1];
     let ranks = scores
-        .gt_tensor(&target_scores)
-        .sum_dim_intlist(1, false, Kind::Int64);
+        .ge_tensor(&target_scores)
+        .sum_dim_intlist(1, false, Kind::Int64)
+        - 1;
+    let valid = target_scores.squeeze_dim(1).isnan().logical_not();
+    let ranks = ranks.where_self(&valid, &ranks.full_like(n));
     Vec::<i64>::try_from(ranks.to_device(Device::Cpu)).expect("int64 ranks")
 }
 
@@ -149,19 +155,19 @@ pub fn metrics_from_ranks(ranks: &[i64], ks: &[usize]) -> Metrics {
     m
 }
 
-/// Popularity scores: training-target counts, ties broken by catalog order (a strict order, so
-/// the baseline's rank is well defined).
+/// Popularity scores: minus each item's position when sorted by training-target count
+/// (descending, ties by catalog order), so the order is strict and exact in f32.
 pub fn popularity_scores(train: &ExampleSet, catalog_len: usize, device: Device) -> Tensor {
-    let mut counts = vec![0f64; catalog_len];
+    let mut counts = vec![0u64; catalog_len];
     for ex in &train.examples {
-        counts[ex.target_row as usize] += 1.0;
+        counts[ex.target_row as usize] += 1;
     }
-    let n = catalog_len as f64 + 1.0;
-    let scores: Vec<f32> = counts
-        .iter()
-        .enumerate()
-        .map(|(r, c)| (c + (n - r as f64) / n * 0.5) as f32)
-        .collect();
+    let mut order: Vec<usize> = (0..catalog_len).collect();
+    order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
+    let mut scores = vec![0f32; catalog_len];
+    for (position, row) in order.into_iter().enumerate() {
+        scores[row] = -(position as f32);
+    }
     Tensor::from_slice(&scores).to_device(device)
 }
 

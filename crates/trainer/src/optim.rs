@@ -19,6 +19,8 @@ const EPS: f64 = 1e-8;
 pub struct AdamW {
     /// (name, variable, first moment, second moment), sorted by name.
     slots: Vec<(String, Tensor, Tensor, Tensor)>,
+    /// Whether each slot gets weight decay (not biases, norms or the temperature).
+    decays: Vec<bool>,
     pub step: u64,
     pub weight_decay: f64,
 }
@@ -31,6 +33,12 @@ impl AdamW {
             .filter(|(_, t)| t.requires_grad())
             .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let decays = vars
+            .iter()
+            .map(|(name, _)| {
+                !(name.ends_with(".bias") || name.contains(".norm") || name == "log_temperature")
+            })
+            .collect();
         let slots = vars
             .into_iter()
             .map(|(name, t)| {
@@ -41,6 +49,7 @@ impl AdamW {
             .collect();
         AdamW {
             slots,
+            decays,
             step: 0,
             weight_decay,
         }
@@ -56,6 +65,7 @@ impl AdamW {
     }
 
     /// Clips the global gradient norm to `max_norm`, then applies one AdamW update at `lr`.
+    /// Weight decay skips biases, norms and the temperature.
     pub fn step(&mut self, lr: f64, max_norm: f64) {
         self.step += 1;
         let bias1 = 1.0 - BETA1.powi(self.step as i32);
@@ -71,16 +81,21 @@ impl AdamW {
                 .map(|g| g.square().sum(Kind::Float))
                 .collect();
             let norm = Tensor::stack(&sq, 0).sum(Kind::Float).sqrt();
-            let scale = (max_norm / (norm + 1e-6)).clamp_max(1.0);
-            for ((_, t, m, v), g) in self.slots.iter_mut().zip(&grads) {
+            // A non-finite gradient (overflow, a bad batch) must not poison the weights: its
+            // contribution is zeroed on the device, without a host sync.
+            let scale = (max_norm / (&norm + 1e-6)).clamp_max(1.0);
+            let scale = scale.where_self(&norm.isfinite(), &scale.zeros_like());
+            for (((_, t, m, v), g), &decay) in self.slots.iter_mut().zip(&grads).zip(&self.decays) {
                 if !g.defined() {
                     continue;
                 }
-                let g = g * &scale;
+                let g = g.nan_to_num(0.0, 0.0, 0.0) * &scale;
                 let _ = m.g_mul_scalar_(BETA1).g_add_(&(&g * (1.0 - BETA1)));
                 let _ = v.g_mul_scalar_(BETA2).g_add_(&(g.square() * (1.0 - BETA2)));
                 let update = (&*m / bias1) / ((&*v / bias2).sqrt() + EPS);
-                let _ = t.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                if decay {
+                    let _ = t.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                }
                 let _ = t.g_add_(&(update * -lr));
             }
         });
@@ -179,12 +194,21 @@ mod tests {
             opt.step(0.05, 10.0);
         }
         assert!(loss(&lin).double_value(&[]) < before * 0.5);
+        // A non-finite gradient leaves the weights finite.
+        opt.zero_grad();
+        (loss(&lin) * f64::INFINITY).backward();
+        opt.step(0.05, 10.0);
+        assert_eq!(
+            lin.ws.isfinite().all().int64_value(&[]),
+            1,
+            "weights stayed finite"
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("opt.safetensors");
         opt.save(&path).unwrap();
         let mut other = AdamW::new(&vs, 0.0);
         other.load(&path).unwrap();
-        assert_eq!(other.step, 50);
+        assert_eq!(other.step, 51);
         for (a, b) in opt.slots.iter().zip(&other.slots) {
             assert!(a.2.equal(&b.2) && a.3.equal(&b.3));
         }

@@ -139,12 +139,15 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         train: Arc::clone(&train_set),
         catalog: Arc::clone(&catalog),
         freq,
+        negative_pool: Arc::new(data.warm_rows()),
         tower: cfg.tower.clone(),
         batch_size: cfg.batch_size,
         extra_negatives: cfg.extra_negatives,
         logq: cfg.logq_correction,
     });
-    let steps_per_epoch = (train_set.len() / cfg.batch_size).max(1) as u64;
+    // Batches per epoch, as `BatchSource::epoch` makes them (a last batch of one is dropped).
+    let full = train_set.len() / cfg.batch_size;
+    let steps_per_epoch = (full + usize::from(train_set.len() % cfg.batch_size >= 2)).max(1) as u64;
     let total_steps = steps_per_epoch * cfg.epochs as u64;
     tracing::info!(
         device = %towers::device_name(opts.device),
@@ -417,13 +420,15 @@ fn load_checkpoint(
     model: &mut TwoTower,
     opt: &mut AdamW,
 ) -> Result<Option<RunState>> {
-    let mut dir = layout.checkpoint();
+    let dir = layout.checkpoint();
     if !dir.exists() {
-        // A crash between the two renames of `save_checkpoint` leaves the previous one here.
-        dir = layout.0.join(".checkpoint.old");
-        if !dir.exists() {
+        // A crash between the two renames of `save_checkpoint` leaves the previous one here:
+        // put it back where the rest of the run expects it.
+        let old = layout.0.join(".checkpoint.old");
+        if !old.exists() {
             return Ok(None);
         }
+        std::fs::rename(&old, &dir).map_err(|e| Error::io(&dir, e))?;
     }
     let state_path = dir.join("state.json");
     let bytes = std::fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;

@@ -130,7 +130,7 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
         } = &mut cfg.split.strategy
         {
             let (_, end) = generator.time_range_ms();
-            *test = Some(*cutoff_ms + (end - *cutoff_ms) / 2);
+            *test = Some(cutoff_ms.saturating_add(end.saturating_sub(*cutoff_ms) / 2));
         }
         let provenance = Provenance {
             source: "synthetic".into(),
@@ -188,7 +188,7 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
     };
     let c = &info.counts;
     println!(
-        "prepared {} into {}: {} items, {} users, {} events; examples: {} train, {} valid, {} test{}{} ({:.1} s)",
+        "prepared {} into {}: {} items, {} users, {} events; examples: {} train, {} valid, {} test{}{} ({:.1} s, {:.0} events/s, peak RSS {:.0} MiB)",
         info.provenance.source,
         args.out.display(),
         c.items,
@@ -199,7 +199,9 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
         c.test,
         if c.cold_items > 0 { format!("; {} cold items ({} cold targets)", c.cold_items, c.cold_targets) } else { String::new() },
         if c.skipped_rows > 0 { format!("; skipped {} bad rows", c.skipped_rows) } else { String::new() },
-        info.prepare_seconds
+        info.prepare_seconds,
+        c.events as f64 / info.prepare_seconds.max(1e-9),
+        crate::rss::peak_rss_mib().unwrap_or(f64::NAN)
     );
     Ok(())
 }

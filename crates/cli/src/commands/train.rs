@@ -109,12 +109,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "{} epochs (best {}), {:.0} examples/s on {}, {:.1} s",
+        "{} epochs (best {}), {:.0} examples/s on {}, {:.1} s, peak RSS {:.0} MiB",
         report.train.epochs,
         report.train.best_epoch,
         report.train.examples_per_sec,
         report.train.device,
-        report.train.seconds
+        report.train.seconds,
+        crate::rss::peak_rss_mib().unwrap_or(f64::NAN)
     );
     Ok(())
 }
