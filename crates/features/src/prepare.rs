@@ -355,7 +355,7 @@ struct DatasetWriter {
     items: TableWriter<Item>,
     users: TableWriter<User>,
     events: TableWriter<Event>,
-    splits: [(TableWriter<Example>, Vec<Example>); 3],
+    splits: [TableWriter<Example>; 3],
     counts: Counts,
     /// Items seen in any training example: the vocabularies are built from their content only.
     warm_items: HashSet<u64>,
@@ -380,9 +380,7 @@ impl DatasetWriter {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(tmp.join("splits")).map_err(|e| Error::io(&tmp, e))?;
         let layout = DataLayout(tmp.clone());
-        let split_writer = |s: Split| -> Result<(TableWriter<Example>, Vec<Example>)> {
-            Ok((TableWriter::create(&layout.split(s))?, Vec::new()))
-        };
+        let split_writer = |s: Split| TableWriter::<Example>::create(&layout.split(s));
         Ok(DatasetWriter {
             items: TableWriter::create(&layout.items())?,
             users: TableWriter::create(&layout.users())?,
@@ -422,9 +420,9 @@ impl DatasetWriter {
         for f in &user.features {
             self.user_features.add(f.to_lowercase());
         }
-        self.users.write(std::slice::from_ref(user))?;
-        for chunk in events.chunks(ROW_GROUP_ROWS) {
-            self.events.write(chunk)?;
+        self.users.push(user.clone())?;
+        for e in events {
+            self.events.push(e.clone())?;
         }
         if let (Some(first), Some(last)) = (events.first(), events.last()) {
             self.min_ts = self.min_ts.min(first.ts_ms);
@@ -470,13 +468,7 @@ impl DatasetWriter {
     }
 
     fn push_example(&mut self, split: Split, ex: Example) -> Result<()> {
-        let (writer, buffer) = &mut self.splits[split as usize];
-        buffer.push(ex);
-        if buffer.len() >= 8192 {
-            writer.write(buffer)?;
-            buffer.clear();
-        }
-        Ok(())
+        self.splits[split as usize].push(ex)
     }
 
     fn finish(
@@ -485,10 +477,6 @@ impl DatasetWriter {
         started: std::time::Instant,
         progress: &dyn Progress,
     ) -> Result<DatasetInfo> {
-        for (writer, buffer) in &mut self.splits {
-            writer.write(buffer)?;
-            buffer.clear();
-        }
         if self.counts.events == 0 {
             return Err(Error::bad_file(&self.provenance.events_label, "no events"));
         }
@@ -497,9 +485,9 @@ impl DatasetWriter {
         progress.finish();
         let vocab_checksum = vocabs.save(&self.tmp.join("vocab"))?;
         let [train, valid, test] = self.splits;
-        self.counts.train = train.0.finish()?;
-        self.counts.valid = valid.0.finish()?;
-        self.counts.test = test.0.finish()?;
+        self.counts.train = train.finish()?;
+        self.counts.valid = valid.finish()?;
+        self.counts.test = test.finish()?;
         self.items.finish()?;
         self.users.finish()?;
         self.events.finish()?;

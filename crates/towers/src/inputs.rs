@@ -136,7 +136,12 @@ impl UserBatchHost {
             .map(|u| u.history.len().min(cfg.history_len))
             .max()
             .unwrap_or(0);
-        let q = cfg.max_query_tokens;
+        // Without any search in the batch the query slots would be all padding: drop them, so
+        // the user tower skips the query path (most of its memory traffic on ratings data).
+        let any_query = users
+            .iter()
+            .any(|u| u.history.iter().any(|e| !e.query.is_empty()));
+        let q = if any_query { cfg.max_query_tokens } else { 0 };
         let mut h = UserBatchHost {
             batch: b as i64,
             len: l as i64,

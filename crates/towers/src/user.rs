@@ -4,9 +4,10 @@
 //! weights), or for a search the mean of the query's word embeddings (the title word space)
 //! projected to `dim` — concatenated with an event-type embedding and a time-gap bucket
 //! embedding. The GRU runs oldest first over right-padded sequences and is read at each row's
-//! last real step. That state, the hour and weekday embeddings and the user's pooled feature
-//! embeddings go through an MLP to a unit vector. A user with no history gets a zero GRU state,
-//! so the vector comes from context alone.
+//! last real step. That state, the mean and the most recent of the events' contents, the hour
+//! and weekday embeddings and the user's pooled feature embeddings go through an MLP to a unit
+//! vector. A user with no history gets zeros for all three, so the vector comes from context
+//! alone.
 
 use tch::nn::{self, Module, RNN};
 use tch::{Kind, Tensor};
@@ -40,7 +41,7 @@ impl UserEncoder {
             batch_first: true,
             ..Default::default()
         };
-        let mlp_input = cfg.gru_hidden + 2 * cfg.context_dim + cfg.user_feature_dim;
+        let mlp_input = cfg.gru_hidden + 2 * cfg.dim + 2 * cfg.context_dim + cfg.user_feature_dim;
         UserEncoder {
             query_proj: nn::linear(
                 &p / "query_proj",
@@ -81,7 +82,7 @@ impl UserEncoder {
         let l = users.hist_type.size()[1];
         let device = users.hist_len.device();
         let state = if l == 0 {
-            Tensor::zeros([b, self.gru_hidden], (Kind::Float, device))
+            Tensor::zeros([b, self.gru_hidden + 2 * self.dim], (Kind::Float, device))
         } else {
             self.history_state(users, item_vecs, title_emb, b, l)
         };
@@ -114,23 +115,45 @@ impl UserEncoder {
         let items = item_vecs
             .index_select(0, &users.hist_item.flatten(0, -1))
             .view([b, l, self.dim]);
-        let queries = self
-            .query_proj
-            .forward(&title_emb.forward(&users.hist_query));
-        let content = &users.hist_is_item * items + (1.0 - &users.hist_is_item) * queries;
+        let items = &users.hist_is_item * items;
+        let content = if users.hist_query.size()[2] == 0 {
+            items // no search in this batch
+        } else {
+            let queries = self
+                .query_proj
+                .forward(&title_emb.forward(&users.hist_query));
+            items + (1.0 - &users.hist_is_item) * queries
+        };
         let x = Tensor::cat(
             &[
-                content,
+                content.shallow_clone(),
                 self.event_type_emb.forward(&users.hist_type),
                 self.gap_emb.forward(&users.hist_gap),
             ],
             -1,
         );
         let (out, _) = self.gru.seq(&x);
-        // Read each row at its last real step; rows without history get a zero state.
-        let last = (&users.hist_len - 1).clamp_min(0);
-        let index = last.view([b, 1, 1]).expand([b, 1, self.gru_hidden], false);
-        let state = out.gather(1, &index, false).squeeze_dim(1);
-        state * users.hist_len.gt(0).to_kind(Kind::Float).unsqueeze(-1)
+        // Read each row at its last real step; rows without history get zeros.
+        let last = (&users.hist_len - 1).clamp_min(0).view([b, 1, 1]);
+        let at_last = |t: &Tensor, width: i64| {
+            t.gather(1, &last.expand([b, 1, width], false), false)
+                .squeeze_dim(1)
+        };
+        let state = at_last(&out, self.gru_hidden);
+        // Next to the GRU state, the mean of the events' contents (long-term taste) and the most
+        // recent event's content (what the user is doing now) reach the MLP directly.
+        let real = Tensor::arange(l, (Kind::Int64, device))
+            .unsqueeze(0)
+            .lt_tensor(&users.hist_len.unsqueeze(1));
+        let real = real.to_kind(Kind::Float).unsqueeze(-1);
+        let mean = (&content * &real).sum_dim_intlist(1, false, Kind::Float)
+            / users
+                .hist_len
+                .clamp_min(1)
+                .to_kind(Kind::Float)
+                .unsqueeze(-1);
+        let recent = at_last(&content, self.dim);
+        let has = users.hist_len.gt(0).to_kind(Kind::Float).unsqueeze(-1);
+        Tensor::cat(&[state, mean, recent], -1) * has
     }
 }

@@ -39,11 +39,13 @@ pub struct TrainBench {
 }
 
 /// Forward FLOPs of the towers for one example, from the architecture: the item MLP for each
-/// distinct item, the query projection and GRU for each history slot, the user MLP, and the
-/// logits against `candidates`. Embedding lookups and element-wise work are left out.
+/// distinct item, the GRU for each history slot, the query projection for the `searches` share
+/// of them (batches without searches skip it), the user MLP, and the logits against
+/// `candidates`. Embedding lookups and element-wise work are left out.
 pub fn forward_flops(
     cfg: &TowerConfig,
     history: f64,
+    searches: f64,
     items_per_example: f64,
     candidates: f64,
 ) -> f64 {
@@ -70,7 +72,7 @@ pub fn forward_flops(
         cfg.dim,
     );
     items_per_example * item
-        + history * (gru_step + query)
+        + history * (gru_step + searches * query)
         + user
         + 2.0 * candidates * cfg.dim as f64
 }
@@ -157,9 +159,22 @@ pub fn bench_train(
     let unique_per_batch = unique / steps as f64;
     let history_per_example = history / examples as f64;
     let candidates = (cfg.batch_size + cfg.extra_negatives) as f64;
+    let events = train
+        .examples
+        .iter()
+        .map(|e| e.history.len())
+        .sum::<usize>()
+        .max(1);
+    let searches = train
+        .examples
+        .iter()
+        .flat_map(|e| &e.history)
+        .filter(|h| h.query != crate::data::NONE)
+        .count();
     let forward = forward_flops(
         &cfg.tower,
         history_per_example,
+        searches as f64 / events as f64,
         unique_per_batch / cfg.batch_size as f64,
         candidates,
     );
@@ -189,16 +204,16 @@ mod tests {
     #[test]
     fn flop_count_grows_with_history_and_width() {
         let cfg = TowerConfig::default();
-        let short = forward_flops(&cfg, 10.0, 1.0, 256.0);
-        let long = forward_flops(&cfg, 50.0, 1.0, 256.0);
+        let short = forward_flops(&cfg, 10.0, 1.0, 1.0, 256.0);
+        let long = forward_flops(&cfg, 50.0, 1.0, 1.0, 256.0);
         assert!(long > short * 3.0);
         let wide = TowerConfig {
             gru_hidden: 256,
             ..TowerConfig::default()
         };
-        assert!(forward_flops(&wide, 50.0, 1.0, 256.0) > long);
+        assert!(forward_flops(&wide, 50.0, 1.0, 1.0, 256.0) > long);
         // One GRU step of the default config: 6 * (96 + 128) * 128 multiply-adds.
-        let one = forward_flops(&cfg, 1.0, 0.0, 0.0) - forward_flops(&cfg, 0.0, 0.0, 0.0);
+        let one = forward_flops(&cfg, 1.0, 1.0, 0.0, 0.0) - forward_flops(&cfg, 0.0, 1.0, 0.0, 0.0);
         assert_eq!(one, 6.0 * ((96 + 128) * 128) as f64 + 2.0 * 64.0 * 64.0);
     }
 }
