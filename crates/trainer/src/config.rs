@@ -67,13 +67,16 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Reads a TOML file of `TrainConfig` fields; missing fields keep their defaults.
+    /// Reads a TOML file of `TrainConfig` fields — either at the top level, or in the `[train]`
+    /// table of a pipeline file (`pipelines/*.toml`). Missing fields keep their defaults.
     pub fn from_toml_file(path: &Path) -> Result<TrainConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text).map_err(|e| Error::Config {
-            field: path.display().to_string(),
-            reason: e.to_string(),
-        })
+        let bad = |e: toml::de::Error| Error::Config { field: path.display().to_string(), reason: e.to_string() };
+        let value: toml::Table = toml::from_str(&text).map_err(bad)?;
+        match value.get("train") {
+            Some(toml::Value::Table(train)) => train.clone().try_into().map_err(bad),
+            _ => value.try_into().map_err(bad),
+        }
     }
 
     /// Checks the values that the towers' own validation does not cover.
@@ -126,6 +129,21 @@ mod tests {
         assert_eq!(cfg.epochs, 3);
         assert_eq!(cfg.tower.dim, 32);
         assert_eq!(cfg.batch_size, TrainConfig::default().batch_size);
+    }
+
+    #[test]
+    fn every_pipeline_file_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let cfg = TrainConfig::from_toml_file(&path).unwrap_or_else(|e| panic!("{e}"));
+                cfg.validate().unwrap();
+                n += 1;
+            }
+        }
+        assert!(n >= 1, "no pipeline files in {}", dir.display());
     }
 
     #[test]
