@@ -71,7 +71,10 @@ impl TrainConfig {
     /// table of a pipeline file (`pipelines/*.toml`). Missing fields keep their defaults.
     pub fn from_toml_file(path: &Path) -> Result<TrainConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let bad = |e: toml::de::Error| Error::Config { field: path.display().to_string(), reason: e.to_string() };
+        let bad = |e: toml::de::Error| Error::Config {
+            field: path.display().to_string(),
+            reason: e.to_string(),
+        };
         let value: toml::Table = toml::from_str(&text).map_err(bad)?;
         match value.get("train") {
             Some(toml::Value::Table(train)) => train.clone().try_into().map_err(bad),

@@ -90,6 +90,45 @@ pub fn evaluate(
     metrics_from_ranks(&ranks, ks)
 }
 
+/// One split's metrics: the model, the popularity baseline, and — when the data holds
+/// held-out cold items — the model on cold-item and on warm-item targets separately.
+pub struct SplitMetrics {
+    pub model: Metrics,
+    pub popularity: Metrics,
+    pub cold_items: Option<Metrics>,
+    pub warm_items: Option<Metrics>,
+}
+
+/// Everything `metrics.json` and `twotower eval` report for one split.
+#[allow(clippy::too_many_arguments)]
+pub fn split_metrics(
+    model: &TwoTower,
+    catalog_vecs: &Tensor,
+    popularity: &Tensor,
+    set: &ExampleSet,
+    seen: &SeenItems,
+    catalog: &Catalog,
+    split: &features::splits::SplitConfig,
+    ks: &[usize],
+    batch: usize,
+) -> SplitMetrics {
+    let scorer = Scorer::Model {
+        model,
+        catalog_vecs,
+    };
+    let run = |scorer: &Scorer<'_>, select: &dyn Fn(&EncodedExample) -> bool| {
+        evaluate(scorer, set, seen, catalog, ks, batch, select)
+    };
+    let is_cold = |e: &EncodedExample| split.is_cold(catalog.ids[e.target_row as usize]);
+    let with_cold = split.cold_items > 0.0;
+    SplitMetrics {
+        model: run(&scorer, &|_| true),
+        popularity: run(&Scorer::Fixed(popularity), &|_| true),
+        cold_items: with_cold.then(|| run(&scorer, &is_cold)),
+        warm_items: with_cold.then(|| run(&scorer, &|e| !is_cold(e))),
+    }
+}
+
 /// 0-based rank of each example's target among the items not seen before it.
 fn rank_targets(
     mut scores: Tensor,

@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 use tch::Device;
 
 use crate::artifacts::LoadedModel;
-use crate::data::{Dataset, EncodedExample, SeenItems};
+use crate::data::{Dataset, SeenItems};
 use crate::error::Result;
-use crate::eval::{self, Scorer};
+use crate::eval;
 
 /// Evaluates `model_dir` on `split` of `data_dir` at cut-offs `ks`.
 pub fn evaluate_model(
@@ -30,32 +30,19 @@ pub fn evaluate_model(
     let seen = SeenItems::load(&data.layout().events(), &data.catalog)?;
     let catalog = &data.catalog;
     let vecs = eval::catalog_vectors(model, catalog, batch);
-    let scorer = Scorer::Model {
-        model,
-        catalog_vecs: &vecs,
-    };
     let pop = eval::popularity_scores(&train, catalog.len(), device);
-    let all = |_: &EncodedExample| true;
+    let split_cfg = &data.info.settings.split;
+    let m = eval::split_metrics(
+        model, &vecs, &pop, &set, &seen, catalog, split_cfg, ks, batch,
+    );
     let mut out = json!({
-        split.as_str(): eval::evaluate(&scorer, &set, &seen, catalog, ks, batch, all),
-        "baseline_popularity": eval::evaluate(&Scorer::Fixed(&pop), &set, &seen, catalog, ks, batch, all),
+        split.as_str(): m.model,
+        "baseline_popularity": m.popularity,
         "model_version": loaded.info.version,
     });
-    let split_cfg = &data.info.settings.split;
-    if split_cfg.cold_items > 0.0 {
-        let is_cold = |e: &EncodedExample| split_cfg.is_cold(catalog.ids[e.target_row as usize]);
-        out["cold_items"] = json!(eval::evaluate(
-            &scorer, &set, &seen, catalog, ks, batch, is_cold
-        ));
-        out["warm_items"] = json!(eval::evaluate(
-            &scorer,
-            &set,
-            &seen,
-            catalog,
-            ks,
-            batch,
-            |e| !is_cold(e)
-        ));
+    if let (Some(cold), Some(warm)) = (m.cold_items, m.warm_items) {
+        out["cold_items"] = json!(cold);
+        out["warm_items"] = json!(warm);
     }
     Ok(out)
 }

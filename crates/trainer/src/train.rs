@@ -266,76 +266,44 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
     progress.start("evaluating", None);
     let test_set = data.examples(Split::Test, &cfg.tower)?;
     let catalog_vecs = eval::catalog_vectors(&model, &catalog, cfg.eval_batch_size);
+    let pop = eval::popularity_scores(&train_set, catalog.len(), opts.device);
+    let split = &data.info.settings.split;
+    let batch = cfg.eval_batch_size;
+    let on_test = eval::split_metrics(
+        &model,
+        &catalog_vecs,
+        &pop,
+        &test_set,
+        &seen,
+        &catalog,
+        split,
+        &DEFAULT_KS,
+        batch,
+    );
     let scorer = Scorer::Model {
         model: &model,
         catalog_vecs: &catalog_vecs,
     };
-    let all = |_: &crate::data::EncodedExample| true;
-    let test = eval::evaluate(
-        &scorer,
-        &test_set,
-        &seen,
-        &catalog,
-        &DEFAULT_KS,
-        cfg.eval_batch_size,
-        all,
-    );
     let valid = eval::evaluate(
         &scorer,
         &valid_set,
         &seen,
         &catalog,
         &DEFAULT_KS,
-        cfg.eval_batch_size,
-        all,
+        batch,
+        |_| true,
     );
-    let pop = eval::popularity_scores(&train_set, catalog.len(), opts.device);
-    let baseline_popularity = eval::evaluate(
-        &Scorer::Fixed(&pop),
-        &test_set,
-        &seen,
-        &catalog,
-        &DEFAULT_KS,
-        cfg.eval_batch_size,
-        all,
-    );
-    let (cold_items, warm_items) = if data.info.settings.split.cold_items > 0.0 {
-        let split = &data.info.settings.split;
-        let is_cold =
-            |e: &crate::data::EncodedExample| split.is_cold(catalog.ids[e.target_row as usize]);
-        let cold = eval::evaluate(
-            &scorer,
-            &test_set,
-            &seen,
-            &catalog,
-            &DEFAULT_KS,
-            cfg.eval_batch_size,
-            is_cold,
-        );
-        let warm = eval::evaluate(
-            &scorer,
-            &test_set,
-            &seen,
-            &catalog,
-            &DEFAULT_KS,
-            cfg.eval_batch_size,
-            |e| !is_cold(e),
-        );
-        (Some(cold), Some(warm))
-    } else {
-        (None, None)
-    };
     progress.finish();
 
     let trained: Vec<&EpochLog> = state.log.iter().collect();
     let examples_per_sec =
         trained.iter().map(|l| l.examples_per_sec).sum::<f64>() / trained.len().max(1) as f64;
     let report = TrainReport {
-        test,
+        test: on_test.model,
         valid,
-        baseline_popularity,
-        cold_items,
-        warm_items,
+        baseline_popularity: on_test.popularity,
+        cold_items: on_test.cold_items,
+        warm_items: on_test.warm_items,
         train: TrainSummary {
             examples_per_sec,
             device: towers::device_name(opts.device),
