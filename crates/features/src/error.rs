@@ -56,9 +56,6 @@ pub enum Error {
     /// A setting (command-line option or config value) is invalid.
     #[error("invalid setting `{setting}`: {reason}")]
     Setting { setting: String, reason: String },
-    /// The inputs are each valid but do not fit together (e.g. a vocabulary checksum mismatch).
-    #[error("{0}")]
-    Mismatch(String),
 }
 
 impl Error {

@@ -6,7 +6,7 @@
 //! and the server all build inputs here, so padding, truncation and time-gap bucketing have one
 //! implementation.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::config::TowerConfig;
 
@@ -223,9 +223,6 @@ impl UserInputs {
         self.hist_len.size()[0]
     }
 }
-
-/// The kind of every id tensor above.
-pub const ID_KIND: Kind = Kind::Int64;
 
 #[cfg(test)]
 mod tests {

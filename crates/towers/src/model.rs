@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use tch::nn::{self, VarStore};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::config::TowerConfig;
 use crate::error::{Error, Result};
@@ -131,9 +131,6 @@ impl TwoTower {
         v
     }
 }
-
-/// Kind of every float tensor the towers produce.
-pub const FLOAT: Kind = Kind::Float;
 
 #[cfg(test)]
 mod tests {
