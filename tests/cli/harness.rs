@@ -4,6 +4,19 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// `twotower prepare` of `items.csv` and `events.csv` in a test's directory into `data`.
+pub const PREPARE_FILES: [&str; 9] = [
+    "prepare",
+    "--dataset",
+    "files",
+    "--items",
+    "items.csv",
+    "--events",
+    "events.csv",
+    "--out",
+    "data",
+];
+
 /// A temporary working directory and the `twotower` binary under test.
 pub struct Dir {
     tmp: tempfile::TempDir,

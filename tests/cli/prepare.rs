@@ -1,6 +1,6 @@
 //! `twotower prepare` as a user runs it: their own CSV files, bad rows, and the synthetic data.
 
-use crate::harness::Dir;
+use crate::harness::{Dir, PREPARE_FILES};
 
 const ITEMS: &str = "item_id,title,aspects,categories\n1,Red running shoe,brand:acme|color:red,shoes|running\n2,Blue hat,brand:zed,hats\n3,Green scarf,,scarves\n";
 
@@ -27,17 +27,7 @@ fn good_events() -> String {
 fn prepare_files(dir: &Dir, events_csv: &str, extra: &[&str]) -> crate::harness::TestCommand {
     std::fs::write(dir.join("items.csv"), ITEMS).unwrap();
     std::fs::write(dir.join("events.csv"), events_csv).unwrap();
-    let mut args = vec![
-        "prepare",
-        "--dataset",
-        "files",
-        "--items",
-        "items.csv",
-        "--events",
-        "events.csv",
-        "--out",
-        "data",
-    ];
+    let mut args = PREPARE_FILES.to_vec();
     args.extend_from_slice(extra);
     dir.command(&args)
 }
@@ -111,19 +101,7 @@ fn missing_column_duplicate_item_and_empty_file_are_errors() {
     )
     .unwrap();
     std::fs::write(dir.join("events.csv"), good_events()).unwrap();
-    let err = dir
-        .command(&[
-            "prepare",
-            "--dataset",
-            "files",
-            "--items",
-            "items.csv",
-            "--events",
-            "events.csv",
-            "--out",
-            "data",
-        ])
-        .fails();
+    let err = dir.command(&PREPARE_FILES).fails();
     assert!(
         err.contains("items.csv") && err.contains("row 4") && err.contains("duplicate item_id 2"),
         "{err}"

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::harness::Dir;
+use crate::harness::{Dir, PREPARE_FILES};
 
 const SMALL_MODEL: &str = "epochs = 3\nbatch_size = 128\nwarmup_steps = 10\n[tower]\ndim = 32\ntoken_dim = 32\ngru_hidden = 32\nitem_hidden = [64]\nuser_hidden = [64]\nhistory_len = 20\n";
 
@@ -231,18 +231,7 @@ fn data_without_training_examples_is_refused() {
         "user_id,ts,event_type,item_id,query,value\n1,1000,view,1,,\n",
     )
     .unwrap();
-    dir.command(&[
-        "prepare",
-        "--dataset",
-        "files",
-        "--items",
-        "items.csv",
-        "--events",
-        "events.csv",
-        "--out",
-        "data",
-    ])
-    .ok();
+    dir.command(&PREPARE_FILES).ok();
     let err = dir
         .command(&["train", "--data", "data", "--out", "m", "--device", "cpu"])
         .fails();
