@@ -367,16 +367,7 @@ struct DatasetWriter {
 
 impl DatasetWriter {
     fn create(out: &Path, cfg: PrepareConfig, provenance: Provenance) -> Result<Self> {
-        let parent = out
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "data".into());
-        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let tmp = crate::fsutil::hidden_sibling(out, "tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(tmp.join("splits")).map_err(|e| Error::io(&tmp, e))?;
         let layout = DataLayout(tmp.clone());
@@ -538,19 +529,13 @@ impl DatasetWriter {
 /// Replaces `out` with the complete directory `tmp`: the old one (if any) is moved aside first
 /// and removed only after the new one is in place.
 fn publish_dir(tmp: &Path, out: &Path) -> Result<()> {
-    let old = out.with_file_name(format!(
-        ".{}.old-{}",
-        out.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
+    let old = crate::fsutil::hidden_sibling(out, "old");
     let had_old = out.exists();
     if had_old {
         std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
     }
     std::fs::rename(tmp, out).map_err(|e| Error::io(out, e))?;
-    crate::table::sync_parent(out)?;
+    crate::fsutil::sync_parent(out)?;
     if had_old {
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
     }

@@ -27,6 +27,7 @@ use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 
 use crate::error::{Error, Result};
+use crate::fsutil::hidden_sibling;
 use crate::records::{Event, EventType, Example, HistoryEvent, Item, User};
 use crate::schema::{self, META_SCHEMA_VERSION, META_TABLE, SCHEMA_VERSION};
 
@@ -74,7 +75,7 @@ const PUSH_BATCH_ROWS: usize = 8192;
 impl<T: Table> TableWriter<T> {
     /// Starts writing `path` (through a temporary file beside it).
     pub fn create(path: &Path) -> Result<Self> {
-        let tmp = tmp_path(path);
+        let tmp = hidden_sibling(path, "tmp");
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
@@ -183,7 +184,7 @@ impl<T: Table> TableWriter<T> {
         file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         drop(file);
         std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
-        sync_parent(&self.path)?;
+        crate::fsutil::sync_parent(&self.path)?;
         Ok(self.rows)
     }
 }
@@ -229,25 +230,6 @@ fn string_columns(schema: &arrow::datatypes::Schema) -> Vec<ColumnPath> {
         .iter()
         .for_each(|f| walk(f, Vec::new(), &mut out));
     out
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
-/// Fsyncs the directory holding `path`, so a rename into it survives a crash.
-pub fn sync_parent(path: &Path) -> Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(parent, e))
 }
 
 // ------------------------------------------------------------------------------------------------

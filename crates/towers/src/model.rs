@@ -206,15 +206,19 @@ mod tests {
         ]
     }
 
+    fn item_vectors(model: &TwoTower) -> Tensor {
+        let tokens = items();
+        let refs: Vec<&ItemTokens> = tokens.iter().collect();
+        model.encode_items(
+            &ItemBatchHost::new(&refs, &model.config).to_device(Device::Cpu),
+            false,
+        )
+    }
+
     #[test]
     fn towers_output_unit_vectors_even_for_new_items_and_empty_histories() {
         let model = TwoTower::new(small_config(), Device::Cpu).unwrap();
-        let tokens = items();
-        let refs: Vec<&ItemTokens> = tokens.iter().collect();
-        let iv = model.encode_items(
-            &ItemBatchHost::new(&refs, &model.config).to_device(Device::Cpu),
-            false,
-        );
+        let iv = item_vectors(&model);
         let uv = model.encode_users(
             &UserBatchHost::new(&users(), &model.config).to_device(Device::Cpu),
             &iv,
@@ -233,12 +237,7 @@ mod tests {
     #[test]
     fn padding_never_changes_a_users_vector() {
         let model = TwoTower::new(small_config(), Device::Cpu).unwrap();
-        let tokens = items();
-        let refs: Vec<&ItemTokens> = tokens.iter().collect();
-        let iv = model.encode_items(
-            &ItemBatchHost::new(&refs, &model.config).to_device(Device::Cpu),
-            false,
-        );
+        let iv = item_vectors(&model);
         let short = UserInput {
             history: users()[0].history[..1].to_vec(),
             ..users()[0].clone()

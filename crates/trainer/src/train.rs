@@ -378,7 +378,7 @@ fn save_checkpoint(
         std::fs::rename(&dir, &old).map_err(|e| Error::io(&dir, e))?;
     }
     std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
-    features::table::sync_parent(&dir)?;
+    features::fsutil::sync_parent(&dir)?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }
