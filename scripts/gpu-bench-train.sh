@@ -23,7 +23,20 @@ export LD_LIBRARY_PATH="$torch_dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export OMP_WAIT_POLICY=PASSIVE
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
-"$bin" bench train --data "$data" --device cpu --steps 30 --out "$out/bench-train-cpu.json"
+cfg=pipelines/ml-100k.toml
+amp=/tmp/ml-100k-amp.toml
+sed 's/^\[train\]$/[train]\nmixed_precision = true/' "$cfg" >"$amp"
+
+"$bin" bench train --data "$data" --config "$cfg" --device cpu --steps 30 --out "$out/bench-train-cpu.json"
 for batch in 256 1024 4096; do
-  "$bin" bench train --data "$data" --device cuda --steps 200 --batch-size "$batch" --out "$out/bench-train-cuda-b$batch.json"
+  "$bin" bench train --data "$data" --config "$cfg" --device cuda --steps 200 --batch-size "$batch" \
+    --out "$out/bench-train-cuda-b$batch.json"
 done
+"$bin" bench train --data "$data" --config "$amp" --device cuda --steps 200 --batch-size 4096 \
+  --out "$out/bench-train-cuda-b4096-amp.json"
+
+# A full training run of the default pipeline on the GPU: wall time and test metrics.
+start=$(date +%s)
+timeout 200 "$bin" train --data "$data" --config "$cfg" --device cuda --out /tmp/model-cuda >/dev/null
+echo "full ml-100k training on cuda: $(( $(date +%s) - start )) s"
+cp /tmp/model-cuda/metrics.json "$out/train-cuda-metrics.json"

@@ -178,6 +178,11 @@ impl UserBatchHost {
         h
     }
 
+    /// History events in the batch after truncation to `history_len`, known without a device sync.
+    pub fn history_events(&self) -> i64 {
+        self.hist_len.iter().sum()
+    }
+
     pub fn to_device(&self, device: Device) -> UserInputs {
         let (b, l, q) = (self.batch, self.len, self.query_len);
         UserInputs {

@@ -23,6 +23,8 @@ pub struct TrainBench {
     pub device: String,
     pub threads: i32,
     pub batch_size: usize,
+    /// bf16/fp16 autocast on CUDA (`mixed_precision` in the training settings).
+    pub mixed_precision: bool,
     pub steps: usize,
     pub examples_per_sec: f64,
     /// Mean distinct items per batch (each runs the item tower once).
@@ -134,7 +136,13 @@ pub fn bench_train(
         for host in batches {
             let batch = DeviceBatch::new(&host, device);
             opt.zero_grad();
-            let loss = in_batch_softmax_loss(&model, &batch, cfg.remove_accidental_hits);
+            let loss = if cfg.mixed_precision && device.is_cuda() {
+                tch::autocast(true, || {
+                    in_batch_softmax_loss(&model, &batch, cfg.remove_accidental_hits)
+                })
+            } else {
+                in_batch_softmax_loss(&model, &batch, cfg.remove_accidental_hits)
+            };
             loss.backward();
             opt.step(cfg.lr, cfg.grad_clip);
             let _ = tch::no_grad(|| last.shallow_clone().copy_(&loss.detach()));
@@ -146,7 +154,7 @@ pub fn bench_train(
             if timed > warmup {
                 examples += host.size;
                 unique += batch.items.len() as f64;
-                history += batch.users.hist_len.sum(Kind::Float).double_value(&[]);
+                history += host.users.history_events() as f64;
             }
             if timed == warmup + steps {
                 break 'outer;
@@ -186,6 +194,7 @@ pub fn bench_train(
         device: towers::device_name(device),
         threads: tch::get_num_threads(),
         batch_size: cfg.batch_size,
+        mixed_precision: cfg.mixed_precision && device.is_cuda(),
         steps,
         examples_per_sec,
         unique_items_per_batch: unique_per_batch,
