@@ -31,8 +31,8 @@ enum Command {
     Train(commands::train::TrainArgs),
     /// Evaluate a trained model by full ranking over the catalog (JSON on stdout).
     Eval(commands::eval::EvalArgs),
-    /// Embed the catalog and publish a versioned FAISS index.
-    Index,
+    /// Embed the catalog and publish a versioned FAISS index (`index add`, `index merge`).
+    Index(commands::index::IndexArgs),
     /// Serve gRPC recommendations from a model and an index.
     Serve,
     /// Ask a running server for recommendations.
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         Command::Prepare(args) => commands::prepare::run(args),
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
-        Command::Index => not_built("index"),
+        Command::Index(args) => commands::index::run(args),
         Command::Serve => not_built("serve"),
         Command::Recommend => not_built("recommend"),
         Command::Pipeline => not_built("pipeline"),

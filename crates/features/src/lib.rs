@@ -7,6 +7,7 @@
 //!
 //! Data flow: raw files → **features** (`DATA_DIR`) → towers → trainer / indexer → server.
 
+pub mod embeddings;
 pub mod error;
 pub mod fsutil;
 pub mod prepare;
@@ -20,6 +21,7 @@ pub mod synthetic;
 pub mod table;
 pub mod tokenizer;
 
+pub use embeddings::Embeddings;
 pub use error::{Error, Result};
 pub use progress::{NoProgress, Progress};
 pub use raw::RawData;

@@ -108,3 +108,22 @@ pub fn examples_schema() -> SchemaRef {
         ],
     )
 }
+
+/// `embeddings`: the item tower's output for every catalog item (`INDEX_ROOT/<version>/`).
+/// The vector width is the model's `dim`, fixed per file.
+pub fn embeddings_schema(dim: i32) -> SchemaRef {
+    with_meta(
+        "embeddings",
+        vec![
+            Field::new("item_id", DataType::UInt64, false),
+            Field::new(
+                "embedding",
+                DataType::FixedSizeList(
+                    Arc::new(Field::new("item", DataType::Float32, false)),
+                    dim,
+                ),
+                false,
+            ),
+        ],
+    )
+}

@@ -21,4 +21,26 @@ pub enum Error {
     /// libtorch raised an error; with valid inputs this is our bug.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// Reading the prepared data failed.
+    #[error(transparent)]
+    Data(#[from] features::Error),
+    /// The data and the model do not belong together, or the data is unusable.
+    #[error("{0}")]
+    Mismatch(String),
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
 }

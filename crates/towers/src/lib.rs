@@ -17,7 +17,9 @@
 //! assert!((score - 0.6).abs() < 1e-6);
 //! ```
 
+pub mod artifact;
 pub mod config;
+pub mod dataset;
 pub mod device;
 pub mod error;
 pub mod inputs;
@@ -26,6 +28,7 @@ pub mod layers;
 pub mod model;
 pub mod user;
 
+pub use artifact::{LoadedModel, ModelInfo, ModelLayout};
 pub use config::{Activation, TowerConfig, VocabSizes};
 pub use device::{device_name, parse_device};
 pub use error::{Error, Result};

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use towers::{ItemBatchHost, TowerConfig, UserBatchHost};
 
-use crate::data::{Catalog, ExampleSet};
+use towers::dataset::{Catalog, ExampleSet};
 
 /// One batch on the host: item content, user inputs and the candidate layout.
 pub struct HostBatch {

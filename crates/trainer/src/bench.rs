@@ -12,10 +12,10 @@ use towers::{TowerConfig, TwoTower};
 
 use crate::batches::{BatchSource, TargetFrequency};
 use crate::config::TrainConfig;
-use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::loss::{in_batch_softmax_loss, DeviceBatch};
 use crate::optim::AdamW;
+use towers::dataset::Dataset;
 
 /// The JSON report of `twotower bench train`.
 #[derive(Debug, Serialize)]
@@ -177,7 +177,7 @@ pub fn bench_train(
         .examples
         .iter()
         .flat_map(|e| &e.history)
-        .filter(|h| h.query != crate::data::NONE)
+        .filter(|h| h.query != towers::dataset::NONE)
         .count();
     let forward = forward_flops(
         &cfg.tower,

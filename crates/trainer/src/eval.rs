@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 use towers::{ItemBatchHost, TwoTower, UserBatchHost};
 
-use crate::data::{Catalog, EncodedExample, ExampleSet, SeenItems};
+use towers::dataset::{Catalog, EncodedExample, ExampleSet, SeenItems};
 
 /// Cut-offs reported by default.
 pub const DEFAULT_KS: [usize; 3] = [10, 50, 100];

@@ -7,10 +7,10 @@ use features::splits::Split;
 use serde_json::{json, Value};
 use tch::Device;
 
-use crate::artifacts::LoadedModel;
-use crate::data::{Dataset, SeenItems};
 use crate::error::Result;
 use crate::eval;
+use towers::artifact::LoadedModel;
+use towers::dataset::{Dataset, SeenItems};
 
 /// Evaluates `model_dir` on `split` of `data_dir` at cut-offs `ks`.
 pub fn evaluate_model(
@@ -24,7 +24,9 @@ pub fn evaluate_model(
     let data = Dataset::open(data_dir)?;
     loaded.check_vocab(data_dir, &data.info.vocab_checksum)?;
     let model = &loaded.model;
-    let batch = loaded.info.train.eval_batch_size;
+    let batch = serde_json::from_value::<crate::TrainConfig>(loaded.info.train.clone())
+        .map(|t| t.eval_batch_size)
+        .unwrap_or_else(|_| crate::TrainConfig::default().eval_batch_size);
     let set = data.examples(split, &model.config)?;
     let train = data.examples(Split::Train, &model.config)?;
     let seen = SeenItems::load(&data.layout().events(), &data.catalog)?;

@@ -7,11 +7,9 @@
 //!
 //! Data flow: features → towers → **trainer** (`MODEL_DIR`) → indexer → server.
 
-pub mod artifacts;
 pub mod batches;
 pub mod bench;
 pub mod config;
-pub mod data;
 pub mod error;
 pub mod eval;
 pub mod evaluate;
@@ -20,7 +18,6 @@ pub mod optim;
 pub mod plot;
 pub mod train;
 
-pub use artifacts::{LoadedModel, ModelInfo, ModelLayout};
 pub use config::TrainConfig;
 pub use error::{Error, Result};
 pub use evaluate::evaluate_model;

@@ -12,14 +12,14 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 use towers::TwoTower;
 
-use crate::artifacts::{short, write_json, ModelInfo, ModelLayout, MODEL_FORMAT};
 use crate::batches::{BatchSource, TargetFrequency};
 use crate::config::TrainConfig;
-use crate::data::{Dataset, SeenItems};
 use crate::error::{Error, Result};
 use crate::eval::{self, Metrics, Scorer, DEFAULT_KS};
 use crate::loss::{in_batch_softmax_loss, DeviceBatch};
 use crate::optim::{learning_rate, AdamW};
+use towers::artifact::{short, write_json, ModelInfo, ModelLayout, MODEL_FORMAT};
+use towers::dataset::{Dataset, SeenItems};
 
 /// What to train, where, and how.
 pub struct TrainOptions {
@@ -320,9 +320,9 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
 
 fn evaluate_split(
     model: &TwoTower,
-    set: &crate::data::ExampleSet,
+    set: &towers::dataset::ExampleSet,
     seen: &SeenItems,
-    catalog: &crate::data::Catalog,
+    catalog: &towers::dataset::Catalog,
     batch: usize,
 ) -> Metrics {
     let vecs = eval::catalog_vectors(model, catalog, batch);
@@ -427,7 +427,7 @@ fn write_artifacts(
         format: MODEL_FORMAT.into(),
         version: short(&weights_sha256).to_string(),
         tower: model.config.clone(),
-        train: cfg.clone(),
+        train: serde_json::to_value(cfg).expect("serializable"),
         vocab_checksum: data.info.vocab_checksum.clone(),
         dataset_checksum: features::fsutil::sha256_file(&DataLayout(data.dir.clone()).info())?,
         weights: "model.safetensors".into(),
@@ -454,6 +454,9 @@ fn write_artifacts(
     if let Err(e) = crate::plot::training_curves(&points, &layout.curves()) {
         tracing::warn!("could not draw {}: {e}", layout.curves().display());
     }
+    // The vocabularies travel with the model, so that indexer and server tokenize exactly as
+    // training did without needing the prepared data.
+    towers::artifact::copy_vocab(&data.layout().vocab(), &layout.vocab())?;
     // model.json last: its presence means the directory is complete.
-    write_json(&layout.info(), &info)
+    Ok(write_json(&layout.info(), &info)?)
 }

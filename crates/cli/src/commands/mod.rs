@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod eval;
+pub mod index;
 pub mod prepare;
 pub mod train;
 

@@ -7,11 +7,10 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::{TowerConfig, TwoTower};
 use serde::{Deserialize, Serialize};
 use tch::Device;
-use towers::{TowerConfig, TwoTower};
 
-use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 
 /// Identifies the file format of `model.json`.
@@ -24,7 +23,9 @@ pub struct ModelInfo {
     /// Short content hash of the weights: the model's version string.
     pub version: String,
     pub tower: TowerConfig,
-    pub train: TrainConfig,
+    /// The training settings (the trainer's `TrainConfig`), kept opaque here so that indexer
+    /// and server need not depend on the trainer.
+    pub train: serde_json::Value,
     /// Checksum of the `vocab/` the model was trained with.
     pub vocab_checksum: String,
     /// sha256 of the `dataset.json` the model was trained on.
@@ -56,6 +57,10 @@ impl ModelLayout {
     pub fn curves(&self) -> PathBuf {
         self.0.join("training_curves.png")
     }
+    /// Copy of the vocabularies the model was trained with (same files as `DATA_DIR/vocab`).
+    pub fn vocab(&self) -> PathBuf {
+        self.0.join("vocab")
+    }
     pub fn checkpoint(&self) -> PathBuf {
         self.0.join("checkpoint")
     }
@@ -74,12 +79,12 @@ impl LoadedModel {
         let layout = ModelLayout(dir.to_path_buf());
         let info_path = layout.info();
         let bytes = std::fs::read(&info_path).map_err(|e| Error::io(&info_path, e))?;
-        let info: ModelInfo = serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
+        let info: ModelInfo = serde_json::from_slice(&bytes).map_err(|e| Error::ModelFile {
             path: info_path.clone(),
             reason: format!("invalid model.json: {e}"),
         })?;
         if info.format != MODEL_FORMAT {
-            return Err(Error::BadFile {
+            return Err(Error::ModelFile {
                 path: info_path,
                 reason: format!("format `{}`, expected `{MODEL_FORMAT}`", info.format),
             });
@@ -87,7 +92,7 @@ impl LoadedModel {
         let weights = dir.join(&info.weights);
         let sum = features::fsutil::sha256_file(&weights)?;
         if sum != info.weights_sha256 {
-            return Err(Error::BadFile {
+            return Err(Error::ModelFile {
                 path: weights,
                 reason: format!(
                     "sha256 {sum} does not match model.json ({}): corrupt or replaced",
@@ -101,6 +106,29 @@ impl LoadedModel {
             model,
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// The vocabularies in `MODEL_DIR/vocab`, checked against `model.json`.
+    pub fn vocabularies(&self) -> Result<features::Vocabularies> {
+        let dir = ModelLayout(self.dir.clone()).vocab();
+        if !dir.is_dir() {
+            return Err(Error::ModelFile {
+                path: dir,
+                reason: "missing: the model directory has no copy of its vocabularies (retrain with this version)".into(),
+            });
+        }
+        let (vocabs, checksum) = features::Vocabularies::load(&dir)?;
+        if checksum != self.info.vocab_checksum {
+            return Err(Error::ModelFile {
+                path: dir,
+                reason: format!(
+                    "vocabulary checksum {} differs from model.json's {}",
+                    short(&checksum),
+                    short(&self.info.vocab_checksum)
+                ),
+            });
+        }
+        Ok(vocabs)
     }
 
     /// Refuses data whose vocabularies differ from the model's.
@@ -118,7 +146,7 @@ impl LoadedModel {
     }
 }
 
-pub(crate) fn short(checksum: &str) -> &str {
+pub fn short(checksum: &str) -> &str {
     &checksum[..checksum.len().min(12)]
 }
 
@@ -126,4 +154,26 @@ pub(crate) fn short(checksum: &str) -> &str {
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value).expect("serializable");
     features::fsutil::write_atomic(path, &bytes).map_err(Error::from)
+}
+
+/// Copies a vocabulary directory to `dest`, replacing what is there: files go to a hidden
+/// sibling first, which is then renamed into place.
+pub fn copy_vocab(src: &Path, dest: &Path) -> Result<()> {
+    let tmp = features::fsutil::hidden_sibling(dest, "tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let entries = std::fs::read_dir(src).map_err(|e| Error::io(src, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(src, e))?;
+        let to = tmp.join(entry.file_name());
+        std::fs::copy(entry.path(), &to).map_err(|e| Error::io(&to, e))?;
+        std::fs::File::open(&to)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&to, e))?;
+    }
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+    }
+    std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))?;
+    features::fsutil::sync_parent(dest).map_err(Error::from)
 }

@@ -4,12 +4,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::error::{Error, Result};
+use crate::{EventInput, TowerConfig, UserInput, VocabSizes};
 use features::prepare::{DataLayout, DatasetInfo};
 use features::splits::Split;
 use features::{Event, Example, Item, ItemTokens, TableReader, Vocabularies};
-use towers::{EventInput, TowerConfig, UserInput, VocabSizes};
-
-use crate::error::{Error, Result};
 
 /// Marks "no item" / "no query" in the compact encodings below.
 pub const NONE: u32 = u32::MAX;
@@ -76,7 +75,7 @@ impl Dataset {
     pub fn examples(&self, split: Split, cfg: &TowerConfig) -> Result<ExampleSet> {
         ExampleSet::load(
             &self.layout().split(split),
-            &self.catalog,
+            &self.catalog.row_of,
             &self.vocabs,
             cfg.history_len,
         )
@@ -150,11 +149,12 @@ pub struct ExampleSet {
 }
 
 impl ExampleSet {
-    /// Reads and encodes a split file. Targets must be catalog items; history items that are not
-    /// (e.g. removed from the catalog) become type-only events.
+    /// Reads and encodes a split file; `row_of` maps item ids to rows of the item vectors the
+    /// user tower will read (the catalog, or an index's embeddings). Targets must be catalog
+    /// items; history items that are not (e.g. removed from the catalog) become type-only events.
     pub fn load(
         path: &Path,
-        catalog: &Catalog,
+        row_of: &HashMap<u64, u32>,
         vocabs: &Vocabularies,
         history_len: usize,
     ) -> Result<ExampleSet> {
@@ -166,7 +166,7 @@ impl ExampleSet {
         for batch in TableReader::<Example>::open(path)? {
             for ex in batch? {
                 row += 1;
-                let Some(&target_row) = catalog.row_of.get(&ex.target_item_id) else {
+                let Some(&target_row) = row_of.get(&ex.target_item_id) else {
                     return Err(Error::Mismatch(format!(
                         "{}: row {row}: target item {} is not in items.parquet",
                         path.display(),
@@ -180,7 +180,7 @@ impl ExampleSet {
                         event_type: h.event_type.code() as u8,
                         item_row: h
                             .item_id
-                            .and_then(|id| catalog.row_of.get(&id).copied())
+                            .and_then(|id| row_of.get(&id).copied())
                             .unwrap_or(NONE),
                         query: match &h.query {
                             Some(q) => {

@@ -1,0 +1,141 @@
+//! `twotower index add`: cold start without retraining. New items are embedded by the item
+//! tower (content only, so a never-seen item gets a meaningful vector at once), and a new
+//! version is published holding the old items plus the new ones, in the already trained index.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use features::{Embeddings, Item, TableReader, TableWriter};
+use tch::Device;
+use towers::LoadedModel;
+
+use crate::embed::embed_batch;
+use crate::error::{Error, Result};
+use crate::manifest::{Manifest, StageSeconds};
+use crate::publish::{publish_version, IndexPlan, PublishSettings, Staged};
+use crate::root::{new_version, IndexRoot};
+use crate::version::IndexVersion;
+
+/// Inputs of `index add`.
+#[derive(Debug, Clone)]
+pub struct AddOptions {
+    pub index: PathBuf,
+    pub model: PathBuf,
+    /// New or changed items (items table); ids already indexed are replaced.
+    pub items: Option<PathBuf>,
+    /// Text file of item ids to remove, one per line (`#` comments allowed).
+    pub remove: Option<PathBuf>,
+    pub batch_size: usize,
+    pub device: Device,
+    pub settings: PublishSettings,
+}
+
+/// Publishes `CURRENT` plus the new items, minus the removed ones.
+pub fn add_items(opts: &AddOptions) -> Result<Manifest> {
+    if opts.items.is_none() && opts.remove.is_none() {
+        return Err(Error::invalid("index add needs --items, --remove or both"));
+    }
+    let current = IndexVersion::open_current(&opts.index)?;
+    let model = LoadedModel::load(&opts.model, opts.device)?;
+    if model.info.weights_sha256 != current.manifest.model.weights_sha256 {
+        return Err(Error::invalid(format!(
+            "index version {} was embedded with model {}, but {} is model {}: adding would mix vector spaces; rebuild with `twotower index`",
+            current.version,
+            current.manifest.model.version,
+            opts.model.display(),
+            model.info.version
+        )));
+    }
+    let vocabs = model.vocabularies()?;
+    let new_items = match &opts.items {
+        Some(path) => features::read_table::<Item>(path)?,
+        None => Vec::new(),
+    };
+    let mut new_ids = HashSet::new();
+    for (row, item) in new_items.iter().enumerate() {
+        if !new_ids.insert(item.item_id) {
+            return Err(Error::invalid(format!(
+                "{}: row {}: duplicate item id {}",
+                opts.items.as_deref().unwrap_or(Path::new("")).display(),
+                row + 1,
+                item.item_id
+            )));
+        }
+    }
+    let removed = match &opts.remove {
+        Some(path) => read_ids(path)?,
+        None => HashSet::new(),
+    };
+    let dropped = |id: &u64| new_ids.contains(id) || removed.contains(id);
+
+    let root = IndexRoot::new(&opts.index);
+    let version = new_version(&current.version);
+    let dir = root.stage(&version)?;
+    let start = Instant::now();
+    let mut items = TableWriter::<Item>::create(&dir.join("items.parquet"))?;
+    for batch in TableReader::<Item>::open(&current.items_path())? {
+        let kept: Vec<Item> = batch?
+            .into_iter()
+            .filter(|i| !dropped(&i.item_id))
+            .collect();
+        items.write(&kept)?;
+    }
+    items.write(&new_items)?;
+    items.finish()?;
+    let mut embeddings = Embeddings::new(current.embeddings.dim);
+    for r in 0..current.embeddings.len() {
+        let id = current.embeddings.ids[r];
+        if !dropped(&id) {
+            embeddings.push(id, current.embeddings.vector(r));
+        }
+    }
+    for chunk in new_items.chunks(opts.batch_size.max(1)) {
+        embed_batch(chunk, &model.model, &vocabs, &mut embeddings)?;
+    }
+    let seconds = StageSeconds {
+        embed: start.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
+    tracing::info!(
+        added = new_items.len(),
+        removed = current.embeddings.len() + new_items.len() - embeddings.len(),
+        total = embeddings.len(),
+        "merged the new items into the catalog"
+    );
+    let parent = current.version.clone();
+    let source = opts.items.clone().unwrap_or_else(|| current.items_path());
+    publish_version(
+        Staged {
+            root: &root,
+            version,
+            dir,
+            embeddings,
+            source,
+            model: &model,
+            parent: Some(parent),
+            valid_examples: None,
+            vocabs: &vocabs,
+            seconds,
+        },
+        IndexPlan::Reuse(current.index),
+        &opts.settings,
+    )
+}
+
+fn read_ids(path: &Path) -> Result<HashSet<u64>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut ids = HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let id = line.parse::<u64>().map_err(|_| Error::BadFile {
+            path: path.to_path_buf(),
+            reason: format!("line {}: `{line}` is not an item id", n + 1),
+        })?;
+        ids.insert(id);
+    }
+    Ok(ids)
+}

@@ -1,0 +1,195 @@
+//! How good the approximate index is: recall@10 and recall@100 against exact inner-product
+//! search, on the queries the index will really answer (user vectors of validation examples),
+//! and the smallest nprobe that reaches the recall target.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use features::{Embeddings, Vocabularies};
+use tch::{Device, Kind, Tensor};
+use towers::dataset::ExampleSet;
+use towers::{TwoTower, UserBatchHost};
+
+use crate::error::Result;
+use crate::manifest::NprobeRecall;
+use crate::vector_index::{Hits, VectorIndex};
+
+/// recall@100 the default nprobe must reach.
+pub const RECALL_TARGET: f64 = 0.95;
+
+/// Query vectors for measuring recall.
+pub struct QuerySample {
+    /// `users` or `items`.
+    pub kind: &'static str,
+    pub vectors: Vec<f32>,
+    pub count: usize,
+}
+
+/// User vectors of up to `max` validation examples, evenly spaced through the file; `None` when
+/// the file has no examples.
+pub fn user_queries(
+    model: &TwoTower,
+    vocabs: &Vocabularies,
+    examples: &Path,
+    embeddings: &Embeddings,
+    row_of: &HashMap<u64, u32>,
+    max: usize,
+) -> Result<Option<QuerySample>> {
+    let cfg = &model.config;
+    let set = ExampleSet::load(examples, row_of, vocabs, cfg.history_len)?;
+    if set.is_empty() || max == 0 {
+        return Ok(None);
+    }
+    let step = set.len().div_ceil(max);
+    let chosen: Vec<_> = set.examples.iter().step_by(step).collect();
+    let dim = embeddings.dim;
+    let mut vectors = Vec::with_capacity(chosen.len() * dim);
+    for chunk in chosen.chunks(256) {
+        // The history items of this chunk, gathered once each.
+        let mut local: HashMap<u32, i64> = HashMap::new();
+        let mut gathered: Vec<f32> = Vec::new();
+        let users: Vec<_> = chunk
+            .iter()
+            .map(|ex| {
+                set.user_input(ex, |row| {
+                    *local.entry(row).or_insert_with(|| {
+                        gathered.extend_from_slice(embeddings.vector(row as usize));
+                        (gathered.len() / dim - 1) as i64
+                    })
+                })
+            })
+            .collect();
+        let item_vecs = if gathered.is_empty() {
+            Tensor::zeros([1, dim as i64], (Kind::Float, model.device()))
+        } else {
+            Tensor::from_slice(&gathered)
+                .view([-1, dim as i64])
+                .to_device(model.device())
+        };
+        let inputs = UserBatchHost::new(&users, cfg).to_device(model.device());
+        let out = tch::no_grad(|| model.encode_users(&inputs, &item_vecs, false))
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float)
+            .contiguous()
+            .view([-1]);
+        vectors.extend(Vec::<f32>::try_from(&out)?);
+    }
+    Ok(Some(QuerySample {
+        kind: "users",
+        count: chosen.len(),
+        vectors,
+    }))
+}
+
+/// Up to `max` item vectors, evenly spaced: the queries when there are no examples.
+pub fn item_queries(embeddings: &Embeddings, max: usize) -> QuerySample {
+    let step = embeddings.len().div_ceil(max.max(1)).max(1);
+    let mut vectors = Vec::new();
+    let mut count = 0;
+    for r in (0..embeddings.len()).step_by(step) {
+        vectors.extend_from_slice(embeddings.vector(r));
+        count += 1;
+    }
+    QuerySample {
+        kind: "items",
+        vectors,
+        count,
+    }
+}
+
+/// Exact top-k by brute force over every vector.
+pub fn exact_hits(embeddings: &Embeddings, queries: &[f32], k: usize) -> Result<Hits> {
+    let mut flat = VectorIndex::new("Flat", embeddings.dim)?;
+    flat.add(&embeddings.ids, &embeddings.vectors)?;
+    flat.search(queries, k, None)
+}
+
+/// Mean share of the exact top-`k` (first `k` of `exact`) that `approx` also returns in its
+/// first `k`. Catalogs smaller than `k` count against their size.
+pub fn recall_at(approx: &Hits, exact: &Hits, k: usize, queries: usize) -> f64 {
+    if queries == 0 {
+        return 1.0;
+    }
+    let mut total = 0.0;
+    for q in 0..queries {
+        let truth: Vec<u64> = exact.of(q).take(k).map(|(id, _)| id).collect();
+        if truth.is_empty() {
+            total += 1.0;
+            continue;
+        }
+        let found: std::collections::HashSet<u64> =
+            approx.of(q).take(k).map(|(id, _)| id).collect();
+        total += truth.iter().filter(|id| found.contains(id)).count() as f64 / truth.len() as f64;
+    }
+    total / queries as f64
+}
+
+/// Measures recall at increasing nprobe (1, 2, 4, … nlist) and returns every measurement and
+/// the chosen one: the first reaching [`RECALL_TARGET`] at 100, or `fixed` when given. Indexes
+/// without inverted lists are measured once.
+pub fn choose_nprobe(
+    index: &VectorIndex,
+    queries: &QuerySample,
+    exact: &Hits,
+    fixed: Option<usize>,
+) -> Result<(NprobeRecall, Vec<NprobeRecall>)> {
+    let k = exact.k;
+    let measure = |nprobe: Option<usize>| -> Result<NprobeRecall> {
+        let hits = index.search(&queries.vectors, k, nprobe)?;
+        Ok(NprobeRecall {
+            nprobe: nprobe.unwrap_or(0),
+            recall_at_10: recall_at(&hits, exact, 10, queries.count),
+            recall_at_100: recall_at(&hits, exact, 100, queries.count),
+        })
+    };
+    let Some(nlist) = index.nlist() else {
+        let m = measure(None)?;
+        return Ok((m.clone(), vec![m]));
+    };
+    if let Some(n) = fixed {
+        let m = measure(Some(n.clamp(1, nlist)))?;
+        return Ok((m.clone(), vec![m]));
+    }
+    let mut tried = Vec::new();
+    let mut nprobe = 1;
+    loop {
+        let m = measure(Some(nprobe))?;
+        tried.push(m.clone());
+        if m.recall_at_100 >= RECALL_TARGET || nprobe >= nlist {
+            if m.recall_at_100 < RECALL_TARGET {
+                tracing::warn!(
+                    nprobe,
+                    recall_at_100 = m.recall_at_100,
+                    "recall target not reached even probing every list"
+                );
+            }
+            return Ok((m, tried));
+        }
+        nprobe = (nprobe * 2).min(nlist);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hits(ids: &[i64], k: usize) -> Hits {
+        Hits {
+            k,
+            ids: ids.to_vec(),
+            scores: vec![0.0; ids.len()],
+        }
+    }
+
+    #[test]
+    fn recall_counts_overlap_and_small_catalogs() {
+        let exact = hits(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 10);
+        let approx = hits(&[1, 2, 3, 4, 5, 60, 70, 80, 90, 100], 10);
+        assert!((recall_at(&approx, &exact, 10, 1) - 0.5).abs() < 1e-9);
+        assert!((recall_at(&approx, &exact, 5, 1) - 1.0).abs() < 1e-9);
+        // Three items in the catalog: -1 pads the rest; finding all three is recall 1.
+        let exact = hits(&[3, 1, 2, -1, -1], 5);
+        let approx = hits(&[1, 2, 3, -1, -1], 5);
+        assert!((recall_at(&approx, &exact, 100, 1) - 1.0).abs() < 1e-9);
+    }
+}

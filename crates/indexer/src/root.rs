@@ -1,0 +1,230 @@
+//! `INDEX_ROOT`: versioned index directories and the `CURRENT` pointer the server follows.
+//!
+//! ```text
+//! INDEX_ROOT/
+//!   CURRENT                      one line: the served version
+//!   20261128T181500Z-3fa2c1d0/   index.faiss, embeddings.parquet, items.parquet, manifest.json
+//!   .staging-20261128T190000Z-…  a build in progress (invisible; removed by the next job)
+//! ```
+//!
+//! A version is built in a staging directory, fsynced, renamed into place, and only then named
+//! in `CURRENT` (itself written to a temporary file and renamed). A crash at any point leaves
+//! `CURRENT` naming the previous complete version.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+const CURRENT: &str = "CURRENT";
+const STAGING_PREFIX: &str = ".staging-";
+
+/// An index root directory.
+#[derive(Debug, Clone)]
+pub struct IndexRoot(PathBuf);
+
+impl IndexRoot {
+    pub fn new(path: impl Into<PathBuf>) -> IndexRoot {
+        IndexRoot(path.into())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The `CURRENT` file (what the server watches).
+    pub fn current_path(&self) -> PathBuf {
+        self.0.join(CURRENT)
+    }
+
+    /// The version `CURRENT` names, if any.
+    pub fn current(&self) -> Result<Option<String>> {
+        let path = self.current_path();
+        match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                let v = s.trim().to_string();
+                if !is_version_name(&v) {
+                    return Err(Error::BadFile {
+                        path,
+                        reason: format!("`{v}` is not a version name"),
+                    });
+                }
+                Ok(Some(v))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    pub fn version_dir(&self, version: &str) -> PathBuf {
+        self.0.join(version)
+    }
+
+    /// Complete versions (those with a manifest), oldest first.
+    pub fn versions(&self) -> Result<Vec<String>> {
+        let entries = match std::fs::read_dir(&self.0) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(&self.0, e)),
+        };
+        let mut versions = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&self.0, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_version_name(&name) && entry.path().join("manifest.json").is_file() {
+                versions.push(name);
+            }
+        }
+        versions.sort();
+        Ok(versions)
+    }
+
+    /// Creates (or empties) the staging directory of a new version. Checks first that the root
+    /// is writable, so an unwritable output fails before any work is done.
+    pub fn stage(&self, version: &str) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.0).map_err(|e| Error::io(&self.0, e))?;
+        let dir = self.0.join(format!("{STAGING_PREFIX}{version}"));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(dir)
+    }
+
+    /// Makes a staged version visible: fsyncs its files, renames it to its final name, then
+    /// points `CURRENT` at it.
+    pub fn publish(&self, staged: &Path, version: &str) -> Result<PathBuf> {
+        for entry in std::fs::read_dir(staged).map_err(|e| Error::io(staged, e))? {
+            let path = entry.map_err(|e| Error::io(staged, e))?.path();
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&path, e))?;
+        }
+        sync_dir(staged)?;
+        let dir = self.version_dir(version);
+        std::fs::rename(staged, &dir).map_err(|e| Error::io(&dir, e))?;
+        sync_dir(&self.0)?;
+        self.set_current(version)?;
+        Ok(dir)
+    }
+
+    /// Points `CURRENT` at an existing version (also: roll back).
+    pub fn set_current(&self, version: &str) -> Result<()> {
+        if !self.version_dir(version).join("manifest.json").is_file() {
+            return Err(Error::invalid(format!(
+                "{}: no complete version `{version}`",
+                self.0.display()
+            )));
+        }
+        features::fsutil::write_atomic(&self.current_path(), format!("{version}\n").as_bytes())
+            .map_err(Error::from)
+    }
+
+    /// Deletes all but the newest `keep` versions (never the current one) and any leftover
+    /// staging directories. Returns the versions removed.
+    pub fn collect_garbage(&self, keep: usize) -> Result<Vec<String>> {
+        let current = self.current()?;
+        let versions = self.versions()?;
+        let old = versions.len().saturating_sub(keep.max(1));
+        let mut removed = Vec::new();
+        for v in &versions[..old] {
+            if Some(v) == current.as_ref() {
+                continue;
+            }
+            let dir = self.version_dir(v);
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            removed.push(v.clone());
+        }
+        for entry in std::fs::read_dir(&self.0).map_err(|e| Error::io(&self.0, e))? {
+            let entry = entry.map_err(|e| Error::io(&self.0, e))?;
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(STAGING_PREFIX)
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// A new, sortable version name: UTC time to the second, then 8 hex digits of a hash of
+/// `content` and the exact time (two builds in the same second still differ).
+pub fn new_version(content: &str) -> String {
+    let now = chrono::Utc::now();
+    let mut h = Sha256::new();
+    h.update(content.as_bytes());
+    h.update(now.timestamp_nanos_opt().unwrap_or_default().to_le_bytes());
+    h.update(std::process::id().to_le_bytes());
+    let hash = hex::encode(h.finalize());
+    format!("{}-{}", now.format("%Y%m%dT%H%M%SZ"), &hash[..8])
+}
+
+fn is_version_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 25
+        && b[8] == b'T'
+        && b[15] == b'Z'
+        && b[16] == b'-'
+        && s.chars().enumerate().all(|(i, c)| match i {
+            8 | 15 | 16 => true,
+            17.. => c.is_ascii_hexdigit(),
+            _ => c.is_ascii_digit(),
+        })
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(root: &IndexRoot, tag: &str) -> String {
+        let v = new_version(tag);
+        let dir = root.stage(&v).unwrap();
+        std::fs::write(dir.join("manifest.json"), "{}").unwrap();
+        root.publish(&dir, &v).unwrap();
+        v
+    }
+
+    #[test]
+    fn versions_sort_by_time_and_current_follows_publish() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = IndexRoot::new(tmp.path().join("idx"));
+        assert_eq!(root.current().unwrap(), None);
+        let a = publish(&root, "a");
+        assert!(is_version_name(&a), "{a}");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let b = publish(&root, "b");
+        assert!(a < b);
+        assert_eq!(root.current().unwrap(), Some(b.clone()));
+        assert_eq!(root.versions().unwrap(), vec![a.clone(), b.clone()]);
+        // An abandoned staging directory is invisible and collected.
+        let staged = root.stage(&new_version("c")).unwrap();
+        assert_eq!(root.versions().unwrap().len(), 2);
+        root.set_current(&a).unwrap();
+        // Keep 1: b is newest, a is current; nothing may go.
+        assert!(root.collect_garbage(1).unwrap().is_empty());
+        assert!(!staged.exists());
+        root.set_current(&b).unwrap();
+        assert_eq!(root.collect_garbage(1).unwrap(), vec![a]);
+    }
+
+    #[test]
+    fn a_garbled_current_file_is_a_named_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = IndexRoot::new(tmp.path());
+        std::fs::write(root.current_path(), "../../etc\n").unwrap();
+        let err = root.current().unwrap_err().to_string();
+        assert!(
+            err.contains("CURRENT") && err.contains("not a version"),
+            "{err}"
+        );
+    }
+}

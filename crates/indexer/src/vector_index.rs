@@ -1,0 +1,366 @@
+//! A FAISS index on inner product, shared by reference across threads.
+//!
+//! The `faiss` crate's `Index::search` takes `&mut self`, which would force a lock around every
+//! search in the server. FAISS's own search is `const` and safe to call concurrently, so
+//! [`VectorIndex::search`] calls the C API directly with per-call search parameters (nprobe),
+//! leaving the index untouched. Mutation (train, add, reset) still needs `&mut self`.
+
+use std::ffi::CStr;
+use std::path::Path;
+
+use faiss::index::IndexImpl;
+use faiss::{Idx, Index, MetricType};
+use faiss_sys as sys;
+
+use crate::error::{Error, Result};
+
+/// Search results for a batch of queries, row-major: query `q` owns `[q*k, (q+1)*k)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hits {
+    pub k: usize,
+    /// Item ids; `-1` where the index had fewer than `k` results.
+    pub ids: Vec<i64>,
+    /// Inner products, best first.
+    pub scores: Vec<f32>,
+}
+
+impl Hits {
+    /// `(item_id, score)` of query `q`, skipping empty slots.
+    pub fn of(&self, q: usize) -> impl Iterator<Item = (u64, f32)> + '_ {
+        let range = q * self.k..(q + 1) * self.k;
+        self.ids[range.clone()]
+            .iter()
+            .zip(&self.scores[range])
+            .filter(|(&id, _)| id >= 0)
+            .map(|(&id, &s)| (id as u64, s))
+    }
+}
+
+/// A FAISS index whose vectors carry item ids.
+pub struct VectorIndex {
+    inner: IndexImpl,
+    dim: usize,
+    nlist: Option<usize>,
+    nprobe: Option<usize>,
+}
+
+// SAFETY: FAISS indexes have no thread affinity. Shared access only reaches `search`, which
+// calls FAISS's `const` search (documented as thread-safe for CPU indexes); every mutation takes
+// `&mut self`.
+unsafe impl Sync for VectorIndex {}
+unsafe impl Send for VectorIndex {}
+
+impl VectorIndex {
+    /// Builds an empty index from a FAISS factory string on inner product. Factories without an
+    /// inverted file (`Flat`, `HNSW32`, `PQ16`) are wrapped in `IDMap` so that items keep their ids.
+    pub fn new(factory: &str, dim: usize) -> Result<VectorIndex> {
+        let description = if factory.contains("IVF") || factory.starts_with("IDMap") {
+            factory.to_string()
+        } else {
+            format!("IDMap,{factory}")
+        };
+        let inner = faiss::index_factory(dim as u32, &description, MetricType::InnerProduct)
+            .map_err(|e| Error::Faiss {
+                op: format!("factory `{factory}`"),
+                reason: e.to_string(),
+            })?;
+        Ok(Self::wrap(inner, dim))
+    }
+
+    fn wrap(inner: IndexImpl, dim: usize) -> VectorIndex {
+        let ptr = inner.inner_ptr();
+        // SAFETY: `ptr` is a live index; the cast returns null for non-IVF indexes.
+        let ivf = unsafe { sys::faiss_IndexIVF_cast(ptr) };
+        let (nlist, nprobe) = if ivf.is_null() {
+            (None, None)
+        } else {
+            // SAFETY: `ivf` is non-null and points into `inner`.
+            unsafe {
+                (
+                    Some(sys::faiss_IndexIVF_nlist(ivf)),
+                    Some(sys::faiss_IndexIVF_nprobe(ivf)),
+                )
+            }
+        };
+        VectorIndex {
+            inner,
+            dim,
+            nlist,
+            nprobe,
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Vectors in the index.
+    pub fn len(&self) -> usize {
+        self.inner.ntotal() as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Inverted lists, for IVF indexes.
+    pub fn nlist(&self) -> Option<usize> {
+        self.nlist
+    }
+
+    /// Lists probed when a search names no nprobe, for IVF indexes.
+    pub fn default_nprobe(&self) -> Option<usize> {
+        self.nprobe
+    }
+
+    /// Whether the index still needs [`train`](Self::train) before vectors can be added.
+    pub fn needs_training(&self) -> bool {
+        !self.inner.is_trained()
+    }
+
+    /// Sets the nprobe used when a search names none; saved with the index.
+    pub fn set_default_nprobe(&mut self, nprobe: usize) -> Result<()> {
+        let ptr = self.inner.inner_ptr();
+        // SAFETY: as in `wrap`.
+        let ivf = unsafe { sys::faiss_IndexIVF_cast(ptr) };
+        if ivf.is_null() {
+            return Err(Error::invalid("nprobe only applies to IVF indexes"));
+        }
+        let nprobe = nprobe.clamp(1, self.nlist.unwrap_or(1));
+        // SAFETY: `ivf` is non-null and we hold `&mut self`.
+        unsafe { sys::faiss_IndexIVF_set_nprobe(ivf, nprobe) };
+        self.nprobe = Some(nprobe);
+        Ok(())
+    }
+
+    /// Trains the quantizer (and codes) on `vectors` (row-major, `dim` wide).
+    pub fn train(&mut self, vectors: &[f32]) -> Result<()> {
+        self.inner.train(vectors).map_err(|e| Error::Faiss {
+            op: "train".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Adds vectors under their item ids.
+    pub fn add(&mut self, ids: &[u64], vectors: &[f32]) -> Result<()> {
+        debug_assert_eq!(ids.len() * self.dim, vectors.len());
+        let ids: Vec<Idx> = ids.iter().map(|&i| Idx::new(i)).collect();
+        self.inner
+            .add_with_ids(vectors, &ids)
+            .map_err(|e| Error::Faiss {
+                op: "add".into(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Removes every vector but keeps the training (quantizer, codebooks): how `index add`
+    /// re-fills an index without retraining it.
+    pub fn reset(&mut self) -> Result<()> {
+        // SAFETY: live index, exclusive access.
+        check("reset", unsafe {
+            sys::faiss_Index_reset(self.inner.inner_ptr())
+        })
+    }
+
+    /// The `k` best items for each query (row-major, `dim` wide), probing `nprobe` lists (IVF
+    /// only; `None` uses the default). Safe to call from many threads at once.
+    pub fn search(&self, queries: &[f32], k: usize, nprobe: Option<usize>) -> Result<Hits> {
+        if queries.len() % self.dim != 0 {
+            return Err(Error::invalid(format!(
+                "query buffer of {} floats is not a multiple of dim {}",
+                queries.len(),
+                self.dim
+            )));
+        }
+        let n = queries.len() / self.dim;
+        let mut hits = Hits {
+            k,
+            ids: vec![-1; n * k],
+            scores: vec![f32::NEG_INFINITY; n * k],
+        };
+        if n == 0 || k == 0 {
+            return Ok(hits);
+        }
+        let ptr = self.inner.inner_ptr();
+        let mut params: *mut sys::FaissSearchParametersIVF = std::ptr::null_mut();
+        if let (Some(nlist), Some(nprobe)) = (self.nlist, nprobe) {
+            // SAFETY: out-pointer to a fresh parameter object, freed below.
+            check("search parameters", unsafe {
+                sys::faiss_SearchParametersIVF_new_with(
+                    &mut params,
+                    std::ptr::null_mut(),
+                    nprobe.clamp(1, nlist),
+                    0,
+                )
+            })?;
+        }
+        // SAFETY: buffers are sized n*dim and n*k; `params` is null or a live IVF parameter
+        // object, and FAISS's search does not mutate the index.
+        let rc = unsafe {
+            sys::faiss_Index_search_with_params(
+                ptr,
+                n as i64,
+                queries.as_ptr(),
+                k as i64,
+                params as *const sys::FaissSearchParameters,
+                hits.scores.as_mut_ptr(),
+                hits.ids.as_mut_ptr(),
+            )
+        };
+        if !params.is_null() {
+            // SAFETY: created above, not used after this.
+            unsafe { sys::faiss_SearchParameters_free(params as *mut sys::FaissSearchParameters) };
+        }
+        check("search", rc)?;
+        Ok(hits)
+    }
+
+    /// Writes the index to `path` (not atomically: callers write inside a staging directory).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let p = path_str(path)?;
+        faiss::write_index(&self.inner, p).map_err(|e| Error::Faiss {
+            op: format!("write {}", path.display()),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Reads an index written by [`write`](Self::write).
+    pub fn read(path: &Path) -> Result<VectorIndex> {
+        if !path.is_file() {
+            return Err(Error::BadFile {
+                path: path.to_path_buf(),
+                reason: "missing".into(),
+            });
+        }
+        let inner = faiss::read_index(path_str(path)?).map_err(|e| Error::BadFile {
+            path: path.to_path_buf(),
+            reason: format!("FAISS cannot read it: {e}"),
+        })?;
+        let dim = inner.d() as usize;
+        if inner.metric_type() != MetricType::InnerProduct {
+            return Err(Error::BadFile {
+                path: path.to_path_buf(),
+                reason: "not an inner-product index".into(),
+            });
+        }
+        Ok(Self::wrap(inner, dim))
+    }
+}
+
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str().ok_or_else(|| Error::BadFile {
+        path: path.to_path_buf(),
+        reason: "path is not UTF-8".into(),
+    })
+}
+
+fn check(op: &str, rc: std::os::raw::c_int) -> Result<()> {
+    if rc == 0 {
+        return Ok(());
+    }
+    // SAFETY: FAISS returns a thread-local, NUL-terminated message (or null).
+    let reason = unsafe {
+        let msg = sys::faiss_get_last_error();
+        if msg.is_null() {
+            format!("error code {rc}")
+        } else {
+            CStr::from_ptr(msg).to_string_lossy().into_owned()
+        }
+    };
+    Err(Error::Faiss {
+        op: op.into(),
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn unit_vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut v: Vec<f32> = (0..n * dim)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        for row in v.chunks_mut(dim) {
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            row.iter_mut().for_each(|x| *x /= norm);
+        }
+        v
+    }
+
+    #[test]
+    fn ivf_search_with_full_nprobe_is_exact_and_shared_across_threads() {
+        let (n, dim) = (3000, 16);
+        let data = unit_vectors(n, dim, 1);
+        let ids: Vec<u64> = (0..n as u64).map(|i| 1000 + i * 3).collect();
+        let mut index = VectorIndex::new("IVF32,Flat", dim).unwrap();
+        assert_eq!(index.nlist(), Some(32));
+        assert!(index.needs_training());
+        index.train(&data).unwrap();
+        index.add(&ids, &data).unwrap();
+        index.set_default_nprobe(4).unwrap();
+        let query = &data[7 * dim..8 * dim];
+        let hits = index.search(query, 10, Some(32)).unwrap();
+        let (best, score) = hits.of(0).next().unwrap();
+        assert_eq!(best, 1000 + 7 * 3);
+        assert!((score - 1.0).abs() < 1e-5);
+        let index = std::sync::Arc::new(index);
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let index = std::sync::Arc::clone(&index);
+                let q = query.to_vec();
+                std::thread::spawn(move || index.search(&q, 10, Some(32)).unwrap())
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), hits);
+        }
+    }
+
+    #[test]
+    fn non_ivf_factories_keep_ids_and_bad_factories_are_named() {
+        let (n, dim) = (200, 8);
+        let data = unit_vectors(n, dim, 2);
+        let ids: Vec<u64> = (0..n as u64).map(|i| i * 11).collect();
+        for factory in ["Flat", "HNSW8"] {
+            let mut index = VectorIndex::new(factory, dim).unwrap();
+            assert_eq!(index.nlist(), None);
+            index.add(&ids, &data).unwrap();
+            let hits = index.search(&data[3 * dim..4 * dim], 1, None).unwrap();
+            assert_eq!(hits.ids[0], 33, "{factory}");
+        }
+        let err = VectorIndex::new("IVFbogus,Flat", dim)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("IVFbogus"), "{err}");
+    }
+
+    #[test]
+    fn reset_keeps_training_and_read_back_is_identical() {
+        let (n, dim) = (1000, 8);
+        let data = unit_vectors(n, dim, 3);
+        let ids: Vec<u64> = (0..n as u64).collect();
+        let mut index = VectorIndex::new("IVF8,Flat", dim).unwrap();
+        index.train(&data).unwrap();
+        index.add(&ids, &data).unwrap();
+        index.reset().unwrap();
+        assert_eq!(index.len(), 0);
+        assert!(!index.needs_training());
+        index.add(&ids, &data).unwrap();
+        index.set_default_nprobe(3).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.faiss");
+        index.write(&path).unwrap();
+        let back = VectorIndex::read(&path).unwrap();
+        assert_eq!(back.default_nprobe(), Some(3));
+        assert_eq!(back.len(), n);
+        let q = &data[..4 * dim];
+        assert_eq!(
+            back.search(q, 5, None).unwrap(),
+            index.search(q, 5, None).unwrap()
+        );
+    }
+}
