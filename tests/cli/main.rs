@@ -1,6 +1,7 @@
 //! Integration tests of the `twotower` binary, run as a user would run it.
 
 mod harness;
+mod index;
 mod prepare;
 mod subcommands;
 mod train;

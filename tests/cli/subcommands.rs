@@ -31,8 +31,7 @@ fn unknown_subcommand_fails_with_usage() {
 fn stages_not_built_yet_say_so_and_fail() {
     let dir = Dir::new();
     for args in [
-        &["index"][..],
-        &["serve"],
+        &["serve"][..],
         &["recommend"],
         &["pipeline"],
         &["bench", "serve"],

@@ -71,7 +71,8 @@ pub fn add_items(opts: &AddOptions) -> Result<Manifest> {
 
     let root = IndexRoot::new(&opts.index);
     let version = new_version(&current.version);
-    let dir = root.stage(&version)?;
+    let staging = root.stage(&version)?;
+    let dir = staging.path().to_path_buf();
     let start = Instant::now();
     let mut items = TableWriter::<Item>::create(&dir.join("items.parquet"))?;
     for batch in TableReader::<Item>::open(&current.items_path())? {

@@ -69,7 +69,8 @@ pub fn build_index(opts: &BuildOptions, progress: &dyn Progress) -> Result<Manif
     let vocabs = model.vocabularies()?;
     let root = IndexRoot::new(&opts.out);
     let version = new_version(&model.info.weights_sha256);
-    let dir = root.stage(&version)?;
+    let staging = root.stage(&version)?;
+    let dir = staging.path().to_path_buf();
     let layout = DataLayout(opts.data.clone());
 
     let start = Instant::now();
@@ -169,7 +170,8 @@ pub fn merge_shards(opts: &MergeOptions, _progress: &dyn Progress) -> Result<Man
     let mut embed_seconds: f64 = 0.0;
     let root = IndexRoot::new(&opts.out);
     let version = new_version(&model.info.weights_sha256);
-    let dir = root.stage(&version)?;
+    let staging = root.stage(&version)?;
+    let dir = staging.path().to_path_buf();
     let mut items = TableWriter::<Item>::create(&dir.join("items.parquet"))?;
     let mut all: Option<Embeddings> = None;
     for shard_dir in &opts.shards {

@@ -82,14 +82,14 @@ impl IndexRoot {
 
     /// Creates (or empties) the staging directory of a new version. Checks first that the root
     /// is writable, so an unwritable output fails before any work is done.
-    pub fn stage(&self, version: &str) -> Result<PathBuf> {
+    pub fn stage(&self, version: &str) -> Result<StagingDir> {
         std::fs::create_dir_all(&self.0).map_err(|e| Error::io(&self.0, e))?;
         let dir = self.0.join(format!("{STAGING_PREFIX}{version}"));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }
         std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
-        Ok(dir)
+        Ok(StagingDir(dir))
     }
 
     /// Makes a staged version visible: fsyncs its files, renames it to its final name, then
@@ -150,6 +150,26 @@ impl IndexRoot {
     }
 }
 
+/// A version being built. Dropped before it is published (the job failed), it removes itself;
+/// a job killed outright leaves it for the next job's [`IndexRoot::collect_garbage`].
+#[derive(Debug)]
+pub struct StagingDir(PathBuf);
+
+impl StagingDir {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        // After `publish` renamed it, nothing is left here to remove.
+        if self.0.exists() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 /// A new, sortable version name: UTC time to the second, then 8 hex digits of a hash of
 /// `content` and the exact time (two builds in the same second still differ).
 pub fn new_version(content: &str) -> String {
@@ -188,8 +208,8 @@ mod tests {
     fn publish(root: &IndexRoot, tag: &str) -> String {
         let v = new_version(tag);
         let dir = root.stage(&v).unwrap();
-        std::fs::write(dir.join("manifest.json"), "{}").unwrap();
-        root.publish(&dir, &v).unwrap();
+        std::fs::write(dir.path().join("manifest.json"), "{}").unwrap();
+        root.publish(dir.path(), &v).unwrap();
         v
     }
 
@@ -205,13 +225,15 @@ mod tests {
         assert!(a < b);
         assert_eq!(root.current().unwrap(), Some(b.clone()));
         assert_eq!(root.versions().unwrap(), vec![a.clone(), b.clone()]);
-        // An abandoned staging directory is invisible and collected.
+        // An abandoned staging directory (a killed job) is invisible and collected.
         let staged = root.stage(&new_version("c")).unwrap();
+        let staged_path = staged.path().to_path_buf();
+        std::mem::forget(staged);
         assert_eq!(root.versions().unwrap().len(), 2);
         root.set_current(&a).unwrap();
         // Keep 1: b is newest, a is current; nothing may go.
         assert!(root.collect_garbage(1).unwrap().is_empty());
-        assert!(!staged.exists());
+        assert!(!staged_path.exists());
         root.set_current(&b).unwrap();
         assert_eq!(root.collect_garbage(1).unwrap(), vec![a]);
     }
