@@ -7,7 +7,29 @@
 //!
 //! Data flow: features → towers → indexer → **server** → gRPC clients.
 
+pub mod catalog;
+pub mod commit;
+pub mod config;
+pub mod convert;
+pub mod encoder;
+pub mod error;
+pub mod eventlog;
+pub mod filter;
+pub mod gate;
+pub mod history;
+pub mod metrics;
 pub mod proto;
+pub mod reload;
+pub mod retrieve;
+pub mod seed;
+pub mod server;
+pub mod service;
+pub mod snapshot;
+pub mod userinput;
+
+pub use config::ServeConfig;
+pub use error::{Error, Result};
+pub use server::{shutdown_signal, start, Running, ServeOptions, TlsFiles, SERVICE_NAME};
 
 #[cfg(test)]
 mod tests {

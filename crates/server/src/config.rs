@@ -1,0 +1,157 @@
+//! Tunable serving settings: built-in defaults, then `--config FILE` (TOML; a pipeline file's
+//! `[serve]` table or a file of these fields at the top level). Paths and addresses are flags of
+//! `twotower serve`, not settings.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Most items one `Recommend` or `SimilarItems` may ask for.
+pub const MAX_K: u32 = 1000;
+/// Most inline events one `Recommend` may carry.
+pub const MAX_INLINE_EVENTS: usize = 512;
+
+/// Serving settings. Every field has a default, so an empty file is a valid configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// How often the reload watcher looks at `INDEX_ROOT/CURRENT` and `MODEL_DIR/model.json`.
+    pub reload_interval_ms: u64,
+    /// Largest accepted request message, in bytes (larger ones get `RESOURCE_EXHAUSTED`).
+    pub max_message_bytes: usize,
+    /// Deadline of a request whose client sets none; a client's `grpc-timeout` may only shorten it.
+    pub request_timeout_ms: u64,
+    /// Threads that run the user tower, each with its own copy of the model. They sit outside the
+    /// async runtime so a forward pass never stalls network I/O.
+    pub encoder_workers: usize,
+    /// Most requests one user-tower forward pass batches together (micro-batching: concurrent
+    /// requests waiting for a worker are encoded in one call).
+    pub max_encoder_batch: usize,
+    /// libtorch intra-op threads (process-wide). 1 suits many small concurrent forward passes.
+    pub torch_threads: usize,
+    /// Most events one `RecordEvents` request may carry.
+    pub max_record_events: usize,
+    /// Candidates fetched from FAISS beyond which filtering switches to an exact scan of every
+    /// embedding (exact, and cheaper than ever larger approximate searches).
+    pub max_overfetch: usize,
+    /// How long shutdown waits for in-flight requests before closing the event log anyway.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            reload_interval_ms: 1000,
+            max_message_bytes: 4 << 20,
+            request_timeout_ms: 10_000,
+            encoder_workers: 2,
+            max_encoder_batch: 64,
+            torch_threads: 1,
+            max_record_events: 10_000,
+            max_overfetch: 8192,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// Top-level tables that mark a pipeline file (whose `[serve]` table, if any, is ours).
+const PIPELINE_TABLES: [&str; 5] = ["prepare", "train", "index", "serve", "pipeline"];
+
+impl ServeConfig {
+    /// Reads a TOML file: the `[serve]` table of a pipeline file (defaults when it has none), or
+    /// these fields at the top level. Unknown keys are rejected.
+    pub fn from_toml_file(path: &Path) -> Result<ServeConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let bad = |e: toml::de::Error| Error::BadFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let value: toml::Table = toml::from_str(&text).map_err(bad)?;
+        let cfg: ServeConfig = if PIPELINE_TABLES.iter().any(|t| value.contains_key(*t)) {
+            match value.get("serve") {
+                Some(toml::Value::Table(serve)) => serve.clone().try_into().map_err(bad)?,
+                Some(_) => {
+                    return Err(Error::BadFile {
+                        path: path.to_path_buf(),
+                        reason: "`serve` must be a table".into(),
+                    })
+                }
+                None => ServeConfig::default(),
+            }
+        } else {
+            value.try_into().map_err(bad)?
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges, naming the first bad setting.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("reload_interval_ms", self.reload_interval_ms as usize),
+            ("max_message_bytes", self.max_message_bytes),
+            ("request_timeout_ms", self.request_timeout_ms as usize),
+            ("encoder_workers", self.encoder_workers),
+            ("max_encoder_batch", self.max_encoder_batch),
+            ("torch_threads", self.torch_threads),
+            ("max_record_events", self.max_record_events),
+            ("max_overfetch", self.max_overfetch),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(Error::setting(name, "must be at least 1"));
+            }
+        }
+        if self.encoder_workers > 64 {
+            return Err(Error::setting("encoder_workers", "at most 64"));
+        }
+        if self.max_message_bytes < 1024 {
+            return Err(Error::setting("max_message_bytes", "at least 1024"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_every_pipeline_file_parses() {
+        ServeConfig::default().validate().unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines");
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                ServeConfig::from_toml_file(&path)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
+        }
+    }
+
+    #[test]
+    fn serve_table_and_top_level_fields_parse_and_unknown_keys_fail() {
+        let tmp = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = tmp.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let top = ServeConfig::from_toml_file(&write("a.toml", "encoder_workers = 3\n")).unwrap();
+        assert_eq!(top.encoder_workers, 3);
+        let pipe = write(
+            "b.toml",
+            "[train]\nepochs = 1\n[serve]\nmax_overfetch = 99\n",
+        );
+        assert_eq!(
+            ServeConfig::from_toml_file(&pipe).unwrap().max_overfetch,
+            99
+        );
+        let err = ServeConfig::from_toml_file(&write("c.toml", "nope = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+        let err = ServeConfig::from_toml_file(&write("d.toml", "torch_threads = 0\n")).unwrap_err();
+        assert!(err.to_string().contains("torch_threads"), "{err}");
+    }
+}

@@ -1,0 +1,192 @@
+//! The user tower, run on dedicated worker threads with micro-batching.
+//!
+//! A forward pass is CPU-bound libtorch work, so it must never run on the async runtime, where
+//! it would stall every other request's network I/O. Requests queue jobs; each worker takes every
+//! job waiting (up to `max_batch`), encodes them in one forward pass under `no_grad`, and
+//! answers each. Under load, batches grow by themselves and a pass's fixed cost is shared.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+use tokio::sync::oneshot;
+use towers::{EventInput, UserBatchHost, UserInput};
+
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshot;
+
+/// One user's vector, or why it could not be computed (our bug: inputs are validated).
+pub type Encoded = Result<Vec<f32>, String>;
+
+struct Job {
+    snap: Arc<Snapshot>,
+    /// `item_row`s are rows of the snapshot's index embeddings.
+    input: UserInput,
+    reply: oneshot::Sender<Encoded>,
+}
+
+/// The worker pool.
+pub struct Encoder {
+    tx: Option<mpsc::Sender<Job>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Cloneable handle for request handlers.
+#[derive(Clone)]
+pub struct EncoderHandle {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Encoder {
+    /// Starts `workers` threads; worker `i` uses model copy `i` of each snapshot.
+    pub fn start(workers: usize, max_batch: usize, metrics: Arc<Metrics>) -> Encoder {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (0..workers.max(1))
+            .map(|i| {
+                let (rx, metrics) = (rx.clone(), metrics.clone());
+                std::thread::Builder::new()
+                    .name(format!("user-tower-{i}"))
+                    .spawn(move || worker(i, &rx, max_batch.max(1), &metrics))
+                    .expect("spawning a user-tower worker")
+            })
+            .collect();
+        Encoder {
+            tx: Some(tx),
+            threads,
+        }
+    }
+
+    pub fn handle(&self) -> EncoderHandle {
+        EncoderHandle {
+            tx: self.tx.clone().expect("encoder is open"),
+        }
+    }
+
+    /// Lets the workers stop: each exits once every handle is dropped and the queue is empty.
+    /// Does not wait for them (nothing they hold needs flushing).
+    pub fn close(mut self) {
+        self.tx.take();
+        self.threads.clear();
+    }
+}
+
+impl EncoderHandle {
+    /// The user vector of `input` under `snap`'s model.
+    pub async fn encode(&self, snap: Arc<Snapshot>, input: UserInput) -> Encoded {
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(Job { snap, input, reply })
+            .map_err(|_| "the user-tower workers stopped".to_string())?;
+        done.await
+            .map_err(|_| "a user-tower worker dropped the request".to_string())?
+    }
+}
+
+fn worker(idx: usize, rx: &Mutex<mpsc::Receiver<Job>>, max_batch: usize, metrics: &Metrics) {
+    loop {
+        let mut jobs = {
+            let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+            let Ok(first) = rx.recv() else { return };
+            let mut jobs = vec![first];
+            while jobs.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+            jobs
+        };
+        // Requests that gave up (deadline, cancellation) need no vector.
+        jobs.retain(|j| !j.reply.is_closed());
+        // A reload may put jobs of two snapshots in one take: encode each with its own model.
+        while !jobs.is_empty() {
+            let snap = jobs[0].snap.clone();
+            let (same, rest): (Vec<Job>, Vec<Job>) =
+                jobs.into_iter().partition(|j| Arc::ptr_eq(&j.snap, &snap));
+            jobs = rest;
+            run_batch(idx, &snap, same, metrics);
+        }
+    }
+}
+
+fn run_batch(idx: usize, snap: &Snapshot, jobs: Vec<Job>, metrics: &Metrics) {
+    let started = Instant::now();
+    let (inputs, replies): (Vec<UserInput>, Vec<oneshot::Sender<Encoded>>) =
+        jobs.into_iter().map(|j| (j.input, j.reply)).unzip();
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| encode(idx, snap, inputs)))
+        .unwrap_or_else(|panic| {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(format!("user tower failed (our bug): {msg}"))
+        });
+    metrics.user_tower.observe(started.elapsed().as_secs_f64());
+    metrics.encoder_batch.observe(replies.len() as f64);
+    match result {
+        Ok(vectors) => {
+            for (reply, v) in replies.into_iter().zip(vectors) {
+                let _ = reply.send(Ok(v));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "user tower");
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// One forward pass over `inputs`; the history items' vectors are gathered from the index
+/// embeddings (exactly the item tower's outputs) into a small tensor the histories point into.
+fn encode(
+    idx: usize,
+    snap: &Snapshot,
+    mut inputs: Vec<UserInput>,
+) -> Result<Vec<Vec<f32>>, String> {
+    let emb = &snap.index.version.embeddings;
+    let dim = emb.dim;
+    let mut local: HashMap<i64, i64> = HashMap::new();
+    let mut flat: Vec<f32> = Vec::new();
+    for u in &mut inputs {
+        for EventInput { item_row, .. } in &mut u.history {
+            if let Some(row) = item_row {
+                let next = local.len() as i64;
+                let l = *local.entry(*row).or_insert_with(|| {
+                    flat.extend_from_slice(emb.vector(*row as usize));
+                    next
+                });
+                *row = l;
+            }
+        }
+    }
+    let copies = &snap.model.copies;
+    let model = copies[idx % copies.len()]
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let device: Device = snap.model.device;
+    let host = UserBatchHost::new(&inputs, &model.config);
+    let out = tch::no_grad(|| -> Result<Tensor, tch::TchError> {
+        let item_vecs = Tensor::f_from_slice(&flat)?
+            .f_view([local.len() as i64, dim as i64])?
+            .f_to_device(device)?;
+        let users = model.encode_users(&host.to_device(device), &item_vecs, false);
+        users.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)
+    })
+    .map_err(|e| format!("libtorch: {e}"))?;
+    let values = Vec::<f32>::try_from(out.flatten(0, -1)).map_err(|e| format!("libtorch: {e}"))?;
+    if values.len() != inputs.len() * dim {
+        return Err(format!(
+            "user tower returned {} values for {} users of dim {dim}",
+            values.len(),
+            inputs.len()
+        ));
+    }
+    Ok(values.chunks(dim).map(<[f32]>::to_vec).collect())
+}

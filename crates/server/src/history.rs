@@ -1,0 +1,212 @@
+//! Every user's recent events and the items they have interacted with, in memory.
+//!
+//! Seeded from `DATA_DIR/events.parquet` and `users.parquet`, then from the event log, then kept
+//! current by `RecordEvents`. Two structures per user, because they answer different questions:
+//! - `recent`: the last `bound` events in the canonical order of `features::splits` (the
+//!   model's history length L): what the user tower reads;
+//! - `seen`: every item id ever interacted with, sorted and deduplicated: what `exclude_seen`
+//!   removes. It is unbounded (eight bytes an item), because a filter that forgets is not exact.
+//!
+//! Users are spread over shards, each behind its own `RwLock`, so writers (the event log's
+//! commit thread) and readers (requests) rarely meet.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, RwLock};
+
+use features::{Event, EventType};
+
+const SHARDS: usize = 64;
+
+/// One event as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StoredEvent {
+    pub ts_ms: i64,
+    pub event_type: EventType,
+    pub item_id: Option<u64>,
+    pub query: Option<Arc<str>>,
+}
+
+impl StoredEvent {
+    pub fn from_event(e: &Event) -> StoredEvent {
+        StoredEvent {
+            ts_ms: e.ts_ms,
+            event_type: e.event_type,
+            item_id: e.item_id,
+            query: e.query.as_deref().map(Arc::from),
+        }
+    }
+
+    /// The sort key of `features::splits::sort_user_events`: time, searches first, item id,
+    /// type, query. Serving orders histories exactly like training did.
+    fn key(&self) -> (i64, bool, Option<u64>, EventType, Option<&str>) {
+        (
+            self.ts_ms,
+            self.item_id.is_some(),
+            self.item_id,
+            self.event_type,
+            self.query.as_deref(),
+        )
+    }
+}
+
+/// Sorts events in the canonical order of training.
+pub fn sort_canonical(events: &mut [StoredEvent]) {
+    events.sort_by(|a, b| a.key().cmp(&b.key()));
+}
+
+#[derive(Default)]
+struct UserState {
+    recent: VecDeque<StoredEvent>,
+    seen: Vec<u64>,
+    features: Arc<[String]>,
+}
+
+/// What a request needs to know about one user.
+#[derive(Debug, Clone, Default)]
+pub struct UserView {
+    /// Stored events strictly before the request time, oldest first (at most `bound`).
+    pub events: Vec<StoredEvent>,
+    /// Every item the user interacted with, sorted.
+    pub seen: Vec<u64>,
+    /// Profile features from `users.parquet`.
+    pub features: Arc<[String]>,
+}
+
+/// The in-memory history store.
+pub struct HistoryStore {
+    bound: usize,
+    shards: Vec<RwLock<HashMap<u64, UserState>>>,
+}
+
+impl HistoryStore {
+    /// A store that keeps each user's `bound` most recent events (the model's history length).
+    pub fn new(bound: usize) -> HistoryStore {
+        HistoryStore {
+            bound: bound.max(1),
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, user_id: u64) -> &RwLock<HashMap<u64, UserState>> {
+        &self.shards[(features::tokenizer::mix64(user_id) % SHARDS as u64) as usize]
+    }
+
+    /// Events kept per user.
+    pub fn bound(&self) -> usize {
+        self.bound
+    }
+
+    /// Adds one event. Events may arrive out of time order; each lands in its canonical place.
+    pub fn record(&self, user_id: u64, event: StoredEvent) {
+        let mut shard = self
+            .shard(user_id)
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let user = shard.entry(user_id).or_default();
+        if let Some(item) = event.item_id {
+            if let Err(at) = user.seen.binary_search(&item) {
+                user.seen.insert(at, item);
+            }
+        }
+        let recent = &mut user.recent;
+        // Most events are the newest: the search from the back is O(1) for them.
+        let at = recent.len()
+            - recent
+                .iter()
+                .rev()
+                .take_while(|e| e.key() > event.key())
+                .count();
+        if at == 0 && recent.len() >= self.bound {
+            return; // older than everything kept
+        }
+        recent.insert(at, event);
+        while recent.len() > self.bound {
+            recent.pop_front();
+        }
+    }
+
+    /// Sets a user's profile features.
+    pub fn set_features(&self, user_id: u64, features: Vec<String>) {
+        let mut shard = self
+            .shard(user_id)
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        shard.entry(user_id).or_default().features = features.into();
+    }
+
+    /// The user's stored events strictly before `before_ms`, seen items and features.
+    pub fn view(&self, user_id: u64, before_ms: i64) -> UserView {
+        let shard = self
+            .shard(user_id)
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        match shard.get(&user_id) {
+            None => UserView::default(),
+            Some(u) => UserView {
+                events: u
+                    .recent
+                    .iter()
+                    .filter(|e| e.ts_ms < before_ms)
+                    .cloned()
+                    .collect(),
+                seen: u.seen.clone(),
+                features: u.features.clone(),
+            },
+        }
+    }
+
+    /// Number of users with any event or feature.
+    pub fn user_count(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(ts: i64, item: Option<u64>) -> StoredEvent {
+        StoredEvent {
+            ts_ms: ts,
+            event_type: if item.is_some() {
+                EventType::View
+            } else {
+                EventType::Search
+            },
+            item_id: item,
+            query: item.is_none().then(|| Arc::from("q")),
+        }
+    }
+
+    #[test]
+    fn keeps_the_latest_events_in_canonical_order_and_every_seen_item() {
+        let store = HistoryStore::new(3);
+        for (ts, item) in [
+            (5, Some(50)),
+            (1, Some(10)),
+            (3, None),
+            (4, Some(40)),
+            (2, Some(20)),
+        ] {
+            store.record(7, ev(ts, item));
+        }
+        let v = store.view(7, i64::MAX);
+        let ts: Vec<i64> = v.events.iter().map(|e| e.ts_ms).collect();
+        assert_eq!(ts, [3, 4, 5]);
+        assert_eq!(v.seen, [10, 20, 40, 50]);
+        // Strictly before the request time.
+        let ts: Vec<i64> = store.view(7, 5).events.iter().map(|e| e.ts_ms).collect();
+        assert_eq!(ts, [3, 4]);
+        // Equal timestamps: searches first, then ascending item id.
+        store.record(8, ev(1, Some(9)));
+        store.record(8, ev(1, None));
+        store.record(8, ev(1, Some(3)));
+        let items: Vec<_> = store.view(8, 2).events.iter().map(|e| e.item_id).collect();
+        assert_eq!(items, [None, Some(3), Some(9)]);
+        assert_eq!(store.user_count(), 2);
+        assert!(store.view(99, 10).events.is_empty());
+    }
+}

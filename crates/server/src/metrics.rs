@@ -1,0 +1,174 @@
+//! Prometheus metrics, rendered as text on `--metrics-addr` at `/metrics`.
+//!
+//! Each server owns its registry (no process-global state), so tests can run several servers in
+//! one process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by RPC and gRPC status code name (`OK`, `INVALID_ARGUMENT`, ...).
+    pub requests: IntCounterVec,
+    /// Seconds from a request's arrival to its response, by RPC.
+    pub latency: HistogramVec,
+    /// Seconds of one user-tower forward pass (one micro-batch).
+    pub user_tower: Histogram,
+    /// Requests per user-tower forward pass.
+    pub encoder_batch: Histogram,
+    /// Seconds of FAISS search and exact filtering per request.
+    pub faiss: Histogram,
+    /// 1 for the index and model versions being served.
+    pub version: IntGaugeVec,
+    /// Events made durable by `RecordEvents`.
+    pub events_recorded: IntCounter,
+    /// Events per fsync of the event log (group commit size).
+    pub commit_batch: Histogram,
+    /// Reload attempts by result (`ok`, `rejected`).
+    pub reloads: IntCounterVec,
+}
+
+fn histogram(name: &str, help: &str, start: f64, count: usize) -> Histogram {
+    let opts = HistogramOpts::new(name, help)
+        .buckets(exponential_buckets(start, 2.0, count).expect("valid buckets"));
+    Histogram::with_opts(opts).expect("valid histogram")
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let seconds = || exponential_buckets(0.000_1, 2.0, 18).expect("valid buckets");
+        let m = Metrics {
+            registry: Registry::new(),
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "twotower_requests_total",
+                    "gRPC requests by RPC and status code",
+                ),
+                &["rpc", "code"],
+            )
+            .expect("valid metric"),
+            latency: HistogramVec::new(
+                HistogramOpts::new("twotower_request_seconds", "gRPC request latency")
+                    .buckets(seconds()),
+                &["rpc"],
+            )
+            .expect("valid metric"),
+            user_tower: histogram(
+                "twotower_user_tower_seconds",
+                "user-tower forward pass time (one micro-batch)",
+                0.000_05,
+                18,
+            ),
+            encoder_batch: histogram(
+                "twotower_user_tower_batch_size",
+                "requests per user-tower forward pass",
+                1.0,
+                8,
+            ),
+            faiss: histogram(
+                "twotower_faiss_seconds",
+                "FAISS search and exact filtering time per request",
+                0.000_02,
+                18,
+            ),
+            version: IntGaugeVec::new(
+                Opts::new(
+                    "twotower_index_version",
+                    "1 for the index and model versions served",
+                ),
+                &["index_version", "model_version"],
+            )
+            .expect("valid metric"),
+            events_recorded: IntCounter::new(
+                "twotower_events_recorded_total",
+                "events made durable by RecordEvents",
+            )
+            .expect("valid metric"),
+            commit_batch: histogram(
+                "twotower_event_log_commit_events",
+                "events per event-log fsync (group commit)",
+                1.0,
+                16,
+            ),
+            reloads: IntCounterVec::new(
+                Opts::new("twotower_reloads_total", "reload attempts by result"),
+                &["result"],
+            )
+            .expect("valid metric"),
+        };
+        let r = &m.registry;
+        let all: [Box<dyn prometheus::core::Collector>; 9] = [
+            Box::new(m.requests.clone()),
+            Box::new(m.latency.clone()),
+            Box::new(m.user_tower.clone()),
+            Box::new(m.encoder_batch.clone()),
+            Box::new(m.faiss.clone()),
+            Box::new(m.version.clone()),
+            Box::new(m.events_recorded.clone()),
+            Box::new(m.commit_batch.clone()),
+            Box::new(m.reloads.clone()),
+        ];
+        for c in all {
+            r.register(c).expect("metric names are unique");
+        }
+        m
+    }
+
+    /// Marks `index`/`model` as the served versions (and no others).
+    pub fn set_version(&self, index: &str, model: &str) {
+        self.version.reset();
+        self.version.with_label_values(&[index, model]).set(1);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of gathered metrics");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    m.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds the metrics address (so a port clash fails start-up, not later).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

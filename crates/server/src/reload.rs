@@ -1,0 +1,148 @@
+//! Hot reload: a background task that follows `INDEX_ROOT/CURRENT` and `MODEL_DIR/model.json`.
+//!
+//! When either changes, it loads what changed on the blocking pool (the unchanged half is
+//! reused), pairs and checks model and index ([`Snapshot::pair`]: same weights, same dim, a probe
+//! query answers), and swaps the new snapshot in atomically. Requests already running keep the
+//! old one. A version that fails is logged and left alone until something changes again (or a
+//! retry period passes, in case it was caught half-written); the old one keeps serving.
+//!
+//! Polling rather than inotify: it works the same on every file system, including network and
+//! container volumes, and a second of delay is far below how often indexes are published.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tch::Device;
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::seed::Counts;
+use crate::snapshot::{IndexSlot, ModelSlot, Snapshot};
+
+/// A rejected pair of inputs is tried again after this long even if nothing changed.
+const RETRY_REJECTED: Duration = Duration::from_secs(30);
+
+/// What the watcher needs.
+pub struct Reloader {
+    pub model_dir: PathBuf,
+    pub index_root: PathBuf,
+    pub device: Device,
+    pub model_copies: usize,
+    pub counts: Arc<Counts>,
+    pub current: Arc<ArcSwap<Snapshot>>,
+    pub metrics: Arc<Metrics>,
+    pub interval: Duration,
+}
+
+/// What the files say should be served: `model.json`'s bytes and the version `CURRENT` names.
+#[derive(Debug, Clone, PartialEq)]
+struct Wanted {
+    model_json: Vec<u8>,
+    index_version: String,
+}
+
+impl Reloader {
+    /// Polls until `stop` turns true.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        let mut rejected: Option<(Wanted, Instant)> = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(this.interval) => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+            let me = this.clone();
+            let Ok(wanted) = tokio::task::spawn_blocking(move || me.wanted()).await else {
+                continue;
+            };
+            let wanted = match wanted {
+                Ok(Some(w)) => w,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reload: cannot read what to serve; keeping the current version");
+                    continue;
+                }
+            };
+            if rejected
+                .as_ref()
+                .is_some_and(|(w, at)| *w == wanted && at.elapsed() < RETRY_REJECTED)
+            {
+                continue;
+            }
+            let me = this.clone();
+            let w = wanted.clone();
+            let loaded = tokio::task::spawn_blocking(move || me.load(&w))
+                .await
+                .unwrap_or_else(|e| Err(Error::Mismatch(format!("reload task failed: {e}"))));
+            match loaded {
+                Ok(snap) => {
+                    tracing::info!(
+                        index_version = snap.index_version(),
+                        model_version = snap.model_version(),
+                        "reloaded: now serving the new version"
+                    );
+                    this.metrics
+                        .set_version(snap.index_version(), snap.model_version());
+                    this.metrics.reloads.with_label_values(&["ok"]).inc();
+                    this.current.store(Arc::new(snap));
+                    rejected = None;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        index_version = %wanted.index_version,
+                        error = %e,
+                        "reload rejected; still serving the previous version"
+                    );
+                    this.metrics.reloads.with_label_values(&["rejected"]).inc();
+                    rejected = Some((wanted, Instant::now()));
+                }
+            }
+        }
+    }
+
+    /// What the files name, if it differs from what is served.
+    fn wanted(&self) -> Result<Option<Wanted>> {
+        let json = towers::ModelLayout(self.model_dir.clone()).info();
+        let model_json = std::fs::read(&json).map_err(|e| Error::io(&json, e))?;
+        let Some(index_version) = indexer::IndexRoot::new(&self.index_root).current()? else {
+            return Ok(None);
+        };
+        let cur = self.current.load();
+        if model_json == cur.model.model_json && index_version == cur.index_version() {
+            return Ok(None);
+        }
+        Ok(Some(Wanted {
+            model_json,
+            index_version,
+        }))
+    }
+
+    fn load(&self, wanted: &Wanted) -> Result<Snapshot> {
+        let cur = self.current.load_full();
+        let model = if wanted.model_json == cur.model.model_json {
+            cur.model.clone()
+        } else {
+            let m = ModelSlot::load(&self.model_dir, self.model_copies, self.device)?;
+            if m.model_json != wanted.model_json {
+                return Err(Error::Mismatch("model.json changed while loading".into()));
+            }
+            Arc::new(m)
+        };
+        let index = if wanted.index_version == cur.index_version() {
+            cur.index.clone()
+        } else {
+            Arc::new(IndexSlot::load(
+                &self.index_root,
+                Some(&wanted.index_version),
+                &self.counts,
+            )?)
+        };
+        Snapshot::pair(model, index)
+    }
+}

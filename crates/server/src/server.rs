@@ -1,0 +1,298 @@
+//! Start-up, wiring and shutdown: loads model, index and history, opens the event log, starts
+//! the workers, the reload watcher and the metrics endpoint, and serves `Recommender`, health
+//! and reflection until told to stop.
+//!
+//! Shutdown order: health turns NOT_SERVING, the listener stops accepting, in-flight requests
+//! drain (at most `shutdown_grace_ms`), then the event log commits what is queued and closes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tch::Device;
+use tokio::sync::{oneshot, watch};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::commit::Committer;
+use crate::config::ServeConfig;
+use crate::encoder::Encoder;
+use crate::error::{Error, Result};
+use crate::eventlog::EventLog;
+use crate::gate::Gate;
+use crate::history::HistoryStore;
+use crate::metrics::{self, Metrics};
+use crate::proto::recommender_server::RecommenderServer;
+use crate::reload::Reloader;
+use crate::seed;
+use crate::service::{RecommenderService, Shared};
+use crate::snapshot::{IndexSlot, ModelSlot, Snapshot};
+
+/// The name health checks ask about.
+pub const SERVICE_NAME: &str = "twotower.v1.Recommender";
+
+/// PEM files of the server's certificate chain and private key.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Paths, addresses and switches of one server.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub model_dir: PathBuf,
+    pub index_root: PathBuf,
+    pub data_dir: PathBuf,
+    /// The event log file (created if missing).
+    pub event_log: PathBuf,
+    pub addr: SocketAddr,
+    /// Where `/metrics` is served; `None` for no metrics endpoint.
+    pub metrics_addr: Option<SocketAddr>,
+    pub tls: Option<TlsFiles>,
+    /// Bearer token `Recommender` calls must carry; `None` for no check.
+    pub auth_token: Option<String>,
+    pub device: Device,
+    pub config: ServeConfig,
+}
+
+/// A started server.
+pub struct Running {
+    /// The bound gRPC address (the real port when `addr` asked for port 0).
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Running {
+    /// Shuts down gracefully and waits until the event log is closed.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.wait().await
+    }
+
+    /// Waits until the server ends (after [`stop`](Self::stop) or a serving error).
+    pub async fn wait(self) -> Result<()> {
+        self.task
+            .await
+            .map_err(|e| Error::Transport(format!("server task failed: {e}")))?
+    }
+}
+
+/// Everything loaded before the first request.
+struct Loaded {
+    snapshot: Snapshot,
+    store: Arc<HistoryStore>,
+    counts: Arc<seed::Counts>,
+    log: EventLog,
+}
+
+fn load(opts: &ServeOptions) -> Result<Loaded> {
+    let cfg = &opts.config;
+    let model = ModelSlot::load(&opts.model_dir, cfg.encoder_workers, opts.device)?;
+    let data = features::prepare::DatasetInfo::load(&opts.data_dir)?;
+    if data.vocab_checksum != model.info.vocab_checksum {
+        return Err(Error::Mismatch(format!(
+            "{} was prepared with vocabulary {}, but the model uses {}; serve the data the model was trained on",
+            opts.data_dir.display(),
+            towers::artifact::short(&data.vocab_checksum),
+            towers::artifact::short(&model.info.vocab_checksum)
+        )));
+    }
+    let store = Arc::new(HistoryStore::new(model.info.tower.history_len));
+    let mut counts = seed::seed(&store, &opts.data_dir)?;
+    let (log, replay) = EventLog::open(&opts.event_log, |e| seed::apply(&store, &mut counts, &e))?;
+    tracing::info!(
+        users = store.user_count(),
+        replayed_events = replay.events,
+        log = %opts.event_log.display(),
+        "history loaded"
+    );
+    let index = IndexSlot::load(&opts.index_root, None, &counts)?;
+    let snapshot = Snapshot::pair(Arc::new(model), Arc::new(index))?;
+    Ok(Loaded {
+        snapshot,
+        store,
+        counts: Arc::new(counts),
+        log,
+    })
+}
+
+fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| Error::io(p, e));
+    Ok(ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?)))
+}
+
+/// Loads everything, binds the addresses and starts serving in a background task.
+pub async fn start(opts: ServeOptions) -> Result<Running> {
+    let cfg = opts.config.clone();
+    cfg.validate()?;
+    tch::set_num_threads(cfg.torch_threads as i32);
+    let metrics = Arc::new(Metrics::new());
+    let Loaded {
+        snapshot,
+        store,
+        counts,
+        log,
+    } = {
+        let opts = opts.clone();
+        tokio::task::spawn_blocking(move || load(&opts))
+            .await
+            .map_err(|e| Error::Transport(format!("start-up task failed: {e}")))??
+    };
+    metrics.set_version(snapshot.index_version(), snapshot.model_version());
+    tracing::info!(
+        index_version = snapshot.index_version(),
+        model_version = snapshot.model_version(),
+        items = snapshot.index.version.embeddings.len(),
+        "serving"
+    );
+    let current = Arc::new(ArcSwap::from_pointee(snapshot));
+    let committer = Committer::start(log, store.clone(), metrics.clone());
+    let encoder = Encoder::start(cfg.encoder_workers, cfg.max_encoder_batch, metrics.clone());
+    let shared = Arc::new(Shared {
+        snapshot: current.clone(),
+        store,
+        encoder: encoder.handle(),
+        commits: committer.handle(),
+        metrics: metrics.clone(),
+        config: cfg.clone(),
+    });
+
+    let bind_err = |addr: SocketAddr| move |e| Error::Transport(format!("binding {addr}: {e}"));
+    let listener = tokio::net::TcpListener::bind(opts.addr)
+        .await
+        .map_err(bind_err(opts.addr))?;
+    let addr = listener.local_addr().map_err(bind_err(opts.addr))?;
+    let metrics_listener = match opts.metrics_addr {
+        Some(a) => Some(metrics::bind(a).await.map_err(bind_err(a))?),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr().map_err(bind_err(addr))?),
+        None => None,
+    };
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving)
+        .await;
+    fn reflection(
+        b: tonic_reflection::server::Builder<'static>,
+    ) -> tonic_reflection::server::Builder<'static> {
+        b.register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    }
+    let reflection_err =
+        |e: tonic_reflection::server::Error| Error::Transport(format!("reflection: {e}"));
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(reflection_err)?;
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(reflection_err)?;
+    let recommender = RecommenderServer::new(RecommenderService::new(shared))
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(cfg.max_message_bytes.max(16 << 20));
+    let recommender = InterceptedService::new(recommender, Gate::new(opts.auth_token.clone()));
+
+    let mut builder = Server::builder();
+    if let Some(files) = &opts.tls {
+        builder = builder
+            .tls_config(tls_config(files)?)
+            .map_err(|e| Error::Transport(format!("TLS: {e}")))?;
+    }
+    let router = builder
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(recommender);
+
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (down_tx, down_rx) = watch::channel(false);
+    let reloader = Reloader {
+        model_dir: opts.model_dir.clone(),
+        index_root: opts.index_root.clone(),
+        device: opts.device,
+        model_copies: cfg.encoder_workers,
+        counts,
+        current,
+        metrics: metrics.clone(),
+        interval: Duration::from_millis(cfg.reload_interval_ms),
+    };
+    let reload_task = tokio::spawn(reloader.run(down_rx.clone()));
+    let metrics_task = metrics_listener.map(|l| {
+        let mut down = down_rx.clone();
+        tokio::spawn(metrics::serve(l, metrics.clone(), async move {
+            let _ = down.wait_for(|d| *d).await;
+        }))
+    });
+    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+    let task = tokio::spawn(async move {
+        let signal = async move {
+            let _ = stop_rx.await;
+            tracing::info!("shutting down: no new requests; draining");
+            reporter
+                .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::NotServing)
+                .await;
+            let _ = down_tx.send(true);
+        };
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let serve = router.serve_with_incoming_shutdown(incoming, signal);
+        let mut down = down_rx.clone();
+        let served = tokio::select! {
+            r = serve => r.map_err(|e| Error::Transport(format!("serving: {e}"))),
+            _ = async {
+                let _ = down.wait_for(|d| *d).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!("shutdown grace period over; closing with requests still open");
+                Ok(())
+            }
+        };
+        encoder.close();
+        tokio::task::spawn_blocking(move || committer.close())
+            .await
+            .map_err(|e| Error::Transport(format!("closing the event log: {e}")))?;
+        let _ = reload_task.await;
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
+        tracing::info!("stopped; event log flushed");
+        served
+    });
+    Ok(Running {
+        addr,
+        metrics_addr,
+        stop: Some(stop_tx),
+        task,
+    })
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,323 @@
+//! The `twotower.v1.Recommender` handlers. Each one checks its request (`convert`), calls the
+//! engine (history store, user tower, retrieval, event log) and maps failures to a status.
+//! A shared wrapper applies the deadline and records metrics for every RPC.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tonic::{Code, Request, Response, Status};
+
+use crate::commit::CommitHandle;
+use crate::config::ServeConfig;
+use crate::convert::{self, FilterSpec, RecommendQuery};
+use crate::encoder::EncoderHandle;
+use crate::gate::{self, Arrival};
+use crate::history::HistoryStore;
+use crate::metrics::Metrics;
+use crate::proto::{self, recommender_server::Recommender};
+use crate::retrieve::{self, Scored, SearchParams};
+use crate::snapshot::Snapshot;
+use crate::userinput::{merge_history, user_input};
+
+/// Everything the handlers share.
+pub struct Shared {
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    pub store: Arc<HistoryStore>,
+    pub encoder: EncoderHandle,
+    pub commits: CommitHandle,
+    pub metrics: Arc<Metrics>,
+    pub config: ServeConfig,
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct RecommenderService {
+    shared: Arc<Shared>,
+}
+
+impl RecommenderService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        RecommenderService { shared }
+    }
+
+    /// Runs `f` within the request's deadline and records its outcome.
+    async fn run<T, R, F, Fut>(
+        &self,
+        rpc: &'static str,
+        req: Request<T>,
+        f: F,
+    ) -> Result<Response<R>, Status>
+    where
+        F: FnOnce(Arc<Shared>, T) -> Fut,
+        Fut: Future<Output = Result<R, Status>>,
+    {
+        let arrival = req.extensions().get::<Arrival>().copied();
+        let started = arrival.map_or_else(Instant::now, |a| a.0);
+        let budget = Duration::from_millis(self.shared.config.request_timeout_ms);
+        let deadline = gate::deadline(req.metadata(), arrival, budget);
+        let msg = req.into_inner();
+        let result = if Instant::now() >= deadline {
+            Err(deadline_exceeded(rpc))
+        } else {
+            tokio::time::timeout_at(deadline.into(), f(self.shared.clone(), msg))
+                .await
+                .unwrap_or_else(|_| Err(deadline_exceeded(rpc)))
+        };
+        let m = &self.shared.metrics;
+        let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+        m.requests.with_label_values(&[rpc, code_name(code)]).inc();
+        m.latency
+            .with_label_values(&[rpc])
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(s) = &result {
+            if matches!(code, Code::Internal | Code::Unavailable) {
+                tracing::warn!(
+                    rpc,
+                    code = code_name(code),
+                    message = s.message(),
+                    "request failed"
+                );
+            }
+        }
+        result.map(Response::new)
+    }
+}
+
+fn deadline_exceeded(rpc: &str) -> Status {
+    Status::deadline_exceeded(format!("{rpc}: the request's deadline passed"))
+}
+
+/// The canonical name of a status code (the Prometheus label).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Runs retrieval on the blocking pool (FAISS and the exact scan are CPU work).
+async fn search(
+    shared: &Shared,
+    snap: Arc<Snapshot>,
+    query: Vec<f32>,
+    filter: crate::filter::RowFilter,
+    k: usize,
+    nprobe: Option<usize>,
+) -> Result<Vec<Scored>, Status> {
+    let params = SearchParams {
+        k,
+        nprobe,
+        max_overfetch: shared.config.max_overfetch,
+    };
+    let metrics = shared.metrics.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let idx = &snap.index;
+        let found = retrieve::top_k(&idx.version, &idx.catalog, &query, &filter, params);
+        metrics.faiss.observe(started.elapsed().as_secs_f64());
+        found
+    })
+    .await
+    .map_err(|e| Status::internal(format!("search task failed (our bug): {e}")))?
+    .map_err(|e| Status::internal(format!("search failed: {e}")))
+}
+
+fn items(snap: &Snapshot, found: &[Scored]) -> Vec<proto::ScoredItem> {
+    let catalog = &snap.index.catalog;
+    found
+        .iter()
+        .map(|s| convert::scored_item(catalog, s.row, s.id, s.score))
+        .collect()
+}
+
+fn check_nprobe(snap: &Snapshot, nprobe: Option<usize>) -> Result<(), Status> {
+    if let (Some(n), Some(nlist)) = (nprobe, snap.index.version.index.nlist()) {
+        if n > nlist {
+            return Err(convert::invalid(
+                "nprobe",
+                format!("{n} is above the index's {nlist} lists"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn recommend(
+    shared: Arc<Shared>,
+    req: proto::RecommendRequest,
+) -> Result<proto::RecommendResponse, Status> {
+    let q = RecommendQuery::try_from(&req)?;
+    let snap = shared.snapshot.load_full();
+    check_nprobe(&snap, q.nprobe)?;
+    let view = q
+        .user_id
+        .map(|u| shared.store.view(u, i64::MAX))
+        .unwrap_or_default();
+    // "Now" is after everything known about the user, so a client's clock running behind ours
+    // never hides the events it just sent. An explicit time is taken literally, as in training.
+    let ts_ms = if q.explicit_time {
+        q.ts_ms
+    } else {
+        let latest = view
+            .events
+            .iter()
+            .map(|e| e.ts_ms)
+            .chain(q.events.iter().map(|e| e.ts_ms));
+        latest
+            .max()
+            .map_or(q.ts_ms, |l| q.ts_ms.max(l.saturating_add(1)))
+    };
+    let history_len = snap.model.info.tower.history_len;
+    let history = merge_history(view.events, &q.events, ts_ms, history_len);
+    let features: Vec<String> = if q.user_features.is_empty() {
+        view.features.to_vec()
+    } else {
+        q.user_features.clone()
+    };
+    let seen = view
+        .seen
+        .iter()
+        .copied()
+        .chain(q.events.iter().filter_map(|e| e.item_id));
+    let filter = q.filter.resolve(&snap.index.catalog, seen)?;
+    let response = |items, fallback| proto::RecommendResponse {
+        items,
+        model_version: snap.model_version().to_string(),
+        index_version: snap.index_version().to_string(),
+        fallback,
+    };
+    if history.is_empty() && features.is_empty() {
+        // Nothing to personalise on: the most popular items that pass the filter.
+        let catalog = &snap.index.catalog;
+        let ids = &snap.index.version.embeddings.ids;
+        let found: Vec<Scored> = catalog
+            .popular()
+            .iter()
+            .map(|&row| (row, ids[row as usize]))
+            .filter(|&(row, id)| filter.passes(id, row, catalog))
+            .take(q.k)
+            .map(|(row, id)| Scored {
+                row,
+                id,
+                score: catalog.popularity(row),
+            })
+            .collect();
+        return Ok(response(items(&snap, &found), true));
+    }
+    let input = user_input(&snap, &history, ts_ms, &features);
+    let vector = shared
+        .encoder
+        .encode(snap.clone(), input)
+        .await
+        .map_err(Status::internal)?;
+    let found = search(&shared, snap.clone(), vector, filter, q.k, q.nprobe).await?;
+    Ok(response(items(&snap, &found), false))
+}
+
+async fn record_events(
+    shared: Arc<Shared>,
+    req: proto::RecordEventsRequest,
+) -> Result<proto::RecordEventsResponse, Status> {
+    let events = convert::record_events(&req, shared.config.max_record_events)?;
+    if events.is_empty() {
+        return Ok(proto::RecordEventsResponse { recorded: 0 });
+    }
+    let recorded = shared
+        .commits
+        .record(events)
+        .await
+        .map_err(Status::unavailable)?;
+    Ok(proto::RecordEventsResponse { recorded })
+}
+
+async fn similar_items(
+    shared: Arc<Shared>,
+    req: proto::SimilarItemsRequest,
+) -> Result<proto::SimilarItemsResponse, Status> {
+    let proto::SimilarItemsRequest { item_id, k, filter } = req;
+    let k = convert::k(k)?;
+    let snap = shared.snapshot.load_full();
+    let version = &snap.index.version;
+    let Some(&row) = version.row_of.get(&item_id) else {
+        return Err(Status::not_found(format!(
+            "item_id: {item_id} is not in index {}",
+            version.version
+        )));
+    };
+    let mut filter = FilterSpec::from_proto(filter.as_ref()).resolve(&snap.index.catalog, [])?;
+    filter.exclude_ids.insert(item_id);
+    let query = version.embeddings.vector(row as usize).to_vec();
+    let found = search(&shared, snap.clone(), query, filter, k, None).await?;
+    Ok(proto::SimilarItemsResponse {
+        items: items(&snap, &found),
+        index_version: snap.index_version().to_string(),
+    })
+}
+
+async fn model_info(
+    shared: Arc<Shared>,
+    req: proto::GetModelInfoRequest,
+) -> Result<proto::GetModelInfoResponse, Status> {
+    let proto::GetModelInfoRequest {} = req;
+    let snap = shared.snapshot.load_full();
+    let v = &snap.index.version;
+    let m = &v.manifest;
+    Ok(proto::GetModelInfoResponse {
+        model_version: snap.model_version().to_string(),
+        index_version: snap.index_version().to_string(),
+        item_count: v.embeddings.len() as u64,
+        dim: v.embeddings.dim as u32,
+        nprobe: v.index.default_nprobe().or(m.nprobe).unwrap_or(0) as u32,
+        recall_at_10_vs_exact: m.recall_at_10_vs_exact,
+        recall_at_100_vs_exact: m.recall_at_100_vs_exact,
+        user_count: shared.store.user_count() as u64,
+    })
+}
+
+#[tonic::async_trait]
+impl Recommender for RecommenderService {
+    async fn recommend(
+        &self,
+        request: Request<proto::RecommendRequest>,
+    ) -> Result<Response<proto::RecommendResponse>, Status> {
+        self.run("Recommend", request, recommend).await
+    }
+
+    async fn record_events(
+        &self,
+        request: Request<proto::RecordEventsRequest>,
+    ) -> Result<Response<proto::RecordEventsResponse>, Status> {
+        self.run("RecordEvents", request, record_events).await
+    }
+
+    async fn similar_items(
+        &self,
+        request: Request<proto::SimilarItemsRequest>,
+    ) -> Result<Response<proto::SimilarItemsResponse>, Status> {
+        self.run("SimilarItems", request, similar_items).await
+    }
+
+    async fn get_model_info(
+        &self,
+        request: Request<proto::GetModelInfoRequest>,
+    ) -> Result<Response<proto::GetModelInfoResponse>, Status> {
+        self.run("GetModelInfo", request, model_info).await
+    }
+}

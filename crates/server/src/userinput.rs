@@ -1,0 +1,92 @@
+//! The user tower's input for a request, built exactly like a training example's.
+//!
+//! Training (`features::splits`) reads the last L events strictly before the target time, in
+//! canonical order, with each event's gap to the target in whole seconds, the target's hour and
+//! weekday, and the user's profile features. Serving does the same with the request time in
+//! place of the target time, over the stored history merged with the request's inline events.
+//! History items missing from the index become type-only events, as in training. (Training also
+//! drops the held-out cold items from histories; that is an evaluation protocol, not a feature,
+//! so serving keeps them.)
+
+use features::records::hour_and_weekday;
+use towers::{EventInput, UserInput};
+
+use crate::history::{sort_canonical, StoredEvent};
+use crate::snapshot::Snapshot;
+
+/// Merges stored and inline events, keeps those strictly before `ts_ms`, sorts them canonically
+/// and returns the last `history_len`.
+pub fn merge_history(
+    stored: Vec<StoredEvent>,
+    inline: &[features::Event],
+    ts_ms: i64,
+    history_len: usize,
+) -> Vec<StoredEvent> {
+    let mut all = stored;
+    all.extend(inline.iter().map(StoredEvent::from_event));
+    all.retain(|e| e.ts_ms < ts_ms);
+    sort_canonical(&mut all);
+    all.dedup();
+    let start = all.len().saturating_sub(history_len);
+    all.drain(..start);
+    all
+}
+
+/// The tower input; `item_row`s are rows of the snapshot's index embeddings.
+pub fn user_input(
+    snap: &Snapshot,
+    history: &[StoredEvent],
+    ts_ms: i64,
+    user_features: &[String],
+) -> UserInput {
+    let vocabs = &snap.model.vocabs;
+    let row_of = &snap.index.version.row_of;
+    let (hour, weekday) = hour_and_weekday(ts_ms);
+    UserInput {
+        history: history
+            .iter()
+            .map(|e| EventInput {
+                event_type: e.event_type.code(),
+                item_row: e.item_id.and_then(|id| row_of.get(&id)).map(|&r| r as i64),
+                query: e
+                    .query
+                    .as_deref()
+                    .map(|q| vocabs.query_tokens(q))
+                    .unwrap_or_default(),
+                gap_s: (ts_ms - e.ts_ms) / 1000,
+            })
+            .collect(),
+        hour,
+        weekday,
+        user_features: vocabs.user_feature_ids(user_features),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use features::{Event, EventType};
+
+    fn ev(ts: i64, item: u64) -> Event {
+        Event {
+            user_id: 1,
+            ts_ms: ts,
+            event_type: EventType::View,
+            item_id: Some(item),
+            query: None,
+            value: None,
+        }
+    }
+
+    #[test]
+    fn merged_history_is_strictly_before_sorted_deduplicated_and_bounded() {
+        let stored: Vec<StoredEvent> = [ev(1, 1), ev(5, 5)]
+            .iter()
+            .map(StoredEvent::from_event)
+            .collect();
+        let inline = [ev(3, 3), ev(5, 5), ev(9, 9), ev(4, 4)];
+        let h = merge_history(stored, &inline, 9, 3);
+        let ts: Vec<i64> = h.iter().map(|e| e.ts_ms).collect();
+        assert_eq!(ts, [3, 4, 5]);
+    }
+}
