@@ -1,1 +1,9 @@
-//! placeholder
+//! The server over real loopback gRPC, with a model trained and an index built in-process from
+//! a small synthetic dataset (one fixture shared by every test).
+
+mod fixture;
+mod fuzz;
+mod protocol;
+mod recommend;
+mod reload;
+mod state;

@@ -1,0 +1,183 @@
+//! RecordEvents: the next Recommend reflects it, it survives a restart (and a torn log tail),
+//! concurrent requests are group-committed; and the metrics endpoint reports it all.
+
+use std::io::{Read, Write};
+
+use server::proto::{RecommendRequest, RecordEventsRequest, UserEvents};
+
+use crate::fixture::{fixture, options, start, start_with, view};
+
+fn record(user: u64, items: &[u64], ts: i64) -> RecordEventsRequest {
+    RecordEventsRequest {
+        users: vec![UserEvents {
+            user_id: user,
+            events: items
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| view(id, ts + i as i64))
+                .collect(),
+        }],
+    }
+}
+
+fn rec(user: u64, k: u32) -> RecommendRequest {
+    RecommendRequest {
+        user_id: Some(user),
+        k,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_events_change_the_next_result_and_survive_a_restart() {
+    let f = fixture();
+    let mut s = start().await;
+    let user = 55_555_555u64;
+    let before = s
+        .client
+        .recommend(rec(user, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(before.fallback, "a user with no history");
+    // The top fallback items become seen: they must disappear from the next answer.
+    let items: Vec<u64> = before.items.iter().take(3).map(|i| i.item_id).collect();
+    let n = s
+        .client
+        .record_events(record(user, &items, 1_700_000_000_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.recorded, 3);
+    // An explicit request time keeps the answer independent of the wall clock.
+    let at = |k| RecommendRequest {
+        context: Some(server::proto::Context {
+            ts_ms: 1_700_000_100_000,
+            user_features: vec![],
+        }),
+        ..rec(user, k)
+    };
+    let after = s.client.recommend(at(10)).await.unwrap().into_inner();
+    assert!(!after.fallback, "recorded history is used at once");
+    assert!(after.items.iter().all(|i| !items.contains(&i.item_id)));
+    assert_ne!(before.items, after.items);
+
+    // An existing user's result changes too.
+    let active = f.active_user();
+    let r1 = s
+        .client
+        .recommend(rec(active, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    let new: Vec<u64> = r1.items.iter().take(4).map(|i| i.item_id).collect();
+    s.client
+        .record_events(record(active, &new, 4_000_000_000_000))
+        .await
+        .unwrap();
+    let r2 = s
+        .client
+        .recommend(rec(active, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(r1.items, r2.items);
+    assert!(r2.items.iter().all(|i| !new.contains(&i.item_id)));
+
+    s.running.stop().await.unwrap();
+    // A crash while appending leaves a torn record; start-up truncates it and keeps the rest.
+    let log = s.state.path().join("events.log");
+    let mut torn = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    torn.write_all(&[40, 0, 0, 0, 1, 2, 3]).unwrap();
+    drop(torn);
+    let state = s.state;
+    let mut s = start_with(options(state.path()), state).await;
+    let again = s.client.recommend(at(10)).await.unwrap().into_inner();
+    assert!(!again.fallback);
+    assert_eq!(
+        again.items, after.items,
+        "same history after restart, same answer"
+    );
+    let r3 = s
+        .client
+        .recommend(rec(active, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r3.items, r2.items);
+    s.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_records_are_all_durable_and_metrics_report_them() {
+    let s = start().await;
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let mut c = s.client.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..10u64 {
+                let n = c
+                    .record_events(record(
+                        1_000_000 + t,
+                        &[1 + i, 2 + i],
+                        1_700_000_000_000 + i as i64 * 10,
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .recorded;
+                assert_eq!(n, 2);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut c = s.client.clone();
+    c.recommend(rec(1_000_000, 5)).await.unwrap();
+    let metrics = http_get(s.running.metrics_addr.unwrap(), "/metrics");
+    assert!(
+        metrics.contains("twotower_events_recorded_total 160"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"twotower_requests_total{code="OK",rpc="RecordEvents"} 80"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("twotower_index_version{index_version="),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("twotower_user_tower_seconds_count"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("twotower_faiss_seconds_count"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("twotower_request_seconds_bucket"),
+        "{metrics}"
+    );
+    let state = s.state;
+    s.running.stop().await.unwrap();
+    // Every acknowledged event is in the log.
+    let mut replayed = 0;
+    server::eventlog::EventLog::open(&state.path().join("events.log"), |_| replayed += 1).unwrap();
+    assert_eq!(replayed, 160);
+}
+
+/// A minimal HTTP/1.1 GET.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    conn.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
