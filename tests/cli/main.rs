@@ -3,5 +3,6 @@
 mod harness;
 mod index;
 mod prepare;
+mod serve;
 mod subcommands;
 mod train;

@@ -33,10 +33,12 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Embed the catalog and publish a versioned FAISS index (`index add`, `index merge`).
     Index(commands::index::IndexArgs),
-    /// Serve gRPC recommendations from a model and an index.
-    Serve,
-    /// Ask a running server for recommendations.
-    Recommend,
+    /// Serve gRPC recommendations from a model and an index (hot-reloads new index versions).
+    Serve(commands::serve::ServeArgs),
+    /// Ask a running server for recommendations (a table, or JSON with --json).
+    Recommend(commands::recommend::RecommendArgs),
+    /// Check that a running server is SERVING (exit status 0 if so).
+    Health(commands::recommend::HealthArgs),
     /// Run prepare, train and index from a pipeline file.
     Pipeline,
     /// Measure training or serving speed.
@@ -58,8 +60,9 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Index(args) => commands::index::run(args),
-        Command::Serve => not_built("serve"),
-        Command::Recommend => not_built("recommend"),
+        Command::Serve(args) => commands::serve::run(args),
+        Command::Recommend(args) => commands::recommend::run(args),
+        Command::Health(args) => commands::recommend::health(args),
         Command::Pipeline => not_built("pipeline"),
         Command::Bench(cmd) => commands::bench::run(cmd),
     };

@@ -19,7 +19,7 @@ pub const MAX_INLINE_EVENTS: usize = 512;
 pub struct ServeConfig {
     /// How often the reload watcher looks at `INDEX_ROOT/CURRENT` and `MODEL_DIR/model.json`.
     pub reload_interval_ms: u64,
-    /// Largest accepted request message, in bytes (larger ones get `RESOURCE_EXHAUSTED`).
+    /// Largest accepted request message, in bytes (larger ones get `OUT_OF_RANGE`).
     pub max_message_bytes: usize,
     /// Deadline of a request whose client sets none; a client's `grpc-timeout` may only shorten it.
     pub request_timeout_ms: u64,

@@ -7,7 +7,9 @@
 //!
 //! Data flow: features → towers → indexer → **server** → gRPC clients.
 
+pub mod bench;
 pub mod catalog;
+pub mod client;
 pub mod commit;
 pub mod config;
 pub mod convert;

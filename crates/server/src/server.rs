@@ -76,6 +76,21 @@ impl Running {
         self.wait().await
     }
 
+    /// Serves until `signal` completes (then shuts down gracefully) or the server fails.
+    pub async fn run_until(mut self, signal: impl std::future::Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            _ = signal => {
+                if let Some(stop) = self.stop.take() {
+                    let _ = stop.send(());
+                }
+            }
+            r = &mut self.task => {
+                return r.map_err(|e| Error::Transport(format!("server task failed: {e}")))?;
+            }
+        }
+        self.wait().await
+    }
+
     /// Waits until the server ends (after [`stop`](Self::stop) or a serving error).
     pub async fn wait(self) -> Result<()> {
         self.task

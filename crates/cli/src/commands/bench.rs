@@ -9,8 +9,9 @@ use clap::{Args, Subcommand};
 pub enum BenchCommand {
     /// Training examples/s, FLOPs per example and the fraction of the machine's matmul peak.
     Train(BenchTrainArgs),
-    /// Load test of a running server (not built yet).
-    Serve,
+    /// Load test of a running server: Recommend/s and latency percentiles (closed loop with
+    /// --concurrency, or open loop at a fixed --rate), with RecordEvents alongside.
+    Serve(super::serve::BenchServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -55,6 +56,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             println!("{json}");
             Ok(())
         }
-        BenchCommand::Serve => anyhow::bail!("`twotower bench serve` is not built yet"),
+        BenchCommand::Serve(args) => super::serve::bench(args),
     }
 }

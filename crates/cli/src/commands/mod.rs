@@ -4,6 +4,8 @@ pub mod bench;
 pub mod eval;
 pub mod index;
 pub mod prepare;
+pub mod recommend;
+pub mod serve;
 pub mod train;
 
 /// Parses `--device`, turning the library error into a CLI error.

@@ -1,0 +1,228 @@
+//! `twotower serve` and `twotower bench serve`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use server::bench::{BenchOptions, Load};
+use server::client::ClientOptions;
+use server::{ServeConfig, ServeOptions, TlsFiles};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The trained model directory (`twotower train --out`). Watched: a new model.json is loaded
+    /// once an index built with it is published.
+    #[arg(long)]
+    model: PathBuf,
+    /// INDEX_ROOT (`twotower index --out`). Its CURRENT file is watched; a new version is loaded,
+    /// checked and swapped in without downtime.
+    #[arg(long)]
+    index: PathBuf,
+    /// The prepared data (DATA_DIR): users' histories and item popularity start from its
+    /// events.parquet and users.parquet.
+    #[arg(long)]
+    data: PathBuf,
+    /// gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    addr: SocketAddr,
+    /// Prometheus `/metrics` listen address.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_addr: SocketAddr,
+    /// Do not serve metrics.
+    #[arg(long)]
+    no_metrics: bool,
+    /// Serving settings (TOML): a file of settings, or a pipeline file's [serve] table.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where recorded events are logged (default: next to INDEX_ROOT, `<INDEX_ROOT>.events.log`).
+    /// Keep it: it is replayed at start-up.
+    #[arg(long)]
+    event_log: Option<PathBuf>,
+    /// TLS certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// File holding a bearer token every Recommender call must carry (health stays open).
+    #[arg(long)]
+    auth_token_file: Option<PathBuf>,
+    /// Where the user tower runs: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn default_event_log(index: &Path) -> PathBuf {
+    let mut name = index
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "index".into());
+    name.push(".events.log");
+    index.with_file_name(name)
+}
+
+fn options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
+    let config = match &args.config {
+        Some(p) => ServeConfig::from_toml_file(p)
+            .with_context(|| format!("reading serving settings from {}", p.display()))?,
+        None => ServeConfig::default(),
+    };
+    let auth_token = match &args.auth_token_file {
+        Some(p) => Some(server::client::read_token(p).context("reading --auth-token-file")?),
+        None => None,
+    };
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        _ => None,
+    };
+    Ok(ServeOptions {
+        event_log: args
+            .event_log
+            .unwrap_or_else(|| default_event_log(&args.index)),
+        model_dir: args.model,
+        index_root: args.index,
+        data_dir: args.data,
+        addr: args.addr,
+        metrics_addr: (!args.no_metrics).then_some(args.metrics_addr),
+        tls,
+        auth_token,
+        device: super::device(&args.device)?,
+        config,
+    })
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let opts = options(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("grpc")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let running = server::start(opts.clone()).await.with_context(|| {
+            format!(
+                "starting the server (model {}, index {}, data {})",
+                opts.model_dir.display(),
+                opts.index_root.display(),
+                opts.data_dir.display()
+            )
+        })?;
+        tracing::info!(
+            addr = %running.addr,
+            metrics = ?running.metrics_addr,
+            event_log = %opts.event_log.display(),
+            "listening; SIGTERM or Ctrl-C stops gracefully"
+        );
+        running.run_until(server::shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct BenchServeArgs {
+    /// Server URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Closed loop: this many callers, each sending the next request when the last answered.
+    #[arg(long, conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Open loop: requests per second on a fixed schedule; latency counts from each scheduled time.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// A prepared DATA_DIR to draw real user and item ids from (else user ids 1..=1000).
+    #[arg(long)]
+    users_from: Option<PathBuf>,
+    #[arg(short, long, default_value_t = 10)]
+    k: u32,
+    /// Share of Recommend requests with inline events.
+    #[arg(long, default_value_t = 0.2)]
+    inline_fraction: f64,
+    /// Concurrent RecordEvents callers alongside the load (0: none).
+    #[arg(long, default_value_t = 1)]
+    recorders: usize,
+    /// Events per RecordEvents request.
+    #[arg(long, default_value_t = 100)]
+    record_batch: usize,
+    /// gRPC connections to spread the load over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    #[arg(long)]
+    auth_token_file: Option<PathBuf>,
+    /// CA certificate (PEM) for an https:// server.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Also write the JSON report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
+    let load = match (args.concurrency, args.rate) {
+        (Some(c), None) if c > 0 => Load::Closed { concurrency: c },
+        (None, Some(r)) if r > 0.0 && r.is_finite() => Load::Open { rate: r },
+        (None, None) => anyhow::bail!("give --concurrency C (closed loop) or --rate R (open loop)"),
+        _ => anyhow::bail!("--concurrency must be at least 1 and --rate a positive number"),
+    };
+    if !(args.duration > 0.0 && args.duration.is_finite()) {
+        anyhow::bail!("--duration must be a positive number of seconds");
+    }
+    let token = match &args.auth_token_file {
+        Some(p) => Some(server::client::read_token(p).context("reading --auth-token-file")?),
+        None => None,
+    };
+    let opts = BenchOptions {
+        client: ClientOptions {
+            url: args.addr.clone(),
+            token,
+            ca: args.tls_ca,
+            timeout: Some(Duration::from_secs(10)),
+        },
+        load,
+        duration: Duration::from_secs_f64(args.duration),
+        users_from: args.users_from,
+        k: args.k,
+        inline_fraction: args.inline_fraction,
+        recorders: args.recorders,
+        record_batch: args.record_batch,
+        connections: args.connections,
+        seed: args.seed,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = runtime
+        .block_on(server::bench::run(opts))
+        .with_context(|| format!("benchmarking {}", args.addr))?;
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(out) = &args.out {
+        std::fs::write(out, &json).with_context(|| format!("writing {}", out.display()))?;
+    }
+    println!("{json}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_event_log_defaults_next_to_the_index_root() {
+        assert_eq!(
+            default_event_log(Path::new("/work/index")),
+            Path::new("/work/index.events.log")
+        );
+        assert_eq!(
+            default_event_log(Path::new("idx/")),
+            Path::new("idx.events.log")
+        );
+    }
+}
