@@ -2,6 +2,7 @@
 
 mod harness;
 mod index;
+mod pipeline;
 mod prepare;
 mod serve;
 mod subcommands;

@@ -27,12 +27,3 @@ fn unknown_subcommand_fails_with_usage() {
     let err = Dir::new().command(&["frobnicate"]).fails();
     assert!(err.contains("frobnicate") && err.contains("Usage"), "{err}");
 }
-
-#[test]
-fn stages_not_built_yet_say_so_and_fail() {
-    let dir = Dir::new();
-    for args in [&["pipeline"][..]] {
-        let err = dir.command(args).fails();
-        assert!(err.contains("not built yet"), "{args:?}: {err}");
-    }
-}

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 mod omp;
+mod pipeline;
 mod progress;
 mod rss;
 
@@ -39,8 +40,8 @@ enum Command {
     Recommend(commands::recommend::RecommendArgs),
     /// Check that a running server is SERVING (exit status 0 if so).
     Health(commands::recommend::HealthArgs),
-    /// Run prepare, train and index from a pipeline file.
-    Pipeline,
+    /// Run prepare, train and index from a pipeline file, skipping stages that are up to date.
+    Pipeline(commands::pipeline::PipelineArgs),
     /// Measure training or serving speed.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -63,7 +64,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => commands::serve::run(args),
         Command::Recommend(args) => commands::recommend::run(args),
         Command::Health(args) => commands::recommend::health(args),
-        Command::Pipeline => not_built("pipeline"),
+        Command::Pipeline(args) => commands::pipeline::run(args),
         Command::Bench(cmd) => commands::bench::run(cmd),
     };
     match result {
@@ -73,8 +74,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn not_built(name: &str) -> anyhow::Result<()> {
-    anyhow::bail!("`twotower {name}` is not built yet")
 }

@@ -122,6 +122,15 @@ struct MergeArgs {
 }
 
 pub fn run(args: IndexArgs) -> anyhow::Result<()> {
+    if let Some(manifest) = execute(args)? {
+        println!("{}", serde_json::to_string_pretty(&manifest)?);
+    }
+    Ok(())
+}
+
+/// Runs the job, reports it on stderr, and returns the published manifest (`None` for a shard
+/// job, whose description it prints).
+pub fn execute(args: IndexArgs) -> anyhow::Result<Option<indexer::Manifest>> {
     let manifest = match args.command {
         Some(IndexCommand::Add(a)) => {
             let opts = AddOptions {
@@ -166,21 +175,21 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
                 let info = indexer::embed_shard(&opts, &Bars::new())
                     .with_context(|| format!("embedding shard into {}", opts.out.display()))?;
                 println!("{}", serde_json::to_string_pretty(&info)?);
-                return Ok(());
+                return Ok(None);
             }
             indexer::build_index(&opts, &Bars::new())
                 .with_context(|| format!("building the index in {}", opts.out.display()))?
         }
     };
     eprintln!(
-        "published index version {} ({} items, {}, nprobe {}, recall@10 {:.3} and recall@100 {:.3} vs exact)",
+        "published index version {} ({} items, {}, nprobe {}, recall@10 {:.3} and recall@100 {:.3} vs exact; peak RSS {:.0} MiB)",
         manifest.version,
         manifest.count,
         manifest.factory,
         manifest.nprobe.map_or("-".into(), |n| n.to_string()),
         manifest.recall_at_10_vs_exact,
-        manifest.recall_at_100_vs_exact
+        manifest.recall_at_100_vs_exact,
+        crate::rss::peak_rss_mib().unwrap_or(f64::NAN)
     );
-    println!("{}", serde_json::to_string_pretty(&manifest)?);
-    Ok(())
+    Ok(Some(manifest))
 }

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod eval;
 pub mod index;
+pub mod pipeline;
 pub mod prepare;
 pub mod recommend;
 pub mod serve;

@@ -75,8 +75,24 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         &Bars::new(),
     )
     .with_context(|| format!("training on {}", args.data.display()))?;
-    let get = |m: &trainer::eval::Metrics, k: &str| m.get(k).copied().unwrap_or(f64::NAN);
     println!("model written to {}", args.out.display());
+    print_metrics(&report);
+    println!(
+        "{} epochs (best {}), {:.0} examples/s on {}, {:.1} s, peak RSS {:.0} MiB",
+        report.train.epochs,
+        report.train.best_epoch,
+        report.train.examples_per_sec,
+        report.train.device,
+        report.train.seconds,
+        crate::rss::peak_rss_mib().unwrap_or(f64::NAN)
+    );
+    Ok(())
+}
+
+/// The test metrics of a training report next to the popularity baseline (and cold/warm items
+/// when the data holds cold items).
+pub fn print_metrics(report: &trainer::TrainReport) {
+    let get = |m: &trainer::eval::Metrics, k: &str| m.get(k).copied().unwrap_or(f64::NAN);
     println!(
         "{:<22} {:>10} {:>10} {:>10}",
         "test (full ranking)", "recall@10", "ndcg@10", "recall@50"
@@ -108,14 +124,4 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             get(warm, "recall@50")
         );
     }
-    println!(
-        "{} epochs (best {}), {:.0} examples/s on {}, {:.1} s, peak RSS {:.0} MiB",
-        report.train.epochs,
-        report.train.best_epoch,
-        report.train.examples_per_sec,
-        report.train.device,
-        report.train.seconds,
-        crate::rss::peak_rss_mib().unwrap_or(f64::NAN)
-    );
-    Ok(())
 }
