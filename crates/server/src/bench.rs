@@ -99,7 +99,12 @@ fn load_pool(dir: Option<&PathBuf>) -> Result<Pool> {
     })
 }
 
-fn recommend_request(pool: &Pool, rng: &mut impl Rng, k: u32, inline: f64) -> proto::RecommendRequest {
+fn recommend_request(
+    pool: &Pool,
+    rng: &mut impl Rng,
+    k: u32,
+    inline: f64,
+) -> proto::RecommendRequest {
     let user = pool.users[rng.random_range(0..pool.users.len())];
     let events = if !pool.items.is_empty() && rng.random_bool(inline.clamp(0.0, 1.0)) {
         let now = now_ms();
@@ -125,7 +130,11 @@ fn recommend_request(pool: &Pool, rng: &mut impl Rng, k: u32, inline: f64) -> pr
 
 fn record_request(pool: &Pool, rng: &mut impl Rng, n: usize) -> proto::RecordEventsRequest {
     let now = now_ms();
-    let items = if pool.items.is_empty() { &[1u64][..] } else { &pool.items[..] };
+    let items = if pool.items.is_empty() {
+        &[1u64][..]
+    } else {
+        &pool.items[..]
+    };
     let users = (0..n)
         .map(|i| proto::UserEvents {
             user_id: pool.users[rng.random_range(0..pool.users.len())],
@@ -225,7 +234,11 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
                 lat.extend(l);
                 errors += e;
             }
-            (lat, errors, format!("closed loop, concurrency {concurrency}"))
+            (
+                lat,
+                errors,
+                format!("closed loop, concurrency {concurrency}"),
+            )
         }
         Load::Open { rate } => {
             if !(rate > 0.0 && rate.is_finite()) {

@@ -134,15 +134,14 @@ pub fn fixture() -> &'static Fixture {
             .map(|i| (i.item_id, i))
             .collect();
         let events = features::read_table::<Event>(&layout.events()).unwrap();
-        let f = Fixture {
+        Fixture {
             _dir: dir,
             data,
             model,
             index,
             items,
             events,
-        };
-        f
+        }
     })
 }
 

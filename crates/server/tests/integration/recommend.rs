@@ -155,9 +155,10 @@ async fn category_and_id_filters_hold_exactly_and_never_return_fewer_than_pass()
         .iter()
         .map(|c| c.0)
         .find(|c| {
-            f.items.values().any(|i| {
-                i.categories.iter().any(|x| *x == include) && i.categories.iter().any(|x| x == c)
-            }) && *c != include
+            f.items
+                .values()
+                .any(|i| i.categories.contains(&include) && i.categories.iter().any(|x| x == c))
+                && *c != include
         })
         .unwrap()
         .to_string();
