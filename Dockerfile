@@ -16,6 +16,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends libopenblas0 li
 COPY --from=builder /opt/libtorch/torch/lib /opt/libtorch/torch/lib
 COPY --from=builder /src/target/release/twotower /usr/local/bin/twotower
 COPY pipelines /app/pipelines
+COPY deploy /app/deploy
 ENV PIP_BREAK_SYSTEM_PACKAGES=1 OMP_WAIT_POLICY=PASSIVE
 WORKDIR /work
 EXPOSE 50051 9464

@@ -1,5 +1,6 @@
 //! Integration tests of the `twotower` binary, run as a user would run it.
 
+mod compose;
 mod harness;
 mod index;
 mod pipeline;

@@ -1,0 +1,166 @@
+//! Static check of the docker compose stack. No Docker engine runs on our build machines, so
+//! this is what stands between the compose file and a broken `docker compose up`:
+//! `docker compose config` when the docker CLI exists, and always a parse of the YAML whose
+//! services, volumes and commands are checked against the real `twotower` CLI.
+
+use std::path::Path;
+use std::process::Command;
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+fn compose() -> Yaml {
+    let text = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    YamlLoader::load_from_str(&text).unwrap().remove(0)
+}
+
+fn strings(y: &Yaml) -> Vec<String> {
+    y.as_vec()
+        .unwrap_or_else(|| panic!("expected a list: {y:?}"))
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `twotower ARGS --help` exits 0 only if every subcommand and flag in ARGS exists (clap stops
+/// with exit status 2 at the first unknown one).
+fn assert_real_command(argv: &[String]) {
+    assert_eq!(argv[0], "twotower", "{argv:?}");
+    let out = Command::new(env!("CARGO_BIN_EXE_twotower"))
+        .args(&argv[1..])
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{argv:?} is not a valid twotower command:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn docker_compose_config_accepts_the_file_when_docker_exists() {
+    // The compose plugin (`docker compose`) or the standalone `docker-compose`, if either runs.
+    let runs = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let (program, prefix): (&str, &[&str]) = if runs("docker", &["compose", "version"]) {
+        ("docker", &["compose"])
+    } else if runs("docker-compose", &["version"]) {
+        ("docker-compose", &[])
+    } else {
+        eprintln!("no docker compose here: the YAML checks below are the whole check");
+        return;
+    };
+    let out = Command::new(program)
+        .args(prefix)
+        .args(["config", "--quiet"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn services_volumes_and_commands_match_the_cli() {
+    let doc = compose();
+    let services = &doc["services"];
+    let volumes = doc["volumes"].as_hash().expect("top-level volumes");
+
+    // pipeline: the one-shot batch job into the named volume.
+    let pipeline = &services["pipeline"];
+    assert!(
+        pipeline["build"].as_str().is_some(),
+        "pipeline builds the image"
+    );
+    let cmd = strings(&pipeline["command"]);
+    assert_eq!(&cmd[1..3], ["pipeline", "run"], "{cmd:?}");
+    assert_real_command(&cmd);
+    let pipeline_file = cmd[3]
+        .strip_prefix("/app/")
+        .expect("pipelines are copied to /app");
+    assert!(repo().join(pipeline_file).is_file(), "{pipeline_file}");
+
+    // server: after the pipeline succeeded, on the same volume, with a gRPC health check.
+    let server = &services["server"];
+    assert_eq!(
+        server["depends_on"]["pipeline"]["condition"].as_str(),
+        Some("service_completed_successfully")
+    );
+    let cmd = strings(&server["command"]);
+    assert_eq!(cmd[1], "serve");
+    assert_real_command(&cmd);
+    let ports = strings(&server["ports"]);
+    for (flag, port) in [("--addr", "50051"), ("--metrics-addr", "9464")] {
+        let i = cmd.iter().position(|a| a == flag).unwrap();
+        assert!(cmd[i + 1].ends_with(port), "{flag} {}", cmd[i + 1]);
+        assert!(ports.contains(&format!("{port}:{port}")), "{ports:?}");
+    }
+    let health = strings(&server["healthcheck"]["test"]);
+    assert_eq!(health[0], "CMD");
+    assert_eq!(health[2], "health");
+    assert_real_command(&health[1..]);
+
+    // Every named volume a service mounts is declared, and both batch and server share /work.
+    for (name, service) in services.as_hash().unwrap() {
+        let Some(mounts) = service["volumes"].as_vec() else {
+            continue;
+        };
+        for m in mounts {
+            let source = m.as_str().unwrap().split(':').next().unwrap();
+            if source.starts_with('.') || source.starts_with('/') {
+                assert!(
+                    repo().join(source).exists(),
+                    "{name:?}: bind mount {source} missing"
+                );
+            } else {
+                assert!(
+                    volumes.contains_key(&Yaml::String(source.into())),
+                    "{name:?}: volume {source} undeclared"
+                );
+            }
+        }
+    }
+    let work = |s: &Yaml| {
+        strings(&s["volumes"])
+            .iter()
+            .any(|v| v == "twotower-work:/work")
+    };
+    assert!(work(pipeline) && work(server));
+
+    // prometheus scrapes the server's metrics port.
+    let prometheus = &services["prometheus"];
+    assert_eq!(
+        prometheus["depends_on"]["server"]["condition"].as_str(),
+        Some("service_healthy")
+    );
+    let scrape = std::fs::read_to_string(repo().join("deploy/prometheus.yml")).unwrap();
+    assert!(scrape.contains("server:9464"), "{scrape}");
+}
+
+#[test]
+fn the_documented_reindex_command_is_real() {
+    let text = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("docker compose run --rm pipeline twotower index"))
+        .expect("the compose file documents re-indexing");
+    let argv: Vec<String> = line
+        .split("pipeline ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_real_command(&argv);
+}
