@@ -64,11 +64,7 @@ fn serve_answers_recommend_health_and_bench_then_stops_on_sigterm() {
     ])
     .ok();
     std::fs::write(dir.join("token"), "tok-123\n").unwrap();
-    std::fs::write(
-        dir.join("serve.toml"),
-        "[serve]\nreload_interval_ms = 200\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("serve.toml"), "reload_interval_ms = 200\n").unwrap();
 
     let (port, metrics_port) = (free_port(), free_port());
     let addr = format!("127.0.0.1:{port}");

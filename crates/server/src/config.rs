@@ -1,6 +1,5 @@
-//! Tunable serving settings: built-in defaults, then `--config FILE` (TOML; a pipeline file's
-//! `[serve]` table or a file of these fields at the top level). Paths and addresses are flags of
-//! `twotower serve`, not settings.
+//! Tunable serving settings: built-in defaults, then `--config FILE` (TOML, these fields at the
+//! top level). Paths and addresses are flags of `twotower serve`, not settings.
 
 use std::path::Path;
 
@@ -56,12 +55,15 @@ impl Default for ServeConfig {
     }
 }
 
-/// Top-level tables that mark a pipeline file (whose `[serve]` table, if any, is ours).
+/// Top-level tables that mark a pipeline file (`pipelines/*.toml`).
 const PIPELINE_TABLES: [&str; 5] = ["prepare", "train", "index", "serve", "pipeline"];
 
 impl ServeConfig {
-    /// Reads a TOML file: the `[serve]` table of a pipeline file (defaults when it has none), or
-    /// these fields at the top level. Unknown keys are rejected.
+    /// Reads a TOML file of these settings at the top level. Unknown keys are rejected.
+    ///
+    /// A pipeline file's `[serve]` table holds the *flags* of `twotower serve` (the pipeline
+    /// runner turns them into arguments), not these settings: given a pipeline file, the settings
+    /// are the defaults. Put settings in their own file and name it with `config = "..."` there.
     pub fn from_toml_file(path: &Path) -> Result<ServeConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let bad = |e: toml::de::Error| Error::BadFile {
@@ -70,16 +72,7 @@ impl ServeConfig {
         };
         let value: toml::Table = toml::from_str(&text).map_err(bad)?;
         let cfg: ServeConfig = if PIPELINE_TABLES.iter().any(|t| value.contains_key(*t)) {
-            match value.get("serve") {
-                Some(toml::Value::Table(serve)) => serve.clone().try_into().map_err(bad)?,
-                Some(_) => {
-                    return Err(Error::BadFile {
-                        path: path.to_path_buf(),
-                        reason: "`serve` must be a table".into(),
-                    })
-                }
-                None => ServeConfig::default(),
-            }
+            ServeConfig::default()
         } else {
             value.try_into().map_err(bad)?
         };
@@ -132,7 +125,7 @@ mod tests {
     }
 
     #[test]
-    fn serve_table_and_top_level_fields_parse_and_unknown_keys_fail() {
+    fn top_level_fields_parse_pipeline_files_give_defaults_and_unknown_keys_fail() {
         let tmp = tempfile::tempdir().unwrap();
         let write = |name: &str, text: &str| {
             let p = tmp.path().join(name);
@@ -143,11 +136,11 @@ mod tests {
         assert_eq!(top.encoder_workers, 3);
         let pipe = write(
             "b.toml",
-            "[train]\nepochs = 1\n[serve]\nmax_overfetch = 99\n",
+            "[train]\nepochs = 1\n[serve]\naddr = \"127.0.0.1:1\"\n",
         );
         assert_eq!(
-            ServeConfig::from_toml_file(&pipe).unwrap().max_overfetch,
-            99
+            ServeConfig::from_toml_file(&pipe).unwrap(),
+            ServeConfig::default()
         );
         let err = ServeConfig::from_toml_file(&write("c.toml", "nope = 1\n")).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");

@@ -33,7 +33,7 @@ pub struct ServeArgs {
     /// Do not serve metrics.
     #[arg(long)]
     no_metrics: bool,
-    /// Serving settings (TOML): a file of settings, or a pipeline file's [serve] table.
+    /// Serving settings (TOML): reload interval, limits, worker threads (docs/operations.md).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Where recorded events are logged (default: next to INDEX_ROOT, `<INDEX_ROOT>.events.log`).
