@@ -17,6 +17,21 @@ pub struct PipelineArgs {
 enum PipelineCommand {
     /// Run prepare, train and index from FILE (e.g. pipelines/ml-100k.toml) into --workdir.
     Run(RunArgs),
+    /// Serve the pipeline's model and index with the flags of its [serve] table.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The pipeline file.
+    file: PathBuf,
+    /// The --workdir of `pipeline run`.
+    #[arg(long)]
+    workdir: PathBuf,
+    /// More `twotower serve` flags, after `--` (they override the [serve] table), e.g.
+    /// `-- --addr 127.0.0.1:50052`.
+    #[arg(last = true)]
+    serve_flags: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -35,7 +50,13 @@ struct RunArgs {
 }
 
 pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
-    let PipelineCommand::Run(a) = args.command;
+    let a = match args.command {
+        PipelineCommand::Run(a) => a,
+        PipelineCommand::Serve(s) => {
+            let file = PipelineFile::load(&s.file)?;
+            return pipeline::serve(&file, &s.workdir, &s.serve_flags);
+        }
+    };
     let file = PipelineFile::load(&a.file)?;
     let outcomes = pipeline::run(&file, &a.workdir, a.force.as_deref(), &a.device)?;
     let dirs = Workdir(a.workdir.clone());

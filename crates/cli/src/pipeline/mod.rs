@@ -200,6 +200,35 @@ fn run_stage(stage: &str, file: &PipelineFile, dirs: &Workdir, device: &str) -> 
     }
 }
 
+/// Starts `twotower serve` on the pipeline's outputs with the flags of its `[serve]` table
+/// (plus `extra` flags, which come later and so override them).
+pub fn serve(file: &PipelineFile, workdir: &Path, extra: &[String]) -> anyhow::Result<()> {
+    let dirs = Workdir(workdir.to_path_buf());
+    if !outputs_exist("index", &dirs) {
+        bail!(
+            "{}: no index yet; run `twotower pipeline run {} --workdir {}` first",
+            workdir.display(),
+            file.path.display(),
+            workdir.display()
+        );
+    }
+    // Flags given here replace the table's.
+    let mut table = file.serve.clone();
+    for flag in extra.iter().filter_map(|a| a.strip_prefix("--")) {
+        table.remove(&flag.split('=').next().unwrap_or(flag).replace('-', "_"));
+    }
+    let mut argv = flags(&table)?;
+    for (flag, dir) in [
+        ("--model", dirs.model()),
+        ("--index", dirs.index()),
+        ("--data", dirs.data()),
+    ] {
+        argv.extend([flag.to_string(), dir.display().to_string()]);
+    }
+    argv.extend(extra.iter().cloned());
+    crate::commands::serve::run(parse("serve", argv)?)
+}
+
 /// Parses a stage's arguments exactly as the CLI would.
 fn parse<T: Args>(name: &str, argv: Vec<String>) -> anyhow::Result<T> {
     #[derive(Parser)]
