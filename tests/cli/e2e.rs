@@ -150,6 +150,41 @@ fn pipeline_serve_recommend_and_a_cold_start_item_after_hot_reload() {
     assert!(reply.items.windows(2).all(|w| w[0].score >= w[1].score));
     let first_version = reply.index_version.clone();
 
+    // The CLI client, with the user's recent titles read from the data (what `make demo` shows).
+    let user = users[0].user_id.to_string();
+    let out = dir
+        .command(&[
+            "recommend",
+            "--addr",
+            &url,
+            "--user",
+            &user,
+            "-k",
+            "3",
+            "--history-from",
+            "w/data",
+            "--history",
+            "2",
+        ])
+        .ok();
+    let events: Vec<features::Event> =
+        features::read_table(&dir.join("w/data/events.parquet")).unwrap();
+    let last = events
+        .iter()
+        .filter(|e| e.user_id == users[0].user_id)
+        .max_by_key(|e| (e.ts_ms, e.item_id))
+        .unwrap();
+    let title = &items
+        .iter()
+        .find(|i| Some(i.item_id) == last.item_id)
+        .unwrap()
+        .title;
+    assert!(
+        out.contains(&format!("user {user} recently: ")) && out.contains(title.as_str()),
+        "{out}"
+    );
+    assert!(out.contains(&reply.items[0].title), "{out}");
+
     // A brand-new item, with a category no other item has, joins the index without retraining.
     let new_item = features::Item {
         item_id: 9_000_001,

@@ -63,6 +63,13 @@ pub struct RecommendArgs {
     /// Print the response as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// A prepared dataset (DATA_DIR) to print the user's last --history item titles from,
+    /// above the recommendations (read locally, not from the server).
+    #[arg(long, requires = "user")]
+    history_from: Option<PathBuf>,
+    /// How many of the user's most recent items to print with --history-from.
+    #[arg(long, default_value_t = 5)]
+    history: usize,
 }
 
 pub fn run(args: RecommendArgs) -> anyhow::Result<()> {
@@ -90,12 +97,58 @@ pub fn run(args: RecommendArgs) -> anyhow::Result<()> {
             .map(|r| r.into_inner())
             .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))
     })?;
+    if let (Some(data), Some(user)) = (&args.history_from, args.user) {
+        let titles = recent_titles(data, user, args.history)
+            .with_context(|| format!("reading user {user}'s history from {}", data.display()))?;
+        println!(
+            "user {user} recently: {}",
+            if titles.is_empty() {
+                "(nothing)".into()
+            } else {
+                titles.join(" | ")
+            }
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&to_json(&reply))?);
     } else {
         print!("{}", table(&reply));
     }
     Ok(())
+}
+
+/// Titles of the user's `n` most recent item events in DATA_DIR, most recent first.
+fn recent_titles(data: &std::path::Path, user: u64, n: usize) -> anyhow::Result<Vec<String>> {
+    let layout = features::prepare::DataLayout(data.to_path_buf());
+    let mut events: Vec<features::Event> = Vec::new();
+    for batch in features::TableReader::<features::Event>::open(&layout.events())? {
+        events.extend(
+            batch?
+                .into_iter()
+                .filter(|e| e.user_id == user && e.item_id.is_some()),
+        );
+    }
+    features::splits::sort_user_events(&mut events);
+    let wanted: std::collections::HashSet<u64> = events
+        .iter()
+        .rev()
+        .take(n)
+        .filter_map(|e| e.item_id)
+        .collect();
+    let mut titles = std::collections::HashMap::new();
+    for batch in features::TableReader::<features::Item>::open(&layout.items())? {
+        for item in batch? {
+            if wanted.contains(&item.item_id) {
+                titles.insert(item.item_id, item.title);
+            }
+        }
+    }
+    Ok(events
+        .iter()
+        .rev()
+        .take(n)
+        .filter_map(|e| titles.get(&e.item_id?).cloned())
+        .collect())
 }
 
 fn to_json(r: &proto::RecommendResponse) -> serde_json::Value {
