@@ -257,7 +257,10 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
                 .await;
             let _ = down_tx.send(true);
         };
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // TCP_NODELAY: without it, small responses wait for the peer's delayed ACK (~40 ms on
+        // Linux), which measured as a 48 ms p50 against 6 ms spent in the handler.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let serve = router.serve_with_incoming_shutdown(incoming, signal);
         let mut down = down_rx.clone();
         let served = tokio::select! {
