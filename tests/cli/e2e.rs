@@ -3,14 +3,13 @@
 //! brand-new item that the running server hot-reloads and retrieves.
 
 use std::collections::HashSet;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use server::client::{connect, ClientOptions};
 use server::proto;
 
-use crate::harness::Dir;
+use crate::harness::{free_port, Dir, Server};
 
 const PIPELINE: &str = r#"
 [prepare]
@@ -36,23 +35,6 @@ history_len = 10
 [index]
 keep = 2
 "#;
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn json(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
@@ -250,22 +232,6 @@ fn pipeline_serve_recommend_and_a_cold_start_item_after_hot_reload() {
     assert!(similar.items.iter().all(|i| catalog.contains(&i.item_id)));
 
     // SIGTERM stops it cleanly.
-    let pid = server.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = server.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "server did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = server.terminate();
     assert!(status.success(), "{status}");
 }

@@ -2,7 +2,8 @@
 //! directory, and a failure prints the command, its output and the directory listing.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 /// `twotower prepare` of `items.csv` and `events.csv` in a test's directory into `data`.
 pub const PREPARE_FILES: [&str; 9] = [
@@ -16,6 +17,50 @@ pub const PREPARE_FILES: [&str; 9] = [
     "--out",
     "data",
 ];
+
+/// The smallest model that still trains meaningfully: a training config for `--config`.
+pub const TINY_MODEL: &str = "epochs = 1\nbatch_size = 128\nwarmup_steps = 5\n[tower]\ndim = 16\ntoken_dim = 16\ngru_hidden = 16\nitem_hidden = [32]\nuser_hidden = [32]\nhistory_len = 10\n";
+
+/// A loopback port nobody listens on (right now).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `twotower serve` process, killed if a test fails before stopping it.
+pub struct Server(pub Child);
+
+impl Server {
+    /// Sends SIGTERM and waits (at most 30 s) for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let kill = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let started = Instant::now();
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// A temporary working directory and the `twotower` binary under test.
 pub struct Dir {

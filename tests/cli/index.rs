@@ -2,9 +2,7 @@
 //! catalog: what gets published, and that every bad input fails with a clear message while
 //! the published version stays current.
 
-use crate::harness::Dir;
-
-const TINY_MODEL: &str = "epochs = 1\nbatch_size = 128\nwarmup_steps = 5\n[tower]\ndim = 16\ntoken_dim = 16\ngru_hidden = 16\nitem_hidden = [32]\nuser_hidden = [32]\nhistory_len = 10\n";
+use crate::harness::{Dir, TINY_MODEL};
 
 /// Synthetic data in `data` (seeded) and a one-epoch model in `model`.
 fn data_and_model(dir: &Dir, data: &str, model: &str, seed: &str) {

@@ -1,31 +1,10 @@
 //! `twotower serve`, `recommend`, `health` and `bench serve` end to end: a real server process on
 //! loopback ports, asked by the client commands, stopped by SIGTERM with its event log flushed.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::Dir;
-
-const TINY_MODEL: &str = "epochs = 1\nbatch_size = 128\nwarmup_steps = 5\n[tower]\ndim = 16\ntoken_dim = 16\ngru_hidden = 16\nitem_hidden = [32]\nuser_hidden = [32]\nhistory_len = 10\n";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Kills the server if a test fails before stopping it.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::harness::{free_port, Dir, Server, TINY_MODEL};
 
 #[test]
 fn serve_answers_recommend_health_and_bench_then_stops_on_sigterm() {
@@ -239,22 +218,7 @@ fn serve_answers_recommend_health_and_bench_then_stops_on_sigterm() {
     assert!(open["requests"].as_u64().unwrap() >= 40, "{open}");
 
     // SIGTERM: a graceful stop with exit status 0, the event log flushed next to the index.
-    let kill = Command::new("kill")
-        .args(["-TERM", &server.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = server.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = server.terminate();
     assert!(status.success(), "{status}");
     let log = std::fs::metadata(dir.join("idx.events.log")).unwrap();
     assert!(log.len() > 8, "recorded events are in the log");
