@@ -48,7 +48,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    omp::ensure_passive_wait_policy();
+    omp::ensure_thread_environment();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

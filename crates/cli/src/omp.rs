@@ -1,16 +1,35 @@
-//! OpenMP wait policy for FAISS.
+//! Thread-pool environment for FAISS, OpenMP and OpenBLAS.
 //!
-//! libgomp reads `OMP_WAIT_POLICY` once, in a constructor that runs before `main`, so setting the
-//! variable from Rust is too late for this process. Spinning OpenMP threads made FAISS searches
-//! 3-4x slower on 2 cores (docs/benchmarks.md), so when the user has not chosen a policy we set
-//! `PASSIVE` and re-execute ourselves once. An explicit `OMP_WAIT_POLICY` is always respected.
+//! libgomp and OpenBLAS read their settings once, in constructors that run before `main`, so
+//! setting the variables from Rust is too late for this process. When the user has not chosen,
+//! we set them and re-execute ourselves once:
+//!
+//! - `OMP_WAIT_POLICY=PASSIVE` always: spinning OpenMP threads made FAISS searches 3-4x slower
+//!   on 2 cores (docs/benchmarks.md).
+//! - `OPENBLAS_NUM_THREADS=1` for `serve`: serving runs many tiny matrix products from several
+//!   threads at once, and OpenBLAS's own pool only added wake-ups and `sched_yield` spinning
+//!   (a quarter of the server's CPU in a profile); with it, closed-loop Recommend/s rose from
+//!   2,264 to 2,626 and the open-loop p99 at 1,000/s fell from 73 ms to 9 ms (docs/benchmarks.md).
+//!   Batch jobs keep OpenBLAS's threads: FAISS's k-means needs them.
+//!
+//! An explicit setting of either variable is always respected.
 
 use std::os::unix::process::CommandExt;
 
-/// Re-executes the current binary with `OMP_WAIT_POLICY=PASSIVE` unless the variable is set.
-/// Falls through silently (keeping the default policy) if the re-exec is impossible.
-pub fn ensure_passive_wait_policy() {
-    if std::env::var_os("OMP_WAIT_POLICY").is_some() {
+/// Re-executes the current binary with the settings above unless they are already set.
+/// Falls through silently (keeping the defaults) if the re-exec is impossible.
+pub fn ensure_thread_environment() {
+    let args: Vec<String> = std::env::args().skip(1).take(2).collect();
+    let serving = args.first().map(String::as_str) == Some("serve")
+        || args.iter().map(String::as_str).eq(["pipeline", "serve"]);
+    let mut missing: Vec<(&str, &str)> = Vec::new();
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+        missing.push(("OMP_WAIT_POLICY", "PASSIVE"));
+    }
+    if serving && std::env::var_os("OPENBLAS_NUM_THREADS").is_none() {
+        missing.push(("OPENBLAS_NUM_THREADS", "1"));
+    }
+    if missing.is_empty() {
         return;
     }
     let Ok(exe) = std::env::current_exe() else {
@@ -18,8 +37,8 @@ pub fn ensure_passive_wait_policy() {
     };
     let err = std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
-        .env("OMP_WAIT_POLICY", "PASSIVE")
+        .envs(missing.iter().copied())
         .exec();
-    // exec only returns on failure; carry on with the default policy.
-    eprintln!("warning: could not re-execute with OMP_WAIT_POLICY=PASSIVE: {err}");
+    // exec only returns on failure; carry on with the defaults.
+    eprintln!("warning: could not re-execute with {missing:?}: {err}");
 }
