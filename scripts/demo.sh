@@ -8,7 +8,7 @@
 #   5. a clean stop (SIGTERM: drain, flush the event log).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bin=${TWOTOWER_BIN:-target/release/twotower}
+bin=${TWOTOWER_BIN:-${CARGO_TARGET_DIR:-target}/release/twotower}
 work=${TWOTOWER_WORKDIR:-work/ml-100k}
 pipeline=pipelines/ml-100k.toml
 port=${TWOTOWER_PORT:-50051}
