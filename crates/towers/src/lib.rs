@@ -3,7 +3,10 @@
 //! The item encoder (content only, so a new item is embedded at once) and the user encoder
 //! (a GRU over recent events plus context), both ending in unit vectors whose dot product,
 //! divided by a temperature, scores a user against an item. Trainer, indexer and server all call
-//! the same forward methods. This crate is the only one that knows the model's layers.
+//! the same forward methods. This crate is the only one that knows the model's layers, and so it
+//! also owns the model's saved form ([`artifact`]: `model.json`, weights checksum, the vocabulary
+//! copy) and the one way prepared examples become model inputs ([`dataset`]), which every later
+//! stage shares.
 //!
 //! Data flow: features → **towers** → trainer / indexer → server.
 //!
