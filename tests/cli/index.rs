@@ -129,9 +129,11 @@ fn bad_inputs_fail_clearly_and_leave_current_untouched() {
     assert!(err.contains("IVFbogus"), "{err}");
     let err = build(&["--factory", "IVF1000,Flat"]);
     assert!(
-        err.contains("nlist 1000 is larger than the 400 items"),
+        err.contains("nlist 1000 must be between 1 and the 400 items"),
         "{err}"
     );
+    let err = build(&["--factory", "IVF0,Flat"]);
+    assert!(err.contains("nlist 0 must be between 1"), "{err}");
     let err = build(&["--nprobe", "0"]);
     assert!(err.contains("--nprobe"), "{err}");
 
@@ -185,6 +187,61 @@ fn bad_inputs_fail_clearly_and_leave_current_untouched() {
         "{err}"
     );
 
+    // The same id added and removed in one call.
+    features::write_table(&dir.join("one.parquet"), &[item(5001)]).unwrap();
+    std::fs::write(dir.join("rm.txt"), "5001\n").unwrap();
+    let err = dir
+        .command(&[
+            "index",
+            "add",
+            "--items",
+            "one.parquet",
+            "--remove",
+            "rm.txt",
+            "--model",
+            "model",
+            "--index",
+            "idx",
+        ])
+        .fails();
+    assert!(
+        err.contains("item 5001 is both in --items and in --remove"),
+        "{err}"
+    );
+    let err = dir
+        .command(&[
+            "index",
+            "add",
+            "--items",
+            "one.parquet",
+            "--model",
+            "model",
+            "--index",
+            "idx",
+            "--factory",
+            "Flat",
+        ])
+        .fails();
+    assert!(
+        err.contains("--factory applies to `twotower index` only"),
+        "{err}"
+    );
+    // An id FAISS cannot store.
+    features::write_table(&dir.join("huge.parquet"), &[item(u64::MAX)]).unwrap();
+    let err = dir
+        .command(&[
+            "index",
+            "add",
+            "--items",
+            "huge.parquet",
+            "--model",
+            "model",
+            "--index",
+            "idx",
+        ])
+        .fails();
+    assert!(err.contains("the largest id FAISS can store"), "{err}");
+
     // Removing every item would publish an empty catalog.
     let items: Vec<features::Item> = features::read_table(&dir.join("data/items.parquet")).unwrap();
     let ids: String = items.iter().map(|i| format!("{}\n", i.item_id)).collect();
@@ -217,6 +274,18 @@ fn bad_inputs_fail_clearly_and_leave_current_untouched() {
     assert!(err.contains("model.safetensors"), "{err}");
 
     assert_eq!(current(&dir), before);
-    let versions = std::fs::read_dir(dir.join("idx")).unwrap().count();
-    assert_eq!(versions, 2, "only CURRENT and the one version");
+    let mut entries: Vec<String> = std::fs::read_dir(dir.join("idx"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(
+        entries.len(),
+        3,
+        "CURRENT, the job lock and the one version: {entries:?}"
+    );
+    assert!(
+        entries.contains(&".lock".to_string()) && entries.contains(&"CURRENT".to_string()),
+        "{entries:?}"
+    );
 }

@@ -19,9 +19,10 @@ use std::os::unix::process::CommandExt;
 /// Re-executes the current binary with the settings above unless they are already set.
 /// Falls through silently (keeping the defaults) if the re-exec is impossible.
 pub fn ensure_thread_environment() {
-    let args: Vec<String> = std::env::args().skip(1).take(2).collect();
-    let serving = args.first().map(String::as_str) == Some("serve")
-        || args.iter().map(String::as_str).eq(["pipeline", "serve"]);
+    // args_os: a non-UTF-8 argument is the argument parser's to report, not a panic here.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).take(2).collect();
+    let serving = args.first().is_some_and(|a| a == "serve")
+        || (args.len() == 2 && args[0] == "pipeline" && args[1] == "serve");
     let mut missing: Vec<(&str, &str)> = Vec::new();
     if std::env::var_os("OMP_WAIT_POLICY").is_none() {
         missing.push(("OMP_WAIT_POLICY", "PASSIVE"));

@@ -67,10 +67,16 @@ pub fn add_items(opts: &AddOptions) -> Result<Manifest> {
         Some(path) => read_ids(path)?,
         None => HashSet::new(),
     };
+    if let Some(id) = new_ids.intersection(&removed).next() {
+        return Err(Error::invalid(format!(
+            "item {id} is both in --items and in --remove: say which you mean"
+        )));
+    }
     let dropped = |id: &u64| new_ids.contains(id) || removed.contains(id);
 
     let root = IndexRoot::new(&opts.index);
     let version = new_version(&current.version);
+    let _lock = root.lock()?;
     let staging = root.stage(&version)?;
     let dir = staging.path().to_path_buf();
     let start = Instant::now();

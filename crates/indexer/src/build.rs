@@ -69,6 +69,7 @@ pub fn build_index(opts: &BuildOptions, progress: &dyn Progress) -> Result<Manif
     let vocabs = model.vocabularies()?;
     let root = IndexRoot::new(&opts.out);
     let version = new_version(&model.info.weights_sha256);
+    let _lock = root.lock()?;
     let staging = root.stage(&version)?;
     let dir = staging.path().to_path_buf();
     let layout = DataLayout(opts.data.clone());
@@ -122,6 +123,11 @@ pub fn embed_shard(opts: &BuildOptions, progress: &dyn Progress) -> Result<Shard
     let model = load_model_for(&opts.data, &opts.model, opts.device)?;
     let vocabs = model.vocabularies()?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    // shard.json marks a complete shard: remove an old one before rewriting its files.
+    let marker = opts.out.join("shard.json");
+    if marker.exists() {
+        std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
+    }
     let layout = DataLayout(opts.data.clone());
     let start = Instant::now();
     let mut items = TableWriter::<Item>::create(&opts.out.join("items.parquet"))?;
@@ -170,6 +176,7 @@ pub fn merge_shards(opts: &MergeOptions, _progress: &dyn Progress) -> Result<Man
     let mut embed_seconds: f64 = 0.0;
     let root = IndexRoot::new(&opts.out);
     let version = new_version(&model.info.weights_sha256);
+    let _lock = root.lock()?;
     let staging = root.stage(&version)?;
     let dir = staging.path().to_path_buf();
     let mut items = TableWriter::<Item>::create(&dir.join("items.parquet"))?;
@@ -199,6 +206,14 @@ pub fn merge_shards(opts: &MergeOptions, _progress: &dyn Progress) -> Result<Man
         }
         embed_seconds = embed_seconds.max(info.embed_seconds);
         let e = Embeddings::read(&shard_dir.join("embeddings.parquet"))?;
+        if e.len() != info.count {
+            return Err(Error::invalid(format!(
+                "{}: shard.json says {} items, embeddings.parquet holds {}: rerun this shard",
+                shard_dir.display(),
+                info.count,
+                e.len()
+            )));
+        }
         match &mut all {
             None => all = Some(e),
             Some(a) => a.extend(&e),

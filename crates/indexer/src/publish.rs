@@ -109,6 +109,13 @@ pub fn publish_version(
             staged.source.display()
         )));
     }
+    if let Some(id) = emb.ids.iter().find(|&&id| id > crate::vector_index::MAX_ID) {
+        return Err(Error::invalid(format!(
+            "item id {id} in {} is above {}, the largest id FAISS can store",
+            staged.source.display(),
+            crate::vector_index::MAX_ID
+        )));
+    }
     let row_of = emb.row_of().map_err(|id| {
         Error::invalid(format!(
             "duplicate item id {id} in {}: every item must appear once",
@@ -123,9 +130,9 @@ pub fn publish_version(
                 .clone()
                 .unwrap_or_else(|| default_factory(n));
             if let Some(nlist) = factory_nlist(&factory) {
-                if nlist > n {
+                if nlist == 0 || nlist > n {
                     return Err(Error::invalid(format!(
-                        "factory `{factory}`: nlist {nlist} is larger than the {n} items; use at most {n} lists (the default for this catalog is `{}`)",
+                        "factory `{factory}`: nlist {nlist} must be between 1 and the {n} items (the default for this catalog is `{}`)",
                         default_factory(n)
                     )));
                 }
@@ -225,8 +232,15 @@ pub fn publish_version(
     };
     manifest.write(&staged.dir.join("manifest.json"))?;
     let dir = staged.root.publish(&staged.dir, &staged.version)?;
-    let removed = staged.root.collect_garbage(settings.keep)?;
-    tracing::info!(version = %manifest.version, dir = %dir.display(), removed = removed.len(), "published");
+    // Published: a failed clean-up must not turn the job into a failure.
+    match staged.root.collect_garbage(settings.keep) {
+        Ok(removed) => {
+            tracing::info!(version = %manifest.version, dir = %dir.display(), removed = removed.len(), "published")
+        }
+        Err(e) => {
+            tracing::warn!(version = %manifest.version, "published, but old versions were not collected: {e}")
+        }
+    }
     Ok(manifest)
 }
 

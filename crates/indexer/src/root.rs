@@ -80,6 +80,29 @@ impl IndexRoot {
         Ok(versions)
     }
 
+    /// Takes the root's job lock (`INDEX_ROOT/.lock`) for as long as the guard lives: one job
+    /// at a time builds, adds to or collects in a root, so garbage collection never removes a
+    /// staging directory another job is still writing. A second job fails at once, naming the
+    /// lock, rather than waiting.
+    pub fn lock(&self) -> Result<RootLock> {
+        std::fs::create_dir_all(&self.0).map_err(|e| Error::io(&self.0, e))?;
+        let path = self.0.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(RootLock(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::invalid(format!(
+                "{}: another indexing job is running on this index root (it holds the lock); try again when it ends",
+                path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+        }
+    }
+
     /// Creates (or empties) the staging directory of a new version. Checks first that the root
     /// is writable, so an unwritable output fails before any work is done.
     pub fn stage(&self, version: &str) -> Result<StagingDir> {
@@ -149,6 +172,10 @@ impl IndexRoot {
         Ok(removed)
     }
 }
+
+/// Holds `INDEX_ROOT/.lock`; released when dropped (or when the process dies).
+#[derive(Debug)]
+pub struct RootLock(#[allow(dead_code)] std::fs::File);
 
 /// A version being built. Dropped before it is published (the job failed), it removes itself;
 /// a job killed outright leaves it for the next job's [`IndexRoot::collect_garbage`].
@@ -236,6 +263,20 @@ mod tests {
         assert!(!staged_path.exists());
         root.set_current(&b).unwrap();
         assert_eq!(root.collect_garbage(1).unwrap(), vec![a]);
+    }
+
+    #[test]
+    fn one_job_at_a_time_holds_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = IndexRoot::new(tmp.path().join("idx"));
+        let held = root.lock().unwrap();
+        let err = root.lock().unwrap_err().to_string();
+        assert!(
+            err.contains(".lock") && err.contains("another indexing job"),
+            "{err}"
+        );
+        drop(held);
+        root.lock().unwrap();
     }
 
     #[test]

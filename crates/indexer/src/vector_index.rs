@@ -68,9 +68,7 @@ impl VectorIndex {
     }
 
     fn wrap(inner: IndexImpl, dim: usize) -> VectorIndex {
-        let ptr = inner.inner_ptr();
-        // SAFETY: `ptr` is a live index; the cast returns null for non-IVF indexes.
-        let ivf = unsafe { sys::faiss_IndexIVF_cast(ptr) };
+        let ivf = find_ivf(inner.inner_ptr());
         let (nlist, nprobe) = if ivf.is_null() {
             (None, None)
         } else {
@@ -120,9 +118,7 @@ impl VectorIndex {
 
     /// Sets the nprobe used when a search names none; saved with the index.
     pub fn set_default_nprobe(&mut self, nprobe: usize) -> Result<()> {
-        let ptr = self.inner.inner_ptr();
-        // SAFETY: as in `wrap`.
-        let ivf = unsafe { sys::faiss_IndexIVF_cast(ptr) };
+        let ivf = find_ivf(self.inner.inner_ptr());
         if ivf.is_null() {
             return Err(Error::invalid("nprobe only applies to IVF indexes"));
         }
@@ -141,9 +137,14 @@ impl VectorIndex {
         })
     }
 
-    /// Adds vectors under their item ids.
+    /// Adds vectors under their item ids (at most 2^63 - 1: FAISS ids are signed).
     pub fn add(&mut self, ids: &[u64], vectors: &[f32]) -> Result<()> {
         debug_assert_eq!(ids.len() * self.dim, vectors.len());
+        if let Some(id) = ids.iter().find(|&&id| id > MAX_ID) {
+            return Err(Error::invalid(format!(
+                "item id {id} is above {MAX_ID}, the largest id FAISS can store"
+            )));
+        }
         let ids: Vec<Idx> = ids.iter().map(|&i| Idx::new(i)).collect();
         self.inner
             .add_with_ids(vectors, &ids)
@@ -244,6 +245,27 @@ impl VectorIndex {
             });
         }
         Ok(Self::wrap(inner, dim))
+    }
+}
+
+/// Largest item id an index can hold (FAISS ids are `i64`, and -1 means "none").
+pub const MAX_ID: u64 = i64::MAX as u64;
+
+/// The inverted-file index inside `ptr`, looking through pre-transforms (`OPQ16_64,IVF…`);
+/// null when there is none.
+fn find_ivf(ptr: *mut sys::FaissIndex) -> *mut sys::FaissIndexIVF {
+    // SAFETY: `ptr` is a live index owned by the caller; the casts return null on mismatch, and
+    // a pre-transform's inner index lives as long as the pre-transform.
+    unsafe {
+        let ivf = sys::faiss_IndexIVF_cast(ptr);
+        if !ivf.is_null() {
+            return ivf;
+        }
+        let pre = sys::faiss_IndexPreTransform_cast(ptr);
+        if pre.is_null() {
+            return std::ptr::null_mut();
+        }
+        find_ivf(sys::faiss_IndexPreTransform_index(pre))
     }
 }
 

@@ -153,7 +153,7 @@ fn a_build_failing_between_stages_leaves_current_valid() {
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
+        .filter(|n| n.starts_with(".staging-"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }

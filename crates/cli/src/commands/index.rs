@@ -133,6 +133,9 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
 pub fn execute(args: IndexArgs) -> anyhow::Result<Option<indexer::Manifest>> {
     let manifest = match args.command {
         Some(IndexCommand::Add(a)) => {
+            if a.publish.factory.is_some() {
+                anyhow::bail!("`index add` keeps the current version's trained index: --factory applies to `twotower index` only");
+            }
             let opts = AddOptions {
                 index: a.index.clone(),
                 model: a.model.clone(),

@@ -38,12 +38,12 @@ impl PipelineFile {
         file.path = path.to_path_buf();
         for (table, reserved) in [
             (&file.prepare, &["out"][..]),
-            (&file.index, &["data", "model", "out"]),
+            (&file.index, &["data", "model", "out", "shard"]),
             (&file.serve, &["data", "model", "index"]),
         ] {
             if let Some(key) = reserved.iter().find(|k| table.contains_key(**k)) {
                 bail!(
-                    "{}: `{key}` is set by the pipeline runner from --workdir; remove it",
+                    "{}: `{key}` is set by the pipeline runner (paths come from --workdir; shard jobs run as `twotower index --shard`); remove it",
                     path.display()
                 );
             }
