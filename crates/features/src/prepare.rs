@@ -137,7 +137,7 @@ pub fn prepare_raw(
 
     let features: HashMap<u64, Vec<String>> = users_by_id(users, &provenance)?;
     progress.start("sorting events", None);
-    events.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    events.sort_by_key(|e| e.user_id);
     progress.finish();
 
     let mut writer = DatasetWriter::create(out, cfg, provenance)?;

@@ -78,7 +78,7 @@ pub fn embed_items(
             pending.push(item);
             if pending.len() == batch_size {
                 embed_batch(&pending, model, vocabs, &mut out)?;
-                if let Some(w) = items_out.as_deref_mut() {
+                if let Some(w) = &mut items_out {
                     w.write(&pending)?;
                 }
                 progress.advance(pending.len() as u64);
@@ -88,7 +88,7 @@ pub fn embed_items(
     }
     if !pending.is_empty() {
         embed_batch(&pending, model, vocabs, &mut out)?;
-        if let Some(w) = items_out.as_deref_mut() {
+        if let Some(w) = &mut items_out {
             w.write(&pending)?;
         }
         progress.advance(pending.len() as u64);

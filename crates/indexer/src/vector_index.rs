@@ -166,7 +166,7 @@ impl VectorIndex {
     /// The `k` best items for each query (row-major, `dim` wide), probing `nprobe` lists (IVF
     /// only; `None` uses the default). Safe to call from many threads at once.
     pub fn search(&self, queries: &[f32], k: usize, nprobe: Option<usize>) -> Result<Hits> {
-        if queries.len() % self.dim != 0 {
+        if !queries.len().is_multiple_of(self.dim) {
             return Err(Error::invalid(format!(
                 "query buffer of {} floats is not a multiple of dim {}",
                 queries.len(),

@@ -171,7 +171,7 @@ fn index_add_makes_a_new_item_retrievable_and_replaces_or_removes_by_id() {
         created_at_ms: None,
     };
     let items = tmp.path().join("new.parquet");
-    features::write_table(&items, &[new_item.clone()]).unwrap();
+    features::write_table(&items, std::slice::from_ref(&new_item)).unwrap();
     let add = AddOptions {
         index: tmp.path().to_path_buf(),
         model: model.clone(),

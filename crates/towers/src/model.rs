@@ -243,7 +243,7 @@ mod tests {
             ..users()[0].clone()
         };
         let alone = model.encode_users(
-            &UserBatchHost::new(&[short.clone()], &model.config).to_device(Device::Cpu),
+            &UserBatchHost::new(std::slice::from_ref(&short), &model.config).to_device(Device::Cpu),
             &iv,
             false,
         );

@@ -145,7 +145,7 @@ pub fn bench_train(
             };
             loss.backward();
             opt.step(cfg.lr, cfg.grad_clip);
-            let _ = tch::no_grad(|| last.shallow_clone().copy_(&loss.detach()));
+            tch::no_grad(|| last.shallow_clone().copy_(&loss.detach()));
             timed += 1;
             if timed == warmup {
                 let _ = last.double_value(&[]);
