@@ -38,16 +38,11 @@ fn fixture() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
         )
         .unwrap();
         let model = dir.path().join("model");
-        let mut config = trainer::TrainConfig {
+        let config = trainer::TrainConfig {
             epochs: 1,
+            tower: towers::TowerConfig::small(32),
             ..Default::default()
         };
-        config.tower.dim = 32;
-        config.tower.token_dim = 32;
-        config.tower.gru_hidden = 32;
-        config.tower.item_hidden = vec![64];
-        config.tower.user_hidden = vec![64];
-        config.tower.history_len = 10;
         trainer::train(
             trainer::TrainOptions {
                 data: data.clone(),

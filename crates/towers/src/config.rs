@@ -103,6 +103,20 @@ impl Default for TowerConfig {
 }
 
 impl TowerConfig {
+    /// A narrow model: `width`-wide embeddings, GRU and output, hidden layers twice as wide, the
+    /// GRU reading 10 events. It trains in seconds on small data: for smoke runs and tests.
+    pub fn small(width: i64) -> TowerConfig {
+        TowerConfig {
+            dim: width,
+            token_dim: width,
+            gru_hidden: width,
+            item_hidden: vec![2 * width],
+            user_hidden: vec![2 * width],
+            history_len: 10,
+            ..TowerConfig::default()
+        }
+    }
+
     /// Checks that the configuration can build a network. Names the offending field.
     pub fn validate(&self) -> crate::Result<()> {
         let positive = [

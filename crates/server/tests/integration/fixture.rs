@@ -104,17 +104,12 @@ pub fn fixture() -> &'static Fixture {
         )
         .unwrap();
         let model = dir.path().join("model");
-        let mut config = trainer::TrainConfig {
+        let config = trainer::TrainConfig {
             epochs: 1,
             batch_size: 128,
+            tower: towers::TowerConfig::small(16),
             ..Default::default()
         };
-        config.tower.dim = 16;
-        config.tower.token_dim = 16;
-        config.tower.gru_hidden = 16;
-        config.tower.item_hidden = vec![32];
-        config.tower.user_hidden = vec![32];
-        config.tower.history_len = 10;
         trainer::train(
             trainer::TrainOptions {
                 data: data.clone(),
