@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, FixedSizeListArray, Float32Array, RecordBatch, UInt64Array};
 use arrow::datatypes::{DataType, Float32Type, UInt64Type};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
@@ -127,12 +126,7 @@ impl Embeddings {
     /// Reads `path`, checking the table name, schema version, vector width and that every value
     /// is present and finite.
     pub fn read(path: &Path) -> Result<Embeddings> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let builder =
-            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| Error::Parquet {
-                file: path.to_path_buf(),
-                source,
-            })?;
+        let builder = crate::table::open_parquet(path)?;
         let meta = builder.schema().metadata();
         if meta.get(META_TABLE).map(String::as_str) != Some("embeddings") {
             return Err(Error::bad_file(

@@ -261,12 +261,7 @@ impl<T: Table> TableReader<T> {
 
     /// Opens only the given row groups (for sharded jobs); `None` reads all.
     pub fn open_row_groups(path: &Path, row_groups: Option<Vec<usize>>) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let builder =
-            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| Error::Parquet {
-                file: path.to_path_buf(),
-                source,
-            })?;
+        let builder = open_parquet(path)?;
         let meta = builder.schema().metadata();
         if let Some(version) = meta.get(META_SCHEMA_VERSION) {
             if version != SCHEMA_VERSION {
@@ -313,13 +308,16 @@ impl<T: Table> TableReader<T> {
 
 /// Number of row groups in a Parquet file.
 pub fn row_group_count(path: &Path) -> Result<usize> {
+    Ok(open_parquet(path)?.metadata().num_row_groups())
+}
+
+/// Opens a Parquet file for reading, naming the file in any error.
+pub(crate) fn open_parquet(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| Error::Parquet {
-            file: path.to_path_buf(),
-            source,
-        })?;
-    Ok(builder.metadata().num_row_groups())
+    ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| Error::Parquet {
+        file: path.to_path_buf(),
+        source,
+    })
 }
 
 impl<T: Table> Iterator for TableReader<T> {
