@@ -51,15 +51,6 @@ fn load_model_for(data: &Path, model: &Path, device: Device) -> Result<LoadedMod
     Ok(loaded)
 }
 
-fn model_ref(model: &LoadedModel) -> ModelRef {
-    ModelRef {
-        version: model.info.version.clone(),
-        weights_sha256: model.info.weights_sha256.clone(),
-        vocab_checksum: model.info.vocab_checksum.clone(),
-        model_json: model.dir.join("model.json").display().to_string(),
-    }
-}
-
 /// Embeds the whole catalog and publishes a new version under `opts.out`.
 pub fn build_index(opts: &BuildOptions, progress: &dyn Progress) -> Result<Manifest> {
     if opts.shard.is_some() {
@@ -145,7 +136,7 @@ pub fn embed_shard(opts: &BuildOptions, progress: &dyn Progress) -> Result<Shard
     let info = ShardInfo {
         shard: shard.to_string(),
         count: embeddings.len(),
-        model: model_ref(&model),
+        model: ModelRef::of(&model),
         data: opts.data.display().to_string(),
         embed_seconds: start.elapsed().as_secs_f64(),
     };

@@ -21,6 +21,22 @@ pub struct ModelRef {
     pub model_json: String,
 }
 
+impl ModelRef {
+    /// The reference to a loaded model, with the absolute path of its `model.json`.
+    pub fn of(model: &towers::LoadedModel) -> ModelRef {
+        let json = model.dir.join("model.json");
+        ModelRef {
+            version: model.info.version.clone(),
+            weights_sha256: model.info.weights_sha256.clone(),
+            vocab_checksum: model.info.vocab_checksum.clone(),
+            model_json: std::path::absolute(&json)
+                .unwrap_or(json)
+                .display()
+                .to_string(),
+        }
+    }
+}
+
 /// Recall of the index against exact inner-product search on a query sample.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NprobeRecall {

@@ -2,7 +2,7 @@
 //! train and fill the FAISS index, measure its recall, write the files into the staging
 //! directory, publish, and collect old versions.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use features::Embeddings;
@@ -197,18 +197,12 @@ pub fn publish_version(
     settings.checkpoint("write")?;
     staged.seconds.write = start.elapsed().as_secs_f64();
 
-    let info = &staged.model.info;
     let manifest = Manifest {
         format: MANIFEST_FORMAT.into(),
         version: staged.version.clone(),
         created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         parent: staged.parent.clone(),
-        model: ModelRef {
-            version: info.version.clone(),
-            weights_sha256: info.weights_sha256.clone(),
-            vocab_checksum: info.vocab_checksum.clone(),
-            model_json: absolute(&staged.model.dir.join("model.json")),
-        },
+        model: ModelRef::of(staged.model),
         dim: emb.dim,
         metric: "inner_product".into(),
         count: n,
@@ -290,13 +284,6 @@ fn training_sample(emb: &Embeddings, nlist: Option<usize>, seed: u64) -> Vec<f32
         out.extend_from_slice(emb.vector(r));
     }
     out
-}
-
-fn absolute(path: &Path) -> String {
-    std::path::absolute(path)
-        .unwrap_or_else(|_| path.to_path_buf())
-        .display()
-        .to_string()
 }
 
 #[cfg(test)]

@@ -127,7 +127,7 @@ impl IndexRoot {
         sync_dir(staged)?;
         let dir = self.version_dir(version);
         std::fs::rename(staged, &dir).map_err(|e| Error::io(&dir, e))?;
-        sync_dir(&self.0)?;
+        features::fsutil::sync_parent(&dir)?;
         self.set_current(version)?;
         Ok(dir)
     }
