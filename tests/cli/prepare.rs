@@ -52,6 +52,31 @@ fn own_csv_files_become_a_dataset() {
 }
 
 #[test]
+fn ties_within_a_second_follow_the_chosen_order() {
+    // User 9 views items 3 then 1 in the same second, after item 2.
+    let csv = events(&["9,5000,view,3,,", "9,1000,view,2,,", "9,5000,view,1,,"]);
+    for (ties, test_target, valid_target) in [("item-id", 3, 1), ("source", 1, 3)] {
+        let dir = Dir::new();
+        prepare_files(&dir, &csv, &["--ties", ties]).ok();
+        let data = dir.join("data");
+        let test: Vec<features::Example> =
+            features::read_table(&data.join("splits/test.parquet")).unwrap();
+        let valid: Vec<features::Example> =
+            features::read_table(&data.join("splits/valid.parquet")).unwrap();
+        assert_eq!(test[0].target_item_id, test_target, "--ties {ties}");
+        assert_eq!(valid[0].target_item_id, valid_target, "--ties {ties}");
+        // Nothing of the target's own second is history, whichever order.
+        let history: Vec<_> = test[0].history.iter().map(|h| h.item_id).collect();
+        assert_eq!(history, [Some(2)], "--ties {ties}");
+        let info = std::fs::read_to_string(data.join("dataset.json")).unwrap();
+        assert!(
+            info.contains(&format!("\"ties\": \"{}\"", ties.replace('-', "_"))),
+            "{info}"
+        );
+    }
+}
+
+#[test]
 fn each_bad_row_is_named_and_nothing_is_left_behind() {
     let cases: [(&str, &str, &str); 5] = [
         ("7,1000,click,1,,", "event_type", "unknown event type"),

@@ -137,9 +137,11 @@ pub fn prepare_raw(
 
     let features: HashMap<u64, Vec<String>> = users_by_id(users, &provenance)?;
     progress.start("sorting events", None);
+    // Stable: each user's events keep the source order, which `TieOrder::Source` relies on.
     events.sort_by_key(|e| e.user_id);
     progress.finish();
 
+    let ties = cfg.split.ties;
     let mut writer = DatasetWriter::create(out, cfg, provenance)?;
     writer.counts.skipped_rows = skipped;
     progress.start("writing items", Some(items.len() as u64));
@@ -159,7 +161,7 @@ pub fn prepare_raw(
         let n = rest.iter().take_while(|e| e.user_id == user_id).count();
         let (mine, tail) = rest.split_at_mut(n);
         rest = tail;
-        splits::sort_user_events(mine);
+        splits::sort_user_events(mine, ties);
         let user = User {
             user_id,
             features: features.get(&user_id).cloned().unwrap_or_default(),
@@ -235,7 +237,7 @@ where
         for (i, e) in events.iter().enumerate() {
             check_event_item(e, &ids, &provenance.events_label, i + 1)?;
         }
-        splits::sort_user_events(&mut events);
+        splits::sort_user_events(&mut events, cfg.split.ties);
         writer.add_user(&user, &events)?;
         progress.advance(events.len() as u64);
     }

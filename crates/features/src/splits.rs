@@ -18,7 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::records::{hour_and_weekday, Event, Example, HistoryEvent};
+use crate::records::{hour_and_weekday, Event, EventType, Example, HistoryEvent};
 use crate::tokenizer::stable_hash;
 
 /// How targets are assigned to train, valid and test.
@@ -35,10 +35,66 @@ pub enum SplitStrategy {
     },
 }
 
+/// How one user's events at the same timestamp are ordered.
+///
+/// Order matters at ties because leave-last-out takes the *last* target as the test example.
+/// MovieLens users rate many movies within one second, so the choice decides which movie is held
+/// out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TieOrder {
+    /// Searches first, then ascending item id: the same order whatever order the source lists
+    /// events in. In MovieLens, ids grow with the date a movie was added, so the held-out test
+    /// target leans towards obscure movies.
+    #[default]
+    ItemId,
+    /// The order of the source (a stable sort by time), as RecBole orders interactions. The
+    /// MovieLens files list ratings in random order, so ties are broken at random.
+    Source,
+}
+
+/// An event as the canonical order sees it: its time, and what breaks ties by item id.
+/// Implemented by [`Event`] here and by the server's stored events, so both order alike.
+pub trait Timed {
+    fn ts_ms(&self) -> i64;
+    /// Searches (no item) first, then item id, type and query: every field, so the order is
+    /// total and equal keys mean equal events.
+    fn tie_key(&self) -> (bool, Option<u64>, EventType, Option<&str>);
+}
+
+impl Timed for Event {
+    fn ts_ms(&self) -> i64 {
+        self.ts_ms
+    }
+    fn tie_key(&self) -> (bool, Option<u64>, EventType, Option<&str>) {
+        (
+            self.item_id.is_some(),
+            self.item_id,
+            self.event_type,
+            self.query.as_deref(),
+        )
+    }
+}
+
+impl TieOrder {
+    /// Compares two events of one user in canonical order: by time, then by this tie order.
+    /// `Equal` under `Source` means "keep the order they came in", so sort with a stable sort.
+    pub fn compare<E: Timed>(self, a: &E, b: &E) -> std::cmp::Ordering {
+        let by_time = a.ts_ms().cmp(&b.ts_ms());
+        match self {
+            TieOrder::Source => by_time,
+            TieOrder::ItemId => by_time.then_with(|| a.tie_key().cmp(&b.tie_key())),
+        }
+    }
+}
+
 /// Settings of example building, recorded in `dataset.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SplitConfig {
     pub strategy: SplitStrategy,
+    /// Order of events at equal timestamps (absent in older `dataset.json`: item id).
+    #[serde(default)]
+    pub ties: TieOrder,
     /// Maximum number of history events per example (L).
     pub history_len: usize,
     /// Fraction of items held out entirely as cold items (0 = none).
@@ -51,6 +107,7 @@ impl Default for SplitConfig {
     fn default() -> Self {
         SplitConfig {
             strategy: SplitStrategy::LeaveLastOut,
+            ties: TieOrder::ItemId,
             history_len: 50,
             cold_items: 0.0,
             seed: 42,
@@ -89,25 +146,10 @@ impl Split {
     }
 }
 
-/// The canonical order of one user's events: by time, then searches first, then ascending item
-/// id — so among items at equal timestamps the largest id comes last.
-pub fn sort_user_events(events: &mut [Event]) {
-    events.sort_by(|a, b| {
-        (
-            a.ts_ms,
-            a.item_id.is_some(),
-            a.item_id,
-            a.event_type,
-            &a.query,
-        )
-            .cmp(&(
-                b.ts_ms,
-                b.item_id.is_some(),
-                b.item_id,
-                b.event_type,
-                &b.query,
-            ))
-    });
+/// Sorts one user's events into canonical order: by time, ties as `ties` says. The sort is
+/// stable, so under [`TieOrder::Source`] events must come in source order.
+pub fn sort_user_events(events: &mut [Event], ties: TieOrder) {
+    events.sort_by(|a, b| ties.compare(a, b));
 }
 
 /// Builds the examples of one user. `events` must be sorted with [`sort_user_events`].
@@ -199,7 +241,6 @@ fn history_before(cfg: &SplitConfig, events: &[Event], pos: usize) -> Vec<Histor
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::EventType;
 
     fn ev(ts: i64, item: Option<u64>) -> Event {
         let (event_type, query) = match item {
@@ -216,8 +257,8 @@ mod tests {
         }
     }
 
-    fn collect(cfg: &SplitConfig, events: &mut Vec<Event>) -> Vec<(Split, Example)> {
-        sort_user_events(events);
+    fn collect(cfg: &SplitConfig, events: &mut [Event]) -> Vec<(Split, Example)> {
+        sort_user_events(events, cfg.ties);
         let mut out = Vec::new();
         user_examples(cfg, 1, &[], events, |s, e| out.push((s, e)));
         out
@@ -257,6 +298,36 @@ mod tests {
         let test = out.iter().find(|(s, _)| *s == Split::Test).unwrap();
         assert_eq!(test.1.target_item_id, 30, "largest id last among ties");
         assert!(test.1.history.iter().all(|h| h.item_id == Some(10)));
+    }
+
+    #[test]
+    fn source_ties_keep_the_source_order_and_never_enter_history() {
+        let cfg = SplitConfig {
+            ties: TieOrder::Source,
+            ..Default::default()
+        };
+        let mut events = vec![
+            ev(5, Some(30)),
+            ev(1, Some(10)),
+            ev(5, Some(20)),
+            ev(3, None),
+        ];
+        let out = collect(&cfg, &mut events);
+        let order: Vec<_> = events.iter().map(|e| e.item_id).collect();
+        assert_eq!(order, [Some(10), None, Some(30), Some(20)]);
+        let test = out.iter().find(|(s, _)| *s == Split::Test).unwrap();
+        assert_eq!(
+            test.1.target_item_id, 20,
+            "the source's last tie is the test target"
+        );
+        let valid = out.iter().find(|(s, _)| *s == Split::Valid).unwrap();
+        assert_eq!(valid.1.target_item_id, 30);
+        let history: Vec<_> = test.1.history.iter().map(|h| h.item_id).collect();
+        assert_eq!(
+            history,
+            [Some(10), None],
+            "ties at the target's second stay out"
+        );
     }
 
     #[test]

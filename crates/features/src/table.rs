@@ -846,6 +846,47 @@ fn read_histories(list: &ListArray, c: &Columns<'_>) -> Result<Vec<Vec<HistoryEv
     Ok(out)
 }
 
+// ------------------------------------------------------------------------------------------------
+// Lenient reading of events (used by `sources::files` with `--on-bad-rows skip`)
+
+/// Reads an events file like [`read_table`], but a row with a bad value (unknown event type,
+/// negative or missing timestamp, missing item or query, a number that does not fit) is passed
+/// to `on_skip` and left out instead of failing the whole file. File-level problems (not
+/// Parquet, a missing column, a column of the wrong type) still fail. Returns the events and
+/// the number of rows skipped.
+pub fn read_events_lenient(
+    path: &Path,
+    on_skip: &mut dyn FnMut(&Error),
+) -> Result<(Vec<Event>, u64)> {
+    // Opening through `TableReader` keeps its schema-version and table-name checks.
+    let TableReader { inner, .. } = TableReader::<Event>::open(path)?;
+    let (mut events, mut skipped, mut next_row) = (Vec::new(), 0u64, 1usize);
+    for batch in inner {
+        let batch = batch.map_err(|source| Error::Arrow {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        let first = next_row;
+        next_row += batch.num_rows();
+        if let Ok(rows) = Event::from_batch(&batch, path, first) {
+            events.extend(rows);
+            continue;
+        }
+        // Some row is bad: decode row by row (slow, but only for batches with bad rows).
+        for i in 0..batch.num_rows() {
+            match Event::from_batch(&batch.slice(i, 1), path, first + i) {
+                Ok(rows) => events.extend(rows),
+                Err(e @ Error::BadValue { .. }) => {
+                    on_skip(&e);
+                    skipped += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok((events, skipped))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -994,45 +1035,4 @@ mod tests {
         };
         assert_eq!(validate_event(&s).unwrap_err().0, "query");
     }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Lenient reading of events (used by `sources::files` with `--on-bad-rows skip`)
-
-/// Reads an events file like [`read_table`], but a row with a bad value (unknown event type,
-/// negative or missing timestamp, missing item or query, a number that does not fit) is passed
-/// to `on_skip` and left out instead of failing the whole file. File-level problems (not
-/// Parquet, a missing column, a column of the wrong type) still fail. Returns the events and
-/// the number of rows skipped.
-pub fn read_events_lenient(
-    path: &Path,
-    on_skip: &mut dyn FnMut(&Error),
-) -> Result<(Vec<Event>, u64)> {
-    // Opening through `TableReader` keeps its schema-version and table-name checks.
-    let TableReader { inner, .. } = TableReader::<Event>::open(path)?;
-    let (mut events, mut skipped, mut next_row) = (Vec::new(), 0u64, 1usize);
-    for batch in inner {
-        let batch = batch.map_err(|source| Error::Arrow {
-            file: path.to_path_buf(),
-            source,
-        })?;
-        let first = next_row;
-        next_row += batch.num_rows();
-        if let Ok(rows) = Event::from_batch(&batch, path, first) {
-            events.extend(rows);
-            continue;
-        }
-        // Some row is bad: decode row by row (slow, but only for batches with bad rows).
-        for i in 0..batch.num_rows() {
-            match Event::from_batch(&batch.slice(i, 1), path, first + i) {
-                Ok(rows) => events.extend(rows),
-                Err(e @ Error::BadValue { .. }) => {
-                    on_skip(&e);
-                    skipped += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    Ok((events, skipped))
 }

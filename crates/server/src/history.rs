@@ -13,6 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 
+use features::splits::{TieOrder, Timed};
 use features::{Event, EventType};
 
 const SHARDS: usize = 64;
@@ -35,12 +36,15 @@ impl StoredEvent {
             query: e.query.as_deref().map(Arc::from),
         }
     }
+}
 
-    /// The sort key of `features::splits::sort_user_events`: time, searches first, item id,
-    /// type, query. Serving orders histories exactly like training did.
-    fn key(&self) -> (i64, bool, Option<u64>, EventType, Option<&str>) {
+/// Serving orders histories exactly like training did: `features::splits::TieOrder`.
+impl Timed for StoredEvent {
+    fn ts_ms(&self) -> i64 {
+        self.ts_ms
+    }
+    fn tie_key(&self) -> (bool, Option<u64>, EventType, Option<&str>) {
         (
-            self.ts_ms,
             self.item_id.is_some(),
             self.item_id,
             self.event_type,
@@ -49,9 +53,10 @@ impl StoredEvent {
     }
 }
 
-/// Sorts events in the canonical order of training.
-pub fn sort_canonical(events: &mut [StoredEvent]) {
-    events.sort_by(|a, b| a.key().cmp(&b.key()));
+/// Sorts events in the canonical order of training (stable: ties under
+/// [`TieOrder::Source`] keep the order they came in).
+pub fn sort_canonical(events: &mut [StoredEvent], ties: TieOrder) {
+    events.sort_by(|a, b| ties.compare(a, b));
 }
 
 #[derive(Default)]
@@ -75,14 +80,17 @@ pub struct UserView {
 /// The in-memory history store.
 pub struct HistoryStore {
     bound: usize,
+    ties: TieOrder,
     shards: Vec<RwLock<HashMap<u64, UserState>>>,
 }
 
 impl HistoryStore {
-    /// A store that keeps each user's `bound` most recent events (the model's history length).
-    pub fn new(bound: usize) -> HistoryStore {
+    /// A store that keeps each user's `bound` most recent events (the model's history length),
+    /// ordered as the training data was (`dataset.json`'s tie order).
+    pub fn new(bound: usize, ties: TieOrder) -> HistoryStore {
         HistoryStore {
             bound: bound.max(1),
+            ties,
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
         }
     }
@@ -96,7 +104,13 @@ impl HistoryStore {
         self.bound
     }
 
-    /// Adds one event. Events may arrive out of time order; each lands in its canonical place.
+    /// How events at equal timestamps are ordered.
+    pub fn ties(&self) -> TieOrder {
+        self.ties
+    }
+
+    /// Adds one event. Events may arrive out of time order; each lands in its canonical place
+    /// (after the events it ties with under [`TieOrder::Source`]: arrival order).
     pub fn record(&self, user_id: u64, event: StoredEvent) {
         let mut shard = self
             .shard(user_id)
@@ -114,7 +128,7 @@ impl HistoryStore {
             - recent
                 .iter()
                 .rev()
-                .take_while(|e| e.key() > event.key())
+                .take_while(|e| self.ties.compare(*e, &event).is_gt())
                 .count();
         if at == 0 && recent.len() >= self.bound {
             return; // older than everything kept
@@ -183,7 +197,7 @@ mod tests {
 
     #[test]
     fn keeps_the_latest_events_in_canonical_order_and_every_seen_item() {
-        let store = HistoryStore::new(3);
+        let store = HistoryStore::new(3, TieOrder::ItemId);
         for (ts, item) in [
             (5, Some(50)),
             (1, Some(10)),
@@ -208,5 +222,15 @@ mod tests {
         assert_eq!(items, [None, Some(3), Some(9)]);
         assert_eq!(store.user_count(), 2);
         assert!(store.view(99, 10).events.is_empty());
+    }
+
+    #[test]
+    fn source_ties_keep_arrival_order() {
+        let store = HistoryStore::new(4, TieOrder::Source);
+        for (ts, item) in [(1, Some(9)), (2, Some(7)), (1, None), (1, Some(3))] {
+            store.record(8, ev(ts, item));
+        }
+        let items: Vec<_> = store.view(8, 3).events.iter().map(|e| e.item_id).collect();
+        assert_eq!(items, [Some(9), None, Some(3), Some(7)]);
     }
 }

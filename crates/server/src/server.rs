@@ -119,7 +119,10 @@ fn load(opts: &ServeOptions) -> Result<Loaded> {
             towers::artifact::short(&model.info.vocab_checksum)
         )));
     }
-    let store = Arc::new(HistoryStore::new(model.info.tower.history_len));
+    let store = Arc::new(HistoryStore::new(
+        model.info.tower.history_len,
+        data.settings.split.ties,
+    ));
     let mut counts = seed::seed(&store, &opts.data_dir)?;
     let (log, replay) = EventLog::open(&opts.event_log, |e| seed::apply(&store, &mut counts, &e))?;
     tracing::info!(

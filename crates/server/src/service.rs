@@ -185,7 +185,13 @@ async fn recommend(
             .map_or(q.ts_ms, |l| q.ts_ms.max(l.saturating_add(1)))
     };
     let history_len = snap.model.info.tower.history_len;
-    let history = merge_history(view.events, &q.events, ts_ms, history_len);
+    let history = merge_history(
+        view.events,
+        &q.events,
+        ts_ms,
+        history_len,
+        shared.store.ties(),
+    );
     let features: Vec<String> = if q.user_features.is_empty() {
         view.features.to_vec()
     } else {

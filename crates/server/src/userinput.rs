@@ -11,25 +11,40 @@
 use features::records::hour_and_weekday;
 use towers::{EventInput, UserInput};
 
+use features::splits::TieOrder;
+
 use crate::history::{sort_canonical, StoredEvent};
 use crate::snapshot::Snapshot;
 
 /// Merges stored and inline events, keeps those strictly before `ts_ms`, sorts them canonically
-/// and returns the last `history_len`.
+/// (inline after stored at a tie, when ties keep arrival order), drops inline copies of stored
+/// events and returns the last `history_len`.
 pub fn merge_history(
     stored: Vec<StoredEvent>,
     inline: &[features::Event],
     ts_ms: i64,
     history_len: usize,
+    ties: TieOrder,
 ) -> Vec<StoredEvent> {
     let mut all = stored;
     all.extend(inline.iter().map(StoredEvent::from_event));
     all.retain(|e| e.ts_ms < ts_ms);
-    sort_canonical(&mut all);
-    all.dedup();
-    let start = all.len().saturating_sub(history_len);
-    all.drain(..start);
-    all
+    sort_canonical(&mut all, ties);
+    // Copies share a timestamp but need not be adjacent when ties keep arrival order.
+    let mut merged: Vec<StoredEvent> = Vec::with_capacity(all.len());
+    for e in all {
+        let copy = merged
+            .iter()
+            .rev()
+            .take_while(|m| m.ts_ms == e.ts_ms)
+            .any(|m| *m == e);
+        if !copy {
+            merged.push(e);
+        }
+    }
+    let start = merged.len().saturating_sub(history_len);
+    merged.drain(..start);
+    merged
 }
 
 /// The tower input; `item_row`s are rows of the snapshot's index embeddings.
@@ -85,8 +100,22 @@ mod tests {
             .map(StoredEvent::from_event)
             .collect();
         let inline = [ev(3, 3), ev(5, 5), ev(9, 9), ev(4, 4)];
-        let h = merge_history(stored, &inline, 9, 3);
-        let ts: Vec<i64> = h.iter().map(|e| e.ts_ms).collect();
-        assert_eq!(ts, [3, 4, 5]);
+        for ties in [TieOrder::ItemId, TieOrder::Source] {
+            let h = merge_history(stored.clone(), &inline, 9, 3, ties);
+            let ts: Vec<i64> = h.iter().map(|e| e.ts_ms).collect();
+            assert_eq!(ts, [3, 4, 5], "{ties:?}");
+        }
+    }
+
+    #[test]
+    fn source_ties_put_inline_events_after_stored_ones_and_drop_copies() {
+        let stored: Vec<StoredEvent> = [ev(2, 8), ev(2, 6)]
+            .iter()
+            .map(StoredEvent::from_event)
+            .collect();
+        let inline = [ev(2, 1), ev(2, 8)];
+        let h = merge_history(stored, &inline, 9, 10, TieOrder::Source);
+        let items: Vec<_> = h.iter().map(|e| e.item_id.unwrap()).collect();
+        assert_eq!(items, [8, 6, 1]);
     }
 }

@@ -245,39 +245,78 @@ impl ExampleSet {
 
 /// Each user's item interactions in canonical order: what full-ranking evaluation masks.
 pub struct SeenItems {
-    by_user: HashMap<u64, Vec<(i64, u64, u32)>>,
+    /// Per user, `(item id, catalog row)` in the order of `events.parquet`.
+    by_user: HashMap<u64, Vec<(u64, u32)>>,
 }
 
 impl SeenItems {
+    /// `prepare` writes each user's events in canonical order (time, then the dataset's tie
+    /// order), so file order is the order "before" refers to, whichever tie order was chosen.
     pub fn load(events_path: &Path, catalog: &Catalog) -> Result<SeenItems> {
-        let mut by_user: HashMap<u64, Vec<(i64, u64, u32)>> = HashMap::new();
+        let mut by_user: HashMap<u64, Vec<(u64, u32)>> = HashMap::new();
         for batch in TableReader::<Event>::open(events_path)? {
             for e in batch? {
-                if let Some(&row) = e.item_id.and_then(|id| catalog.row_of.get(&id)) {
-                    by_user.entry(e.user_id).or_default().push((
-                        e.ts_ms,
-                        e.item_id.unwrap_or_default(),
-                        row,
-                    ));
+                if let Some((id, &row)) = e
+                    .item_id
+                    .and_then(|id| Some((id, catalog.row_of.get(&id)?)))
+                {
+                    by_user.entry(e.user_id).or_default().push((id, row));
                 }
             }
-        }
-        for v in by_user.values_mut() {
-            v.sort_unstable();
         }
         Ok(SeenItems { by_user })
     }
 
-    /// Catalog rows of the items the user interacted with before the target: earlier in time,
-    /// or at the same time with a smaller item id (the canonical order of `features::splits`).
-    pub fn before(
-        &self,
-        user_id: u64,
-        ts_ms: i64,
-        target_item: u64,
-    ) -> impl Iterator<Item = u32> + '_ {
+    /// Catalog rows of the items the user interacted with before the target in canonical order.
+    /// A target is the user's first interaction with its item, so "before" is everything ahead
+    /// of that item's first event.
+    pub fn before(&self, user_id: u64, target_item: u64) -> impl Iterator<Item = u32> + '_ {
         let events = self.by_user.get(&user_id).map(Vec::as_slice).unwrap_or(&[]);
-        let end = events.partition_point(|&(ts, item, _)| (ts, item) < (ts_ms, target_item));
-        events[..end].iter().map(|&(_, _, row)| row)
+        let end = events
+            .iter()
+            .position(|&(item, _)| item == target_item)
+            .unwrap_or(events.len());
+        events[..end].iter().map(|&(_, row)| row)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use features::EventType;
+
+    #[test]
+    fn seen_items_are_what_precedes_the_target_in_file_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("events.parquet");
+        let ev = |user_id, ts_ms, item| Event {
+            user_id,
+            ts_ms,
+            event_type: EventType::View,
+            item_id: Some(item),
+            query: None,
+            value: None,
+        };
+        // Source-order ties: 30 before 20 within second 5; 10 again after both.
+        let events = [
+            ev(1, 1, 10),
+            ev(1, 5, 30),
+            ev(1, 5, 20),
+            ev(2, 1, 20),
+            ev(1, 9, 10),
+        ];
+        features::write_table(&path, &events).unwrap();
+        let catalog = Catalog {
+            ids: vec![10, 20, 30],
+            tokens: Vec::new(),
+            row_of: HashMap::from([(10, 0), (20, 1), (30, 2)]),
+        };
+        let seen = SeenItems::load(&path, &catalog).unwrap();
+        let rows = |user, target| seen.before(user, target).collect::<Vec<_>>();
+        assert_eq!(rows(1, 20), [0, 2], "10 and the tie 30 came first");
+        assert_eq!(rows(1, 30), [0]);
+        assert_eq!(rows(1, 10), Vec::<u32>::new());
+        assert_eq!(rows(2, 20), Vec::<u32>::new());
+        assert_eq!(rows(3, 20), Vec::<u32>::new(), "unknown user");
     }
 }

@@ -140,7 +140,7 @@ fn rank_targets(
     let (mut rows, mut cols) = (Vec::new(), Vec::new());
     for (i, ex) in chunk.iter().enumerate() {
         let target_item = catalog.ids[ex.target_row as usize];
-        for r in seen.before(ex.user_id, ex.ts_ms, target_item) {
+        for r in seen.before(ex.user_id, target_item) {
             rows.push(i as i64);
             cols.push(r as i64);
         }

@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use features::prepare::{self, PrepareConfig, Provenance};
 use features::records::parse_time_ms;
 use features::sources::{BadRows, Source};
-use features::splits::{SplitConfig, SplitStrategy};
+use features::splits::{SplitConfig, SplitStrategy, TieOrder};
 use features::synthetic::{SyntheticConfig, SyntheticGenerator};
 use features::tokenizer::VocabConfig;
 
@@ -19,6 +19,14 @@ pub enum SplitKind {
     LeaveLastOut,
     /// Global: before --cutoff trains, then validation, then test from --test-cutoff.
     Time,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TieKind {
+    /// Searches first, then ascending item id: independent of the source's row order.
+    ItemId,
+    /// The source's row order (RecBole's protocol; random in the MovieLens files).
+    Source,
 }
 
 #[derive(Debug, Args)]
@@ -52,6 +60,9 @@ pub struct PrepareArgs {
     /// Time split: first time of the test period (default: halfway from --cutoff to the end).
     #[arg(long)]
     test_cutoff: Option<String>,
+    /// Order of one user's events within the same timestamp; leave-last-out holds out the last.
+    #[arg(long, value_enum, default_value = "item-id")]
+    ties: TieKind,
     /// Events kept in each example's history (L).
     #[arg(long, default_value_t = 50)]
     history_len: usize,
@@ -104,6 +115,10 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
     let mut cfg = PrepareConfig {
         split: SplitConfig {
             strategy,
+            ties: match args.ties {
+                TieKind::ItemId => TieOrder::ItemId,
+                TieKind::Source => TieOrder::Source,
+            },
             history_len: args.history_len,
             cold_items: args.cold_items,
             seed: args.seed,

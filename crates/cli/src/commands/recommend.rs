@@ -128,7 +128,11 @@ fn recent_titles(data: &std::path::Path, user: u64, n: usize) -> anyhow::Result<
                 .filter(|e| e.user_id == user && e.item_id.is_some()),
         );
     }
-    features::splits::sort_user_events(&mut events);
+    let ties = features::prepare::DatasetInfo::load(data)?
+        .settings
+        .split
+        .ties;
+    features::splits::sort_user_events(&mut events, ties);
     let wanted: std::collections::HashSet<u64> = events
         .iter()
         .rev()
