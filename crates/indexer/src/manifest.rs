@@ -74,6 +74,10 @@ pub struct Manifest {
     pub nlist: Option<usize>,
     /// Default nprobe: the smallest measured one reaching recall@100 ≥ 0.95, unless overridden.
     pub nprobe: Option<usize>,
+    /// Candidates fetched per wanted result and re-scored with the exact vectors
+    /// (`indexer::rerank`); 1 means none. Recall figures include it.
+    #[serde(default = "no_rerank")]
+    pub rerank: usize,
     /// Vectors the quantizer was trained on.
     pub train_vectors: usize,
     pub recall_at_10_vs_exact: f64,
@@ -86,6 +90,10 @@ pub struct Manifest {
     pub seconds: StageSeconds,
     /// Size of `index.faiss` in bytes.
     pub index_bytes: u64,
+}
+
+fn no_rerank() -> usize {
+    1
 }
 
 impl Manifest {

@@ -12,6 +12,7 @@ use towers::LoadedModel;
 use crate::error::{Error, Result};
 use crate::manifest::{Manifest, ModelRef, StageSeconds, MANIFEST_FORMAT};
 use crate::quality::{self, QuerySample};
+use crate::rerank::Searcher;
 use crate::root::IndexRoot;
 use crate::vector_index::VectorIndex;
 
@@ -22,6 +23,9 @@ pub struct PublishSettings {
     pub factory: Option<String>,
     /// Default nprobe; `None` measures and picks the smallest reaching recall@100 ≥ 0.95.
     pub nprobe: Option<usize>,
+    /// Candidates per result re-scored exactly (`indexer::rerank`); `None`: 1 for a new index,
+    /// the parent's for `index add`.
+    pub rerank: Option<usize>,
     /// Versions to keep (the current one is never deleted).
     pub keep: usize,
     /// Seed of the training sample.
@@ -38,6 +42,7 @@ impl Default for PublishSettings {
         PublishSettings {
             factory: None,
             nprobe: None,
+            rerank: None,
             keep: 3,
             seed: 0,
             recall_queries: 1000,
@@ -123,6 +128,15 @@ pub fn publish_version(
         ))
     })?;
 
+    let parent = match &plan {
+        IndexPlan::Fresh => None,
+        IndexPlan::Reuse(_) => Some(parent_manifest(&staged)?),
+    };
+    let rerank = settings
+        .rerank
+        .or(parent.as_ref().map(|m| m.rerank))
+        .unwrap_or(1)
+        .max(1);
     let (mut index, factory, train_vectors) = match plan {
         IndexPlan::Fresh => {
             let factory = settings
@@ -177,7 +191,13 @@ pub fn publish_version(
     let start = Instant::now();
     let queries = query_sample(&staged, &row_of, settings.recall_queries)?;
     let exact = quality::exact_hits(emb, &queries.vectors, 100)?;
-    let (chosen, tried) = quality::choose_nprobe(&index, &queries, &exact, settings.nprobe)?;
+    let searcher = Searcher {
+        index: &index,
+        embeddings: emb,
+        row_of: &row_of,
+        factor: rerank,
+    };
+    let (chosen, tried) = quality::choose_nprobe(&searcher, &queries, &exact, settings.nprobe)?;
     if index.nlist().is_some() {
         index.set_default_nprobe(chosen.nprobe)?;
     }
@@ -186,6 +206,7 @@ pub fn publish_version(
         nprobe = chosen.nprobe,
         recall_at_10 = chosen.recall_at_10,
         recall_at_100 = chosen.recall_at_100,
+        rerank,
         queries = queries.kind,
         "measured recall against exact search"
     );
@@ -206,13 +227,13 @@ pub fn publish_version(
         dim: emb.dim,
         metric: "inner_product".into(),
         count: n,
-        factory: if factory.is_empty() {
-            parent_factory(&staged)?
-        } else {
-            factory
+        factory: match parent {
+            Some(p) if factory.is_empty() => p.factory,
+            _ => factory,
         },
         nlist: index.nlist(),
         nprobe: index.default_nprobe(),
+        rerank,
         train_vectors,
         recall_at_10_vs_exact: chosen.recall_at_10,
         recall_at_100_vs_exact: chosen.recall_at_100,
@@ -263,10 +284,9 @@ fn query_sample(
     Ok(quality::item_queries(&staged.embeddings, max))
 }
 
-fn parent_factory(staged: &Staged<'_>) -> Result<String> {
+fn parent_manifest(staged: &Staged<'_>) -> Result<Manifest> {
     let parent = staged.parent.as_deref().unwrap_or_default();
-    let m = Manifest::load(&staged.root.version_dir(parent).join("manifest.json"))?;
-    Ok(m.factory)
+    Manifest::load(&staged.root.version_dir(parent).join("manifest.json"))
 }
 
 /// A uniform sample of at most 256·nlist vectors (all of them when the catalog is smaller):

@@ -12,6 +12,7 @@ use towers::{TwoTower, UserBatchHost};
 
 use crate::error::Result;
 use crate::manifest::NprobeRecall;
+use crate::rerank::Searcher;
 use crate::vector_index::{Hits, VectorIndex};
 
 /// recall@100 the default nprobe must reach.
@@ -124,18 +125,19 @@ pub fn recall_at(approx: &Hits, exact: &Hits, k: usize, queries: usize) -> f64 {
     total / queries as f64
 }
 
-/// Measures recall at increasing nprobe (1, 2, 4, … nlist) and returns every measurement and
+/// Measures recall (after `searcher`'s re-ranking) at increasing nprobe (1, 2, 4, … nlist) and returns every measurement and
 /// the chosen one: the first reaching [`RECALL_TARGET`] at 100, or `fixed` when given. Indexes
 /// without inverted lists are measured once.
 pub fn choose_nprobe(
-    index: &VectorIndex,
+    searcher: &Searcher<'_>,
     queries: &QuerySample,
     exact: &Hits,
     fixed: Option<usize>,
 ) -> Result<(NprobeRecall, Vec<NprobeRecall>)> {
     let k = exact.k;
+    let index = searcher.index;
     let measure = |nprobe: Option<usize>| -> Result<NprobeRecall> {
-        let hits = index.search(&queries.vectors, k, nprobe)?;
+        let hits = searcher.search(&queries.vectors, k, nprobe)?;
         Ok(NprobeRecall {
             nprobe: nprobe.unwrap_or(0),
             recall_at_10: recall_at(&hits, exact, 10, queries.count),

@@ -7,6 +7,7 @@ use features::Embeddings;
 
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
+use crate::rerank::Searcher;
 use crate::root::IndexRoot;
 use crate::vector_index::VectorIndex;
 
@@ -75,6 +76,16 @@ impl IndexVersion {
             embeddings,
             row_of,
         })
+    }
+
+    /// How this version searches: its index, re-ranked as its manifest says.
+    pub fn searcher(&self) -> Searcher<'_> {
+        Searcher {
+            index: &self.index,
+            embeddings: &self.embeddings,
+            row_of: &self.row_of,
+            factor: self.manifest.rerank,
+        }
     }
 
     /// The items of this version (titles and categories the server returns).

@@ -213,3 +213,63 @@ fn index_add_makes_a_new_item_retrievable_and_replaces_or_removes_by_id() {
     // --keep 3 (default): four versions were published, the oldest is gone.
     assert_eq!(IndexRoot::new(tmp.path()).versions().unwrap().len(), 3);
 }
+
+#[test]
+fn fast_scan_codes_with_reranking_measure_and_serve_reranked_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = options(tmp.path());
+    let dim = {
+        let (_, _, model) = fixture();
+        towers::LoadedModel::load(model, Device::Cpu)
+            .unwrap()
+            .info
+            .tower
+            .dim
+    };
+    opts.settings.factory = Some(format!("IVF16,PQ{}x4fs", dim / 2));
+    opts.settings.nprobe = Some(16);
+    let plain = build_index(&opts, &NoProgress).unwrap();
+    assert_eq!(plain.rerank, 1);
+    opts.settings.rerank = Some(8);
+    let reranked = build_index(&opts, &NoProgress).unwrap();
+    assert_eq!(reranked.rerank, 8);
+    // Every list probed: only the codes' blur is left, and exact re-scoring removes most of it.
+    assert!(
+        reranked.recall_at_10_vs_exact > plain.recall_at_10_vs_exact,
+        "{} vs {}",
+        reranked.recall_at_10_vs_exact,
+        plain.recall_at_10_vs_exact
+    );
+    assert!(reranked.recall_at_10_vs_exact >= 0.9, "{reranked:?}");
+
+    // The version searches as its manifest says: scores are exact dot products, best first.
+    let v = IndexVersion::open_current(tmp.path()).unwrap();
+    let query = v.embeddings.vector(7).to_vec();
+    let hits = v.searcher().search(&query, 10, None).unwrap();
+    let found: Vec<(u64, f32)> = hits.of(0).collect();
+    assert_eq!(found[0].0, v.embeddings.ids[7]);
+    for (id, score) in &found {
+        let exact = indexer::rerank::dot(&query, v.embeddings.vector(v.row_of[id] as usize));
+        assert!((score - exact).abs() < 1e-5, "{id}: {score} vs {exact}");
+    }
+    assert!(found.windows(2).all(|w| w[0].1 >= w[1].1), "{found:?}");
+
+    // `index add` keeps the factory and the re-ranking of the version it extends.
+    let (_, _, model) = fixture();
+    let remove = tmp.path().join("remove.txt");
+    std::fs::write(&remove, format!("{}\n", v.embeddings.ids[0])).unwrap();
+    let add = AddOptions {
+        index: tmp.path().to_path_buf(),
+        model: model.clone(),
+        items: None,
+        remove: Some(remove),
+        batch_size: 64,
+        device: Device::Cpu,
+        settings: PublishSettings::default(),
+    };
+    let added = add_items(&add).unwrap();
+    assert_eq!(
+        (added.factory.as_str(), added.rerank),
+        (reranked.factory.as_str(), 8)
+    );
+}

@@ -46,7 +46,7 @@ pub fn top_k(
         if fetch > p.max_overfetch {
             return Ok(exact(version, catalog, query, filter, p.k));
         }
-        let hits = version.index.search(query, fetch, p.nprobe)?;
+        let hits = version.searcher().search(query, fetch, p.nprobe)?;
         let mut got = Vec::with_capacity(p.k);
         let mut returned = 0usize;
         for (id, score) in hits.of(0) {
@@ -83,6 +83,7 @@ pub fn exact(
     k: usize,
 ) -> Vec<Scored> {
     let e = &version.embeddings;
+    let dot = indexer::rerank::dot;
     let mut all: Vec<Scored> = (0..e.len())
         .filter_map(|r| {
             let (row, id) = (r as u32, e.ids[r]);
@@ -100,8 +101,4 @@ pub fn exact(
     }
     all.sort_by(order);
     all
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }

@@ -38,6 +38,11 @@ struct PublishArgs {
     /// recall@100 against exact search is at least 0.95.
     #[arg(long)]
     nprobe: Option<usize>,
+    /// Fetch N·k candidates and re-score them with the exact item vectors: for compressed codes
+    /// (`SQ8`, `PQ…x4fs`), whose scan is cheaper but blurs close scores. Recall is measured with
+    /// it. Default: 1 (none); `index add` keeps the current version's.
+    #[arg(long)]
+    rerank: Option<usize>,
     /// Versions to keep in INDEX_ROOT (the current one is never deleted).
     #[arg(long, default_value_t = 3)]
     keep: usize,
@@ -54,9 +59,13 @@ impl PublishArgs {
         if self.nprobe == Some(0) {
             anyhow::bail!("--nprobe must be at least 1");
         }
+        if self.rerank == Some(0) {
+            anyhow::bail!("--rerank must be at least 1");
+        }
         Ok(PublishSettings {
             factory: self.factory.clone(),
             nprobe: self.nprobe,
+            rerank: self.rerank,
             keep: self.keep.max(1),
             seed: self.seed,
             ..PublishSettings::default()
