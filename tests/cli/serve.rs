@@ -209,13 +209,21 @@ fn serve_answers_recommend_health_and_bench_then_stops_on_sigterm() {
             "--auth-token-file",
             "token",
             "--recorders",
-            "0",
+            "1",
+            "--record-batch",
+            "10",
+            "--record-rate",
+            "200",
         ])
         .ok(),
     )
     .unwrap();
     assert_eq!(open["errors"], 0, "{open}");
     assert!(open["requests"].as_u64().unwrap() >= 40, "{open}");
+    // Paced recording: about 200 events in the one second, never the thousands an unpaced
+    // recorder sends (a pace can only be missed by being slower).
+    let recorded = open["events_recorded"].as_u64().unwrap();
+    assert!(recorded > 0 && recorded <= 300, "{open}");
 
     // SIGTERM: a graceful stop with exit status 0, the event log flushed next to the index.
     let status = server.terminate();
@@ -250,6 +258,10 @@ fn serve_refuses_missing_inputs_with_a_clear_message() {
         err.contains("--concurrency") && err.contains("--rate"),
         "{err}"
     );
+    let err = dir
+        .command(&["bench", "serve", "--rate", "10", "--record-rate", "0"])
+        .fails();
+    assert!(err.contains("--record-rate"), "{err}");
     let err = dir
         .command(&["health", "--addr", "http://127.0.0.1:1"])
         .fails();

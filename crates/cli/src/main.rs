@@ -7,6 +7,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Many small, short-lived allocations per request (protobuf messages, candidate lists, history
+/// views) from several threads: glibc's malloc spent ~8% of the server's CPU on them under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod commands;
 mod omp;
 mod pipeline;

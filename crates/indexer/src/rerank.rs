@@ -28,10 +28,28 @@ impl Searcher<'_> {
     /// The `k` best items for each query, best first (ties by ascending id), like
     /// [`VectorIndex::search`].
     pub fn search(&self, queries: &[f32], k: usize, nprobe: Option<usize>) -> Result<Hits> {
-        if self.factor <= 1 || k == 0 {
-            return self.index.search(queries, k, nprobe);
+        self.search_with_slack(queries, k, 0, nprobe)
+    }
+
+    /// The best `k + slack` items, for callers that will drop up to `slack` of them (filters):
+    /// `factor·k + slack` candidates are re-scored, not `factor·(k + slack)`, because the
+    /// re-ranking needs its margin only around the `k` that will be kept.
+    pub fn search_with_slack(
+        &self,
+        queries: &[f32],
+        k: usize,
+        slack: usize,
+        nprobe: Option<usize>,
+    ) -> Result<Hits> {
+        let want = k.saturating_add(slack);
+        if self.factor <= 1 || want == 0 {
+            return self.index.search(queries, want, nprobe);
         }
-        let fetch = k.saturating_mul(self.factor).min(self.index.len().max(k));
+        let k = want;
+        let fetch = (want - slack)
+            .saturating_mul(self.factor)
+            .saturating_add(slack)
+            .min(self.index.len().max(want));
         let candidates = self.index.search(queries, fetch, nprobe)?;
         let dim = self.embeddings.dim;
         let n = queries.len() / dim;

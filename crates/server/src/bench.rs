@@ -45,6 +45,8 @@ pub struct BenchOptions {
     pub recorders: usize,
     /// Events per `RecordEvents` request.
     pub record_batch: usize,
+    /// Events per second over all recorders (`None`: each sends as fast as answers come back).
+    pub record_rate: Option<f64>,
     /// gRPC connections to spread requests over.
     pub connections: usize,
     pub seed: u64,
@@ -188,9 +190,18 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
         let (pool, stop) = (pool.clone(), stop.clone());
         let (ok, err, events) = (rec_ok.clone(), rec_err.clone(), rec_events.clone());
         let (batch, seed) = (opts.record_batch.max(1), opts.seed + 1000 + r as u64);
+        // Each recorder's share of the event rate, as a time between calls.
+        let pace = opts
+            .record_rate
+            .map(|rate| Duration::from_secs_f64(batch as f64 * opts.recorders as f64 / rate));
         recorders.push(tokio::spawn(async move {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let mut next = tokio::time::Instant::now();
             while !stop.load(Ordering::Relaxed) {
+                if let Some(pace) = pace {
+                    tokio::time::sleep_until(next).await;
+                    next += pace;
+                }
                 let req = record_request(&pool, &mut rng, batch);
                 match c.record_events(req).await {
                     Ok(r) => {
@@ -247,13 +258,29 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
             let interval = Duration::from_secs_f64(1.0 / rate);
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<f64>>();
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
+            // The schedule is kept by a thread of its own: tokio's timer wheel has 1 ms ticks, so
+            // pacing with it would send late and in bursts, and count its own lateness as the
+            // server's latency. A thread's sleep is accurate to tens of microseconds.
+            let (tick_tx, mut ticks) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+            let pacer = std::thread::Builder::new()
+                .name("bench-pacer".into())
+                .spawn(move || {
+                    for i in 0u64.. {
+                        let scheduled = started + interval.mul_f64(i as f64);
+                        if scheduled >= end {
+                            break;
+                        }
+                        if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        if tick_tx.send(scheduled).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| Error::Transport(format!("starting the pacer thread: {e}")))?;
             let mut i: u64 = 0;
-            loop {
-                let scheduled = started + interval.mul_f64(i as f64);
-                if scheduled >= end {
-                    break;
-                }
-                tokio::time::sleep_until(scheduled.into()).await;
+            while let Some(scheduled) = ticks.recv().await {
                 let mut c = clients[i as usize % clients.len()].clone();
                 let req = recommend_request(&pool, &mut rng, opts.k, opts.inline_fraction);
                 let tx = tx.clone();
@@ -264,6 +291,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
                 });
                 i += 1;
             }
+            let _ = pacer.join();
             drop(tx);
             let (mut lat, mut errors) = (Vec::new(), 0);
             while let Some(r) = rx.recv().await {

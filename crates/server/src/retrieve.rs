@@ -46,7 +46,10 @@ pub fn top_k(
         if fetch > p.max_overfetch {
             return Ok(exact(version, catalog, query, filter, p.k));
         }
-        let hits = version.searcher().search(query, fetch, p.nprobe)?;
+        let kept = p.k.min(fetch);
+        let hits = version
+            .searcher()
+            .search_with_slack(query, kept, fetch - kept, p.nprobe)?;
         let mut got = Vec::with_capacity(p.k);
         let mut returned = 0usize;
         for (id, score) in hits.of(0) {

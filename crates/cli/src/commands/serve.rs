@@ -149,6 +149,9 @@ pub struct BenchServeArgs {
     /// Events per RecordEvents request.
     #[arg(long, default_value_t = 100)]
     record_batch: usize,
+    /// Events per second the recorders send in all (default: as fast as they are answered).
+    #[arg(long)]
+    record_rate: Option<f64>,
     /// gRPC connections to spread the load over.
     #[arg(long, default_value_t = 4)]
     connections: usize,
@@ -171,6 +174,12 @@ pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --concurrency C (closed loop) or --rate R (open loop)"),
         _ => anyhow::bail!("--concurrency must be at least 1 and --rate a positive number"),
     };
+    if args
+        .record_rate
+        .is_some_and(|r| !(r > 0.0 && r.is_finite()))
+    {
+        anyhow::bail!("--record-rate must be a positive number of events per second");
+    }
     if !(args.duration > 0.0 && args.duration.is_finite()) {
         anyhow::bail!("--duration must be a positive number of seconds");
     }
@@ -192,6 +201,7 @@ pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
         inline_fraction: args.inline_fraction,
         recorders: args.recorders,
         record_batch: args.record_batch,
+        record_rate: args.record_rate,
         connections: args.connections,
         seed: args.seed,
     };
