@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use features::{Embeddings, Vocabularies};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 use towers::dataset::ExampleSet;
-use towers::{TwoTower, UserBatchHost};
+use towers::{GatheredItems, TwoTower, UserBatchHost};
 
 use crate::error::Result;
 use crate::manifest::NprobeRecall;
@@ -46,27 +46,12 @@ pub fn user_queries(
     let dim = embeddings.dim;
     let mut vectors = Vec::with_capacity(chosen.len() * dim);
     for chunk in chosen.chunks(256) {
-        // The history items of this chunk, gathered once each.
-        let mut local: HashMap<u32, i64> = HashMap::new();
-        let mut gathered: Vec<f32> = Vec::new();
+        let mut gathered = GatheredItems::default();
         let users: Vec<_> = chunk
             .iter()
-            .map(|ex| {
-                set.user_input(ex, |row| {
-                    *local.entry(row).or_insert_with(|| {
-                        gathered.extend_from_slice(embeddings.vector(row as usize));
-                        (gathered.len() / dim - 1) as i64
-                    })
-                })
-            })
+            .map(|ex| set.user_input(ex, |row| gathered.local_row(row, embeddings)))
             .collect();
-        let item_vecs = if gathered.is_empty() {
-            Tensor::zeros([1, dim as i64], (Kind::Float, model.device()))
-        } else {
-            Tensor::from_slice(&gathered)
-                .view([-1, dim as i64])
-                .to_device(model.device())
-        };
+        let item_vecs = gathered.to_tensor(dim, model.device())?;
         let inputs = UserBatchHost::new(&users, cfg).to_device(model.device());
         let out = tch::no_grad(|| model.encode_users(&inputs, &item_vecs, false))
             .to_device(Device::Cpu)

@@ -5,7 +5,6 @@
 //! job waiting (up to `max_batch`), encodes them in one forward pass under `no_grad`, and
 //! answers each. Under load, batches grow by themselves and a pass's fixed cost is shared.
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -13,7 +12,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
-use towers::{EventInput, UserBatchHost, UserInput};
+use towers::{EventInput, GatheredItems, UserBatchHost, UserInput};
 
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
@@ -152,17 +151,11 @@ fn encode(
 ) -> Result<Vec<Vec<f32>>, String> {
     let emb = &snap.index.version.embeddings;
     let dim = emb.dim;
-    let mut local: HashMap<i64, i64> = HashMap::new();
-    let mut flat: Vec<f32> = Vec::new();
+    let mut gathered = GatheredItems::default();
     for u in &mut inputs {
         for EventInput { item_row, .. } in &mut u.history {
             if let Some(row) = item_row {
-                let next = local.len() as i64;
-                let l = *local.entry(*row).or_insert_with(|| {
-                    flat.extend_from_slice(emb.vector(*row as usize));
-                    next
-                });
-                *row = l;
+                *row = gathered.local_row(*row as u32, emb);
             }
         }
     }
@@ -173,9 +166,7 @@ fn encode(
     let device: Device = snap.model.device;
     let host = UserBatchHost::new(&inputs, &model.config);
     let out = tch::no_grad(|| -> Result<Tensor, tch::TchError> {
-        let item_vecs = Tensor::f_from_slice(&flat)?
-            .f_view([local.len() as i64, dim as i64])?
-            .f_to_device(device)?;
+        let item_vecs = gathered.to_tensor(dim, device)?;
         let users = model.encode_users(&host.to_device(device), &item_vecs, false);
         users.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)
     })

@@ -111,6 +111,36 @@ impl ItemInputs {
     }
 }
 
+/// The vectors of the items a batch of histories points at, each gathered once.
+///
+/// The user tower reads history items as rows of an `[n, dim]` tensor. Passing the whole catalog
+/// (a million rows) for a handful of users would copy gigabytes, so callers gather just the rows
+/// used and renumber the histories' `item_row`s into this small table.
+#[derive(Debug, Default)]
+pub struct GatheredItems {
+    local: std::collections::HashMap<u32, i64>,
+    vectors: Vec<f32>,
+}
+
+impl GatheredItems {
+    /// The local row of catalog row `row` of `embeddings`, copying its vector on first use.
+    pub fn local_row(&mut self, row: u32, embeddings: &features::Embeddings) -> i64 {
+        let next = self.local.len() as i64;
+        *self.local.entry(row).or_insert_with(|| {
+            self.vectors
+                .extend_from_slice(embeddings.vector(row as usize));
+            next
+        })
+    }
+
+    /// `[n, dim]` on `device` (n may be 0: the user tower handles histories without items).
+    pub fn to_tensor(&self, dim: usize, device: Device) -> Result<Tensor, tch::TchError> {
+        Tensor::f_from_slice(&self.vectors)?
+            .f_view([self.local.len() as i64, dim as i64])?
+            .f_to_device(device)
+    }
+}
+
 /// Right-padded user histories and context on the host.
 #[derive(Debug, Clone)]
 pub struct UserBatchHost {
@@ -283,5 +313,26 @@ mod tests {
             [7, 8],
             "query truncated"
         );
+    }
+
+    #[test]
+    fn gathered_items_copy_each_row_once_in_first_use_order() {
+        let emb = features::Embeddings {
+            dim: 2,
+            ids: vec![10, 20, 30],
+            vectors: vec![1.0, 1.5, 2.0, 2.5, 3.0, 3.5],
+        };
+        let mut g = GatheredItems::default();
+        let rows: Vec<i64> = [2, 0, 2, 1, 0]
+            .iter()
+            .map(|&r| g.local_row(r, &emb))
+            .collect();
+        assert_eq!(rows, [0, 1, 0, 2, 1]);
+        let t = g.to_tensor(2, Device::Cpu).unwrap();
+        assert_eq!(t.size(), [3, 2]);
+        let v = Vec::<f32>::try_from(t.flatten(0, -1)).unwrap();
+        assert_eq!(v, [3.0, 3.5, 1.0, 1.5, 2.0, 2.5]);
+        let empty = GatheredItems::default().to_tensor(2, Device::Cpu).unwrap();
+        assert_eq!(empty.size(), [0, 2]);
     }
 }

@@ -35,7 +35,9 @@ pub use artifact::{LoadedModel, ModelInfo, ModelLayout};
 pub use config::{Activation, TowerConfig, VocabSizes};
 pub use device::{device_name, parse_device};
 pub use error::{Error, Result};
-pub use inputs::{EventInput, ItemBatchHost, ItemInputs, UserBatchHost, UserInput, UserInputs};
+pub use inputs::{
+    EventInput, GatheredItems, ItemBatchHost, ItemInputs, UserBatchHost, UserInput, UserInputs,
+};
 pub use model::TwoTower;
 
 #[cfg(test)]
