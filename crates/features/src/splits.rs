@@ -57,8 +57,8 @@ pub enum TieOrder {
 /// Implemented by [`Event`] here and by the server's stored events, so both order alike.
 pub trait Timed {
     fn ts_ms(&self) -> i64;
-    /// Searches (no item) first, then item id, type and query: every field, so the order is
-    /// total and equal keys mean equal events.
+    /// Searches (no item) first, then item id, type and query. Events equal in all of these
+    /// (repeats) keep their order, since every sort of events is stable.
     fn tie_key(&self) -> (bool, Option<u64>, EventType, Option<&str>);
 }
 

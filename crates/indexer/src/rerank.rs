@@ -31,6 +31,15 @@ impl Searcher<'_> {
         self.search_with_slack(queries, k, 0, nprobe)
     }
 
+    /// How many candidates [`Searcher::search_with_slack`] asks the index for.
+    pub fn candidates(&self, k: usize, slack: usize) -> usize {
+        if self.factor <= 1 {
+            k.saturating_add(slack)
+        } else {
+            k.saturating_mul(self.factor).saturating_add(slack)
+        }
+    }
+
     /// The best `k + slack` items, for callers that will drop up to `slack` of them (filters):
     /// `factor·k + slack` candidates are re-scored, not `factor·(k + slack)`, because the
     /// re-ranking needs its margin only around the `k` that will be kept.
@@ -45,11 +54,8 @@ impl Searcher<'_> {
         if self.factor <= 1 || want == 0 {
             return self.index.search(queries, want, nprobe);
         }
+        let fetch = self.candidates(k, slack).min(self.index.len().max(want));
         let k = want;
-        let fetch = (want - slack)
-            .saturating_mul(self.factor)
-            .saturating_add(slack)
-            .min(self.index.len().max(want));
         let candidates = self.index.search(queries, fetch, nprobe)?;
         let dim = self.embeddings.dim;
         let n = queries.len() / dim;

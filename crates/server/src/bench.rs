@@ -194,13 +194,19 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
         let pace = opts
             .record_rate
             .map(|rate| Duration::from_secs_f64(batch as f64 * opts.recorders as f64 / rate));
+        let deadline = tokio::time::Instant::now() + opts.duration;
         recorders.push(tokio::spawn(async move {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
             let mut next = tokio::time::Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 if let Some(pace) = pace {
-                    tokio::time::sleep_until(next).await;
-                    next += pace;
+                    // Never sleep past the run, and never catch up in a burst after a stall.
+                    tokio::time::sleep_until(next.min(deadline)).await;
+                    let now = tokio::time::Instant::now();
+                    if stop.load(Ordering::Relaxed) || now >= deadline {
+                        break;
+                    }
+                    next = (next + pace).max(now);
                 }
                 let req = record_request(&pool, &mut rng, batch);
                 match c.record_events(req).await {

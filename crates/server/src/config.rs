@@ -23,7 +23,8 @@ pub struct ServeConfig {
     /// Deadline of a request whose client sets none; a client's `grpc-timeout` may only shorten it.
     pub request_timeout_ms: u64,
     /// Threads that run the user tower, each with its own copy of the model. They sit outside the
-    /// async runtime so a forward pass never stalls network I/O. Default: one per two CPU cores.
+    /// async runtime so a forward pass never stalls network I/O. Default: one per two CPU cores, at
+    /// most 8.
     /// Fewer workers form bigger micro-batches, and a batch's fixed cost dominates a small one:
     /// on 2 cores, 1 worker served 4,477 Recommend/s against 3,441 with 2, and cut the p99 at
     /// 2,000/s from ~18 to ~10.5 ms (docs/benchmarks.md).
@@ -59,7 +60,7 @@ impl Default for ServeConfig {
 }
 
 fn default_encoder_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 8))
 }
 
 /// Top-level tables that mark a pipeline file (`pipelines/*.toml`).

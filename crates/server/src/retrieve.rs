@@ -41,15 +41,14 @@ pub fn top_k(
     if p.k == 0 || n == 0 {
         return Ok(Vec::new());
     }
+    let searcher = version.searcher();
     let mut fetch = (p.k + filter.exclude_ids.len()).min(n);
     loop {
-        if fetch > p.max_overfetch {
+        let kept = p.k.min(fetch);
+        if searcher.candidates(kept, fetch - kept) > p.max_overfetch {
             return Ok(exact(version, catalog, query, filter, p.k));
         }
-        let kept = p.k.min(fetch);
-        let hits = version
-            .searcher()
-            .search_with_slack(query, kept, fetch - kept, p.nprobe)?;
+        let hits = searcher.search_with_slack(query, kept, fetch - kept, p.nprobe)?;
         let mut got = Vec::with_capacity(p.k);
         let mut returned = 0usize;
         for (id, score) in hits.of(0) {

@@ -17,8 +17,9 @@ use crate::history::{sort_canonical, StoredEvent};
 use crate::snapshot::Snapshot;
 
 /// Merges stored and inline events, keeps those strictly before `ts_ms`, sorts them canonically
-/// (inline after stored at a tie, when ties keep arrival order), drops inline copies of stored
-/// events and returns the last `history_len`.
+/// (inline after stored at a tie, when ties keep arrival order), drops inline events that copy a
+/// stored one (a client resending what it already recorded) and returns the last `history_len`.
+/// Repeats within the stored history, or within the inline events, stay: training keeps them.
 pub fn merge_history(
     stored: Vec<StoredEvent>,
     inline: &[features::Event],
@@ -26,25 +27,28 @@ pub fn merge_history(
     history_len: usize,
     ties: TieOrder,
 ) -> Vec<StoredEvent> {
-    let mut all = stored;
-    all.extend(inline.iter().map(StoredEvent::from_event));
-    all.retain(|e| e.ts_ms < ts_ms);
-    sort_canonical(&mut all, ties);
-    // Copies share a timestamp but need not be adjacent when ties keep arrival order.
-    let mut merged: Vec<StoredEvent> = Vec::with_capacity(all.len());
-    for e in all {
-        let copy = merged
+    let mut stored = stored;
+    stored.retain(|e| e.ts_ms < ts_ms);
+    // Each stored event absorbs at most one inline copy.
+    let mut absorbed = vec![false; stored.len()];
+    let mut all = stored.clone();
+    for e in inline.iter().map(StoredEvent::from_event) {
+        if e.ts_ms >= ts_ms {
+            continue;
+        }
+        let copy = stored
             .iter()
-            .rev()
-            .take_while(|m| m.ts_ms == e.ts_ms)
-            .any(|m| *m == e);
-        if !copy {
-            merged.push(e);
+            .enumerate()
+            .position(|(i, s)| !absorbed[i] && *s == e);
+        match copy {
+            Some(i) => absorbed[i] = true,
+            None => all.push(e),
         }
     }
-    let start = merged.len().saturating_sub(history_len);
-    merged.drain(..start);
-    merged
+    sort_canonical(&mut all, ties);
+    let start = all.len().saturating_sub(history_len);
+    all.drain(..start);
+    all
 }
 
 /// The tower input; `item_row`s are rows of the snapshot's index embeddings.
@@ -113,9 +117,22 @@ mod tests {
             .iter()
             .map(StoredEvent::from_event)
             .collect();
-        let inline = [ev(2, 1), ev(2, 8)];
-        let h = merge_history(stored, &inline, 9, 10, TieOrder::Source);
+        let inline = [ev(2, 1), ev(2, 8), ev(2, 8)];
+        let h = merge_history(stored.clone(), &inline, 9, 10, TieOrder::Source);
         let items: Vec<_> = h.iter().map(|e| e.item_id.unwrap()).collect();
-        assert_eq!(items, [8, 6, 1]);
+        assert_eq!(
+            items,
+            [8, 6, 1, 8],
+            "one inline copy absorbed, the second is a repeat"
+        );
+        // Repeats already in the stored history are kept, as in training.
+        let h = merge_history(
+            [stored.clone(), stored].concat(),
+            &[],
+            9,
+            10,
+            TieOrder::Source,
+        );
+        assert_eq!(h.len(), 4);
     }
 }

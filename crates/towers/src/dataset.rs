@@ -272,10 +272,12 @@ impl SeenItems {
     /// of that item's first event.
     pub fn before(&self, user_id: u64, target_item: u64) -> impl Iterator<Item = u32> + '_ {
         let events = self.by_user.get(&user_id).map(Vec::as_slice).unwrap_or(&[]);
+        // A target missing from events.parquet means the splits and the events disagree (not
+        // our output); mask nothing rather than the user's future.
         let end = events
             .iter()
             .position(|&(item, _)| item == target_item)
-            .unwrap_or(events.len());
+            .unwrap_or(0);
         events[..end].iter().map(|&(_, row)| row)
     }
 }
@@ -318,5 +320,10 @@ mod tests {
         assert_eq!(rows(1, 10), Vec::<u32>::new());
         assert_eq!(rows(2, 20), Vec::<u32>::new());
         assert_eq!(rows(3, 20), Vec::<u32>::new(), "unknown user");
+        assert_eq!(
+            rows(2, 30),
+            Vec::<u32>::new(),
+            "target not among the user's events"
+        );
     }
 }

@@ -180,6 +180,9 @@ pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
     {
         anyhow::bail!("--record-rate must be a positive number of events per second");
     }
+    if args.record_rate.is_some() && args.recorders == 0 {
+        anyhow::bail!("--record-rate needs at least one recorder (--recorders N)");
+    }
     if !(args.duration > 0.0 && args.duration.is_finite()) {
         anyhow::bail!("--duration must be a positive number of seconds");
     }
