@@ -33,11 +33,7 @@ impl Searcher<'_> {
 
     /// How many candidates [`Searcher::search_with_slack`] asks the index for.
     pub fn candidates(&self, k: usize, slack: usize) -> usize {
-        if self.factor <= 1 {
-            k.saturating_add(slack)
-        } else {
-            k.saturating_mul(self.factor).saturating_add(slack)
-        }
+        k.saturating_mul(self.factor.max(1)).saturating_add(slack)
     }
 
     /// The best `k + slack` items, for callers that will drop up to `slack` of them (filters):
@@ -55,14 +51,13 @@ impl Searcher<'_> {
             return self.index.search(queries, want, nprobe);
         }
         let fetch = self.candidates(k, slack).min(self.index.len().max(want));
-        let k = want;
         let candidates = self.index.search(queries, fetch, nprobe)?;
         let dim = self.embeddings.dim;
         let n = queries.len() / dim;
         let mut out = Hits {
-            k,
-            ids: vec![-1; n * k],
-            scores: vec![f32::NEG_INFINITY; n * k],
+            k: want,
+            ids: vec![-1; n * want],
+            scores: vec![f32::NEG_INFINITY; n * want],
         };
         let mut scored: Vec<(f32, u64)> = Vec::with_capacity(fetch);
         for q in 0..n {
@@ -73,14 +68,14 @@ impl Searcher<'_> {
                 Some((dot(query, self.embeddings.vector(row as usize)), id))
             }));
             let order = |a: &(f32, u64), b: &(f32, u64)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-            if scored.len() > k {
-                scored.select_nth_unstable_by(k - 1, order);
-                scored.truncate(k);
+            if scored.len() > want {
+                scored.select_nth_unstable_by(want - 1, order);
+                scored.truncate(want);
             }
             scored.sort_unstable_by(order);
             for (i, &(score, id)) in scored.iter().enumerate() {
-                out.ids[q * k + i] = id as i64;
-                out.scores[q * k + i] = score;
+                out.ids[q * want + i] = id as i64;
+                out.scores[q * want + i] = score;
             }
         }
         Ok(out)
