@@ -27,19 +27,16 @@ pub fn merge_history(
     history_len: usize,
     ties: TieOrder,
 ) -> Vec<StoredEvent> {
-    let mut stored = stored;
-    stored.retain(|e| e.ts_ms < ts_ms);
+    let mut all = stored;
+    all.retain(|e| e.ts_ms < ts_ms);
+    let stored_len = all.len();
     // Each stored event absorbs at most one inline copy.
-    let mut absorbed = vec![false; stored.len()];
-    let mut all = stored.clone();
+    let mut absorbed = vec![false; stored_len];
     for e in inline.iter().map(StoredEvent::from_event) {
         if e.ts_ms >= ts_ms {
             continue;
         }
-        let copy = stored
-            .iter()
-            .enumerate()
-            .position(|(i, s)| !absorbed[i] && *s == e);
+        let copy = (0..stored_len).find(|&i| !absorbed[i] && all[i] == e);
         match copy {
             Some(i) => absorbed[i] = true,
             None => all.push(e),
