@@ -289,3 +289,53 @@ fn bad_inputs_fail_clearly_and_leave_current_untouched() {
         "{entries:?}"
     );
 }
+
+#[test]
+fn a_hybrid_model_embeds_items_it_never_trained_on_from_content_alone() {
+    let dir = Dir::new();
+    dir.command(&[
+        "prepare", "--dataset", "synthetic", "--items", "300", "--users", "60", "--events",
+        "3000", "--out", "data",
+    ])
+    .ok();
+    std::fs::write(
+        dir.join("hybrid.toml"),
+        TINY_MODEL.replace("[tower]\n", "[tower]\nitem_id_dim = 8\n"),
+    )
+    .unwrap();
+    dir.command(&[
+        "train", "--data", "data", "--out", "model", "--config", "hybrid.toml", "--device", "cpu",
+    ])
+    .ok();
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("model/model.json")).unwrap()).unwrap();
+    assert_eq!(info["tower"]["item_id_dim"], 8, "{info}");
+    dir.command(&[
+        "index", "--data", "data", "--model", "model", "--out", "idx", "--device", "cpu",
+    ])
+    .ok();
+
+    // The most frequent training target, and two copies of its content under new ids.
+    let vocab: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("model/vocab/item_ids.json")).unwrap())
+            .unwrap();
+    let known: u64 = vocab["tokens"][0].as_str().unwrap().parse().unwrap();
+    let items: Vec<features::Item> = features::read_table(&dir.join("data/items.parquet")).unwrap();
+    let original = items.iter().find(|i| i.item_id == known).unwrap();
+    let copy = |id| features::Item {
+        item_id: id,
+        ..original.clone()
+    };
+    features::write_table(&dir.join("new.parquet"), &[copy(9001), copy(9002)]).unwrap();
+    dir.command(&[
+        "index", "add", "--items", "new.parquet", "--model", "model", "--index", "idx",
+    ])
+    .ok();
+    let version = current(&dir);
+    let emb = features::Embeddings::read(&dir.join("idx").join(version.trim()).join("embeddings.parquet"))
+        .unwrap();
+    let rows = emb.row_of().unwrap();
+    let vector = |id: u64| emb.vector(rows[&id] as usize).to_vec();
+    assert_eq!(vector(9001), vector(9002), "new items: content only, so identical");
+    assert_ne!(vector(9001), vector(known), "the trained item has its own id vector");
+}

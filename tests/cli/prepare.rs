@@ -77,6 +77,29 @@ fn ties_within_a_second_follow_the_chosen_order() {
 }
 
 #[test]
+fn positional_history_takes_the_ties_ordered_before_the_target() {
+    // User 9 views items 3 then 1 in the same second, after item 2.
+    let csv = events(&["9,5000,view,3,,", "9,1000,view,2,,", "9,5000,view,1,,"]);
+    let dir = Dir::new();
+    prepare_files(&dir, &csv, &["--ties", "source", "--history", "positional"]).ok();
+    let data = dir.join("data");
+    let test: Vec<features::Example> =
+        features::read_table(&data.join("splits/test.parquet")).unwrap();
+    assert_eq!(test[0].target_item_id, 1);
+    let history: Vec<_> = test[0].history.iter().map(|h| h.item_id).collect();
+    assert_eq!(history, [Some(2), Some(3)], "the tie ordered first is history");
+    let info = std::fs::read_to_string(data.join("dataset.json")).unwrap();
+    assert!(info.contains("\"history\": \"positional\""), "{info}");
+    // The default stays strict, and says so.
+    let dir = Dir::new();
+    prepare_files(&dir, &csv, &[]).ok();
+    let info = std::fs::read_to_string(dir.join("data/dataset.json")).unwrap();
+    assert!(info.contains("\"history\": \"strict\""), "{info}");
+    let err = prepare_files(&Dir::new(), &csv, &["--history", "future"]).fails();
+    assert!(err.contains("--history") && err.contains("future"), "{err}");
+}
+
+#[test]
 fn each_bad_row_is_named_and_nothing_is_left_behind() {
     let cases: [(&str, &str, &str); 5] = [
         ("7,1000,click,1,,", "event_type", "unknown event type"),

@@ -70,11 +70,19 @@ fn training_writes_every_artifact_and_is_deterministic() {
     assert_eq!(log.lines().count(), 3);
     let m1 = metrics(&dir, "m1");
     for key in ["recall@10", "ndcg@10", "mrr@10", "recall@50", "recall@100"] {
-        assert!(
-            m1["test"][key].is_f64() && m1["baseline_popularity"][key].is_f64(),
-            "{key}: {m1}"
-        );
+        for model in [
+            "test",
+            "baseline_popularity",
+            "baseline_recent_popularity",
+            "baseline_item_knn",
+        ] {
+            assert!(m1[model][key].is_f64(), "{model} {key}: {m1}");
+        }
     }
+    assert!(
+        out.contains("recent popularity") && out.contains("item-kNN"),
+        "{out}"
+    );
     train(&dir, "m2", &[]);
     assert_eq!(
         m1["test"],
@@ -94,6 +102,13 @@ fn training_writes_every_artifact_and_is_deterministic() {
             m1["test"][key].as_f64().unwrap(),
         );
         assert!((a - b).abs() < 1e-9, "{key}: eval {a} vs train {b}");
+        for baseline in ["baseline_recent_popularity", "baseline_item_knn"] {
+            let (a, b) = (
+                eval[baseline][key].as_f64().unwrap(),
+                m1[baseline][key].as_f64().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-9, "{baseline} {key}: eval {a} vs train {b}");
+        }
     }
 }
 

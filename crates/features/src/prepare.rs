@@ -361,6 +361,8 @@ struct DatasetWriter {
     counts: Counts,
     /// Items seen in any training example: the vocabularies are built from their content only.
     warm_items: HashSet<u64>,
+    /// Training targets per item: the item-id vocabulary, most frequent first.
+    target_items: Counter,
     queries: Counter,
     user_features: Counter,
     min_ts: i64,
@@ -389,6 +391,7 @@ impl DatasetWriter {
             provenance,
             counts: Counts::default(),
             warm_items: HashSet::new(),
+            target_items: Counter::default(),
             queries: Counter::default(),
             user_features: Counter::default(),
             min_ts: i64::MAX,
@@ -440,6 +443,7 @@ impl DatasetWriter {
             for ex in examples {
                 if split == Split::Train {
                     self.warm_items.insert(ex.target_item_id);
+                    self.target_items.add(ex.target_item_id.to_string());
                     self.warm_items
                         .extend(ex.history.iter().filter_map(|h| h.item_id));
                 } else {
@@ -524,6 +528,7 @@ impl DatasetWriter {
                 1,
                 1,
             ),
+            item_ids: std::mem::take(&mut self.target_items).into_vocab("item_ids", 1, 1),
         }
     }
 }

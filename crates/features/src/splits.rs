@@ -11,8 +11,11 @@
 //! - **time**: targets before `cutoff` train, those in `[cutoff, test_cutoff)` validate, later ones
 //!   test.
 //!
-//! History is always the last `history_len` events with a timestamp strictly before the target,
-//! so nothing at or after the target leaks into its features. With `cold_items`, a hashed
+//! History is the last `history_len` events before the target ([`history_window`], which the
+//! server calls too). Under the default [`HistoryProtocol::Strict`] only events with a timestamp
+//! strictly before the target's count, so nothing from the target's own second (a basket, a
+//! burst of ratings) leaks into its features; [`HistoryProtocol::Positional`] takes every event
+//! ordered before the target, as RecBole and most papers do. With `cold_items`, a hashed
 //! fraction of items is held out entirely: they never appear as a training target or in any
 //! history, and can only be evaluation targets.
 
@@ -51,6 +54,49 @@ pub enum TieOrder {
     /// The order of the source (a stable sort by time), as RecBole orders interactions. The
     /// MovieLens files list ratings in random order, so ties are broken at random.
     Source,
+}
+
+/// Which of the events ordered before a target form its history.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryProtocol {
+    /// Events with a timestamp strictly before the target's: the target's own second stays
+    /// out, whatever the tie order put ahead of it. What a live system sees.
+    #[default]
+    Strict,
+    /// Every event ordered before the target, ties at its timestamp included (RecBole's and
+    /// most papers' protocol; pair it with [`TieOrder::Source`]).
+    Positional,
+}
+
+impl HistoryProtocol {
+    /// Whether an event at `event_ms`, ordered before a target at `target_ms`, is history.
+    pub fn includes(self, event_ms: i64, target_ms: i64) -> bool {
+        match self {
+            HistoryProtocol::Strict => event_ms < target_ms,
+            HistoryProtocol::Positional => event_ms <= target_ms,
+        }
+    }
+}
+
+/// The history window, the one definition training and serving share: of `ordered` (one
+/// user's events in canonical order, all ordered before the target), those the protocol counts
+/// as before `target_ms` and `keep` accepts, the last `len` of them, oldest first.
+pub fn history_window<'a, E: Timed>(
+    ordered: &'a [E],
+    target_ms: i64,
+    protocol: HistoryProtocol,
+    len: usize,
+    keep: impl Fn(&E) -> bool,
+) -> Vec<&'a E> {
+    let mut window: Vec<&E> = ordered
+        .iter()
+        .rev()
+        .filter(|e| protocol.includes(e.ts_ms(), target_ms) && keep(e))
+        .take(len)
+        .collect();
+    window.reverse();
+    window
 }
 
 /// An event as the canonical order sees it: its time, and what breaks ties by item id.
@@ -95,6 +141,9 @@ pub struct SplitConfig {
     /// Order of events at equal timestamps (absent in older `dataset.json`: item id).
     #[serde(default)]
     pub ties: TieOrder,
+    /// Which events before the target are its history (absent in older `dataset.json`: strict).
+    #[serde(default)]
+    pub history: HistoryProtocol,
     /// Maximum number of history events per example (L).
     pub history_len: usize,
     /// Fraction of items held out entirely as cold items (0 = none).
@@ -108,6 +157,7 @@ impl Default for SplitConfig {
         SplitConfig {
             strategy: SplitStrategy::LeaveLastOut,
             ties: TieOrder::ItemId,
+            history: HistoryProtocol::Strict,
             history_len: 50,
             cold_items: 0.0,
             seed: 42,
@@ -216,26 +266,19 @@ fn target_positions(events: &[Event]) -> Vec<usize> {
         .collect()
 }
 
-/// The last `history_len` events strictly before `events[pos]` in time, oldest first, without
-/// cold items.
+/// The history of the target `events[pos]`, without cold items.
 fn history_before(cfg: &SplitConfig, events: &[Event], pos: usize) -> Vec<HistoryEvent> {
     let t = events[pos].ts_ms;
-    // Events at the target's timestamp are not "before" it, even if sorted earlier.
-    let end = events[..pos].partition_point(|e| e.ts_ms < t);
-    let mut history: Vec<HistoryEvent> = events[..end]
-        .iter()
-        .rev()
-        .filter(|e| !e.item_id.is_some_and(|id| cfg.is_cold(id)))
-        .take(cfg.history_len)
+    let not_cold = |e: &Event| !e.item_id.is_some_and(|id| cfg.is_cold(id));
+    history_window(&events[..pos], t, cfg.history, cfg.history_len, not_cold)
+        .into_iter()
         .map(|e| HistoryEvent {
             event_type: e.event_type,
             item_id: e.item_id,
             query: e.query.clone(),
             gap_s: (t - e.ts_ms) / 1000,
         })
-        .collect();
-    history.reverse();
-    history
+        .collect()
 }
 
 #[cfg(test)]
@@ -328,6 +371,25 @@ mod tests {
             [Some(10), None],
             "ties at the target's second stay out"
         );
+    }
+
+    #[test]
+    fn positional_history_takes_the_ties_ordered_before_the_target() {
+        let cfg = SplitConfig {
+            ties: TieOrder::Source,
+            history: HistoryProtocol::Positional,
+            ..Default::default()
+        };
+        let mut events = vec![ev(1, Some(10)), ev(5, Some(30)), ev(5, Some(20)), ev(5, Some(40))];
+        let out = collect(&cfg, &mut events);
+        let test = out.iter().find(|(s, _)| *s == Split::Test).unwrap();
+        assert_eq!(test.1.target_item_id, 40);
+        let history: Vec<_> = test.1.history.iter().map(|h| h.item_id).collect();
+        assert_eq!(history, [Some(10), Some(30), Some(20)], "ties before it count");
+        assert_eq!(test.1.history[2].gap_s, 0);
+        let valid = out.iter().find(|(s, _)| *s == Split::Valid).unwrap();
+        let history: Vec<_> = valid.1.history.iter().map(|h| h.item_id).collect();
+        assert_eq!(history, [Some(10), Some(30)], "never a tie ordered after it");
     }
 
     #[test]

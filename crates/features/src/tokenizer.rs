@@ -106,6 +106,12 @@ impl Vocab {
         }
     }
 
+    /// Id of a token in the vocabulary, or 0 when unknown: for tables where an unknown token
+    /// must carry no signal at all (item ids: a new item is embedded from its content alone).
+    pub fn known_id(&self, token: &str) -> i64 {
+        self.index.get(token).map_or(0, |&id| id as i64)
+    }
+
     /// Whether the token has its own id (rather than a hash bucket).
     pub fn contains(&self, token: &str) -> bool {
         self.index.contains_key(token)
@@ -148,7 +154,7 @@ impl Default for VocabConfig {
     }
 }
 
-/// The four vocabularies of a dataset, and the checksum later stages verify.
+/// The vocabularies of a dataset, and the checksum later stages verify.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Vocabularies {
     /// Title and search-query words (queries share the title space).
@@ -159,17 +165,24 @@ pub struct Vocabularies {
     pub categories: Vocab,
     /// Whole `name:value` user features.
     pub user_features: Vocab,
+    /// Ids of the items seen in training examples (as decimal strings), most frequent first:
+    /// the rows of the item tower's id embedding. Any other item gets id 0 (content only).
+    /// Empty for datasets prepared before item ids were recorded.
+    pub item_ids: Vocab,
 }
 
-/// The ids of one item's content, unpadded.
+/// The ids of one item's content, unpadded, and its item-id row (0: not seen in training).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ItemTokens {
     pub title: Vec<i64>,
     pub aspects: Vec<i64>,
     pub categories: Vec<i64>,
+    pub id: i64,
 }
 
-const VOCAB_FILES: [&str; 4] = ["title", "aspects", "categories", "user_features"];
+const VOCAB_FILES: [&str; 5] = ["title", "aspects", "categories", "user_features", "item_ids"];
+/// Vocabularies that older data directories do not have; they load as empty.
+const OPTIONAL_VOCAB_FILES: [&str; 1] = ["item_ids"];
 
 #[derive(Serialize, Deserialize)]
 struct Checksums {
@@ -179,14 +192,16 @@ struct Checksums {
 }
 
 impl Vocabularies {
-    /// The ids of an item's title words, aspects and categories.
+    /// The ids of an item's title words, aspects and categories, and of the item itself.
     pub fn item_tokens(
         &self,
+        item_id: u64,
         title: &str,
         aspects: &[String],
         categories: &[String],
     ) -> ItemTokens {
         ItemTokens {
+            id: self.item_ids.known_id(&item_id.to_string()),
             title: words(title).map(|w| self.title.id(&w)).collect(),
             aspects: aspects
                 .iter()
@@ -212,12 +227,13 @@ impl Vocabularies {
             .collect()
     }
 
-    fn all(&self) -> [&Vocab; 4] {
+    fn all(&self) -> [&Vocab; 5] {
         [
             &self.title,
             &self.aspects,
             &self.categories,
             &self.user_features,
+            &self.item_ids,
         ]
     }
 
@@ -253,6 +269,10 @@ impl Vocabularies {
         let manifest: Checksums = read_json(&manifest_path)?;
         let mut vocabs = Vec::new();
         for name in VOCAB_FILES {
+            if OPTIONAL_VOCAB_FILES.contains(&name) && !manifest.files.contains_key(name) {
+                vocabs.push(Vocab::new(name, Vec::new(), 1, 1));
+                continue;
+            }
             let path = dir.join(format!("{name}.json"));
             let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
             let sum = hex::encode(Sha256::digest(&bytes));
@@ -270,14 +290,15 @@ impl Vocabularies {
             vocab.reindex();
             vocabs.push(vocab);
         }
-        let [title, aspects, categories, user_features]: [Vocab; 4] =
-            vocabs.try_into().expect("four vocabularies");
+        let [title, aspects, categories, user_features, item_ids]: [Vocab; 5] =
+            vocabs.try_into().expect("five vocabularies");
         Ok((
             Vocabularies {
                 title,
                 aspects,
                 categories,
                 user_features,
+                item_ids,
             },
             manifest.checksum,
         ))
@@ -336,6 +357,29 @@ mod tests {
     }
 
     #[test]
+    fn vocabularies_saved_before_item_ids_load_with_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let vocabs = Vocabularies {
+            title: vocab(&["a"], 1, 4),
+            aspects: vocab(&["brand:x"], 1, 1),
+            categories: vocab(&["shoes"], 1, 1),
+            user_features: vocab(&["age:1"], 1, 1),
+            item_ids: vocab(&["7"], 1, 1),
+        };
+        vocabs.save(dir.path()).unwrap();
+        // An older data directory: no item_ids.json, and no entry for it in checksums.json.
+        std::fs::remove_file(dir.path().join("item_ids.json")).unwrap();
+        let path = dir.path().join("checksums.json");
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        manifest["files"].as_object_mut().unwrap().remove("item_ids");
+        std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+        let (back, _) = Vocabularies::load(dir.path()).unwrap();
+        assert!(back.item_ids.tokens.is_empty());
+        assert_eq!(back.item_tokens(7, "a", &[], &[]).id, 0);
+    }
+
+    #[test]
     fn saved_vocabularies_load_with_same_checksum_and_detect_tampering() {
         let dir = tempfile::tempdir().unwrap();
         let vocabs = Vocabularies {
@@ -343,11 +387,14 @@ mod tests {
             aspects: vocab(&["brand:x"], 1, 1),
             categories: vocab(&["shoes"], 1, 1),
             user_features: vocab(&["age:1"], 1, 1),
+            item_ids: vocab(&["7", "7", "3"], 1, 1),
         };
         let sum = vocabs.save(dir.path()).unwrap();
         let (back, sum2) = Vocabularies::load(dir.path()).unwrap();
         assert_eq!(back, vocabs);
         assert_eq!(sum, sum2);
+        assert_eq!(back.item_ids.known_id("7"), 1, "most frequent first");
+        assert_eq!(back.item_ids.known_id("4"), 0, "an unknown item has no id row");
         std::fs::write(dir.path().join("title.json"), b"{}").unwrap();
         let err = Vocabularies::load(dir.path()).unwrap_err().to_string();
         assert!(

@@ -106,7 +106,7 @@ pub fn embed_batch(
 ) -> Result<()> {
     let tokens: Vec<_> = items
         .iter()
-        .map(|i| vocabs.item_tokens(&i.title, &i.aspects, &i.categories))
+        .map(|i| vocabs.item_tokens(i.item_id, &i.title, &i.aspects, &i.categories))
         .collect();
     let refs: Vec<_> = tokens.iter().collect();
     let inputs = ItemBatchHost::new(&refs, &model.config).to_device(model.device());

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 
-use features::splits::{TieOrder, Timed};
+use features::splits::{HistoryProtocol, TieOrder, Timed};
 use features::{Event, EventType};
 
 const SHARDS: usize = 64;
@@ -81,16 +81,19 @@ pub struct UserView {
 pub struct HistoryStore {
     bound: usize,
     ties: TieOrder,
+    protocol: HistoryProtocol,
     shards: Vec<RwLock<HashMap<u64, UserState>>>,
 }
 
 impl HistoryStore {
     /// A store that keeps each user's `bound` most recent events (the model's history length),
-    /// ordered as the training data was (`dataset.json`'s tie order).
-    pub fn new(bound: usize, ties: TieOrder) -> HistoryStore {
+    /// ordered as the training data was (`dataset.json`'s tie order), and windowed by the
+    /// training data's history protocol.
+    pub fn new(bound: usize, ties: TieOrder, protocol: HistoryProtocol) -> HistoryStore {
         HistoryStore {
             bound: bound.max(1),
             ties,
+            protocol,
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
         }
     }
@@ -107,6 +110,11 @@ impl HistoryStore {
     /// How events at equal timestamps are ordered.
     pub fn ties(&self) -> TieOrder {
         self.ties
+    }
+
+    /// Which events before the request time are history.
+    pub fn protocol(&self) -> HistoryProtocol {
+        self.protocol
     }
 
     /// Adds one event. Events may arrive out of time order; each lands in its canonical place
@@ -197,7 +205,7 @@ mod tests {
 
     #[test]
     fn keeps_the_latest_events_in_canonical_order_and_every_seen_item() {
-        let store = HistoryStore::new(3, TieOrder::ItemId);
+        let store = HistoryStore::new(3, TieOrder::ItemId, HistoryProtocol::Strict);
         for (ts, item) in [
             (5, Some(50)),
             (1, Some(10)),
@@ -226,7 +234,7 @@ mod tests {
 
     #[test]
     fn source_ties_keep_arrival_order() {
-        let store = HistoryStore::new(4, TieOrder::Source);
+        let store = HistoryStore::new(4, TieOrder::Source, HistoryProtocol::Strict);
         for (ts, item) in [(1, Some(9)), (2, Some(7)), (1, None), (1, Some(3))] {
             store.record(8, ev(ts, item));
         }

@@ -122,6 +122,7 @@ fn load(opts: &ServeOptions) -> Result<Loaded> {
     let store = Arc::new(HistoryStore::new(
         model.info.tower.history_len,
         data.settings.split.ties,
+        data.settings.split.history,
     ));
     let mut counts = seed::seed(&store, &opts.data_dir)?;
     let (log, replay) = EventLog::open(&opts.event_log, |e| seed::apply(&store, &mut counts, &e))?;

@@ -191,6 +191,7 @@ async fn recommend(
         ts_ms,
         history_len,
         shared.store.ties(),
+        shared.store.protocol(),
     );
     let features: Vec<String> = if q.user_features.is_empty() {
         view.features.to_vec()

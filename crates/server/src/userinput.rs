@@ -1,9 +1,10 @@
 //! The user tower's input for a request, built exactly like a training example's.
 //!
-//! Training (`features::splits`) reads the last L events strictly before the target time, in
-//! canonical order, with each event's gap to the target in whole seconds, the target's hour and
-//! weekday, and the user's profile features. Serving does the same with the request time in
-//! place of the target time, over the stored history merged with the request's inline events.
+//! Training (`features::splits`) reads the last L events before the target time
+//! (`features::splits::history_window`, under the dataset's history protocol), in canonical
+//! order, with each event's gap to the target in whole seconds, the target's hour and weekday,
+//! and the user's profile features. Serving calls the same window with the request time in place
+//! of the target time, over the stored history merged with the request's inline events.
 //! History items missing from the index become type-only events, as in training. (Training also
 //! drops the held-out cold items from histories; that is an evaluation protocol, not a feature,
 //! so serving keeps them.)
@@ -11,29 +12,31 @@
 use features::records::hour_and_weekday;
 use towers::{EventInput, UserInput};
 
-use features::splits::TieOrder;
+use features::splits::{history_window, HistoryProtocol, TieOrder};
 
 use crate::history::{sort_canonical, StoredEvent};
 use crate::snapshot::Snapshot;
 
-/// Merges stored and inline events, keeps those strictly before `ts_ms`, sorts them canonically
-/// (inline after stored at a tie, when ties keep arrival order), drops inline events that copy a
-/// stored one (a client resending what it already recorded) and returns the last `history_len`.
-/// Repeats within the stored history, or within the inline events, stay: training keeps them.
+/// Merges stored and inline events, keeps those the protocol counts as before `ts_ms`, sorts
+/// them canonically (inline after stored at a tie, when ties keep arrival order), drops inline
+/// events that copy a stored one (a client resending what it already recorded) and returns the
+/// history window. Repeats within the stored history, or within the inline events, stay:
+/// training keeps them.
 pub fn merge_history(
     stored: Vec<StoredEvent>,
     inline: &[features::Event],
     ts_ms: i64,
     history_len: usize,
     ties: TieOrder,
+    protocol: HistoryProtocol,
 ) -> Vec<StoredEvent> {
     let mut all = stored;
-    all.retain(|e| e.ts_ms < ts_ms);
+    all.retain(|e| protocol.includes(e.ts_ms, ts_ms));
     let stored_len = all.len();
     // Each stored event absorbs at most one inline copy.
     let mut absorbed = vec![false; stored_len];
     for e in inline.iter().map(StoredEvent::from_event) {
-        if e.ts_ms >= ts_ms {
+        if !protocol.includes(e.ts_ms, ts_ms) {
             continue;
         }
         let copy = (0..stored_len).find(|&i| !absorbed[i] && all[i] == e);
@@ -43,9 +46,10 @@ pub fn merge_history(
         }
     }
     sort_canonical(&mut all, ties);
-    let start = all.len().saturating_sub(history_len);
-    all.drain(..start);
-    all
+    history_window(&all, ts_ms, protocol, history_len, |_| true)
+        .into_iter()
+        .cloned()
+        .collect()
 }
 
 /// The tower input; `item_row`s are rows of the snapshot's index embeddings.
@@ -102,7 +106,7 @@ mod tests {
             .collect();
         let inline = [ev(3, 3), ev(5, 5), ev(9, 9), ev(4, 4)];
         for ties in [TieOrder::ItemId, TieOrder::Source] {
-            let h = merge_history(stored.clone(), &inline, 9, 3, ties);
+            let h = merge_history(stored.clone(), &inline, 9, 3, ties, HistoryProtocol::Strict);
             let ts: Vec<i64> = h.iter().map(|e| e.ts_ms).collect();
             assert_eq!(ts, [3, 4, 5], "{ties:?}");
         }
@@ -115,7 +119,14 @@ mod tests {
             .map(StoredEvent::from_event)
             .collect();
         let inline = [ev(2, 1), ev(2, 8), ev(2, 8)];
-        let h = merge_history(stored.clone(), &inline, 9, 10, TieOrder::Source);
+        let h = merge_history(
+            stored.clone(),
+            &inline,
+            9,
+            10,
+            TieOrder::Source,
+            HistoryProtocol::Strict,
+        );
         let items: Vec<_> = h.iter().map(|e| e.item_id.unwrap()).collect();
         assert_eq!(
             items,
@@ -129,7 +140,18 @@ mod tests {
             9,
             10,
             TieOrder::Source,
+            HistoryProtocol::Strict,
         );
         assert_eq!(h.len(), 4);
+        // Positional: an event at the request time itself is history.
+        let h = merge_history(
+            [ev(9, 9)].iter().map(StoredEvent::from_event).collect(),
+            &[],
+            9,
+            10,
+            TieOrder::Source,
+            HistoryProtocol::Positional,
+        );
+        assert_eq!(h.len(), 1);
     }
 }

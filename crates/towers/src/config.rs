@@ -14,12 +14,16 @@ pub enum Activation {
 
 /// Sizes of the embedding tables, taken from the dataset's vocabularies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct VocabSizes {
     /// Title and query words (padding + vocabulary + hash buckets).
     pub title: i64,
     pub aspects: i64,
     pub categories: i64,
     pub user_features: i64,
+    /// Item ids seen in training (padding + vocabulary + one unused bucket: 2 when the dataset
+    /// records none).
+    pub item_ids: i64,
 }
 
 /// Every architectural choice of the item and user encoders.
@@ -34,6 +38,12 @@ pub struct TowerConfig {
     pub aspect_dim: i64,
     /// Width of category embeddings.
     pub category_dim: i64,
+    /// Width of the item-id embedding next to the content (0: content only). Items not seen in
+    /// training have no id row and are embedded from their content alone.
+    pub item_id_dim: i64,
+    /// Probability that an item's id is hidden in a training step, so the content path alone
+    /// learns a useful vector (what a new item gets).
+    pub item_id_dropout: f64,
     /// Hidden layer widths of the item MLP (the output layer, of width `dim`, is added).
     pub item_hidden: Vec<i64>,
     /// Hidden size of the GRU over the user's events.
@@ -79,6 +89,8 @@ impl Default for TowerConfig {
             token_dim: 64,
             aspect_dim: 32,
             category_dim: 32,
+            item_id_dim: 0,
+            item_id_dropout: 0.5,
             item_hidden: vec![256],
             gru_hidden: 128,
             event_type_dim: 16,
@@ -142,6 +154,26 @@ impl TowerConfig {
                 });
             }
         }
+        if self.item_id_dim < 0 {
+            return Err(crate::Error::Config {
+                field: "item_id_dim".into(),
+                reason: format!("must be 0 (off) or positive, got {}", self.item_id_dim),
+            });
+        }
+        if self.item_id_dim > 0 && self.vocab.item_ids <= 2 {
+            return Err(crate::Error::Config {
+                field: "vocab.item_ids".into(),
+                reason: "the dataset records no item ids (prepared by an older version); \
+                         prepare it again or set item_id_dim = 0"
+                    .into(),
+            });
+        }
+        if !(0.0..=1.0).contains(&self.item_id_dropout) {
+            return Err(crate::Error::Config {
+                field: "item_id_dropout".into(),
+                reason: "must be in [0, 1]".into(),
+            });
+        }
         for (field, widths) in [
             ("item_hidden", &self.item_hidden),
             ("user_hidden", &self.user_hidden),
@@ -181,5 +213,49 @@ impl TowerConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sized(item_ids: i64) -> TowerConfig {
+        TowerConfig {
+            item_id_dim: 8,
+            vocab: VocabSizes {
+                title: 10,
+                aspects: 10,
+                categories: 10,
+                user_features: 10,
+                item_ids,
+            },
+            ..TowerConfig::default()
+        }
+    }
+
+    #[test]
+    fn item_ids_need_a_dataset_that_records_them() {
+        // An empty item-id vocabulary (data prepared before item ids) has 2 rows.
+        let err = sized(2).validate().unwrap_err().to_string();
+        assert!(
+            err.contains("vocab.item_ids") && err.contains("prepare it again"),
+            "{err}"
+        );
+        sized(3).validate().unwrap();
+        TowerConfig {
+            item_id_dim: 0,
+            ..sized(2)
+        }
+        .validate()
+        .unwrap();
+        let err = TowerConfig {
+            item_id_dropout: 1.5,
+            ..sized(3)
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("item_id_dropout"), "{err}");
     }
 }

@@ -68,16 +68,23 @@ impl Dataset {
             aspects: self.vocabs.aspects.size(),
             categories: self.vocabs.categories.size(),
             user_features: self.vocabs.user_features.size(),
+            item_ids: self.vocabs.item_ids.size(),
         }
     }
 
-    /// Loads and encodes one split's examples.
+    /// Loads and encodes one split's examples, histories cut to the tower's `history_len`.
     pub fn examples(&self, split: Split, cfg: &TowerConfig) -> Result<ExampleSet> {
+        self.examples_with_history(split, cfg.history_len)
+    }
+
+    /// Loads and encodes one split's examples, keeping the last `history_len` events of each
+    /// stored history (`usize::MAX`: all that `prepare` stored).
+    pub fn examples_with_history(&self, split: Split, history_len: usize) -> Result<ExampleSet> {
         ExampleSet::load(
             &self.layout().split(split),
             &self.catalog.row_of,
             &self.vocabs,
-            cfg.history_len,
+            history_len,
         )
     }
 }
@@ -109,7 +116,7 @@ impl Catalog {
         self.row_of.insert(item.item_id, self.ids.len() as u32);
         self.ids.push(item.item_id);
         self.tokens
-            .push(vocabs.item_tokens(&item.title, &item.aspects, &item.categories));
+            .push(vocabs.item_tokens(item.item_id, &item.title, &item.aspects, &item.categories));
     }
 
     pub fn len(&self) -> usize {

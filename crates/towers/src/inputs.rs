@@ -73,6 +73,7 @@ pub struct ItemBatchHost {
     title: (Vec<i64>, [i64; 2]),
     aspects: (Vec<i64>, [i64; 2]),
     categories: (Vec<i64>, [i64; 2]),
+    ids: Vec<i64>,
 }
 
 impl ItemBatchHost {
@@ -81,6 +82,7 @@ impl ItemBatchHost {
             title: pad(items.iter().map(|i| &i.title), cfg.max_title_tokens),
             aspects: pad(items.iter().map(|i| &i.aspects), cfg.max_aspects),
             categories: pad(items.iter().map(|i| &i.categories), cfg.max_categories),
+            ids: items.iter().map(|i| i.id).collect(),
         }
     }
 
@@ -89,16 +91,18 @@ impl ItemBatchHost {
             title: tensor(&self.title.0, &self.title.1, device),
             aspects: tensor(&self.aspects.0, &self.aspects.1, device),
             categories: tensor(&self.categories.0, &self.categories.1, device),
+            ids: tensor(&self.ids, &[self.ids.len() as i64], device),
         }
     }
 }
 
-/// Item content as tensors: `[N, T]` int64 ids, 0-padded.
+/// Item content as tensors: `[N, T]` int64 ids, 0-padded, and `[N]` item-id rows (0: none).
 #[derive(Debug)]
 pub struct ItemInputs {
     pub title: Tensor,
     pub aspects: Tensor,
     pub categories: Tensor,
+    pub ids: Tensor,
 }
 
 impl ItemInputs {

@@ -1,10 +1,13 @@
-//! The item tower: content only.
+//! The item tower: content, and optionally the item's own id.
 //!
 //! Title words, aspects and categories are each embedded and mean-pooled, concatenated, and
-//! passed through an MLP to a unit vector. There is deliberately no item-id embedding: an item
-//! that appears after training (cold start) is embedded from its content like any other.
+//! passed through an MLP to a unit vector. With `item_id_dim > 0` an item-id embedding joins
+//! them (a hybrid tower): items with identical content (shop catalogs are full of them) get
+//! distinct vectors, and an item's id can learn what its content cannot say. An item not seen in
+//! training has id 0, whose embedding is zeros, so it is embedded from its content alone; ID
+//! dropout in training hides ids at random so that this content-only vector is a good one.
 
-use tch::nn;
+use tch::nn::{self, Module};
 use tch::Tensor;
 
 use crate::config::TowerConfig;
@@ -18,13 +21,28 @@ pub struct ItemEncoder {
     pub title_emb: EmbeddingBag,
     pub aspect_emb: EmbeddingBag,
     pub category_emb: EmbeddingBag,
+    /// `None` without item ids (`item_id_dim = 0`).
+    pub id_emb: Option<nn::Embedding>,
     pub mlp: Mlp,
+    id_dropout: f64,
 }
 
 impl ItemEncoder {
     pub fn new(p: nn::Path, cfg: &TowerConfig) -> Self {
-        let input = cfg.token_dim + cfg.aspect_dim + cfg.category_dim;
+        let input = cfg.token_dim + cfg.aspect_dim + cfg.category_dim + cfg.item_id_dim;
+        let id_emb = (cfg.item_id_dim > 0).then(|| {
+            let init = nn::EmbeddingConfig {
+                ws_init: nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.1,
+                },
+                ..Default::default()
+            };
+            nn::embedding(&p / "id_emb", cfg.vocab.item_ids, cfg.item_id_dim, init)
+        });
         ItemEncoder {
+            id_emb,
+            id_dropout: cfg.item_id_dropout,
             title_emb: EmbeddingBag::new(&p / "title_emb", cfg.vocab.title, cfg.token_dim),
             aspect_emb: EmbeddingBag::new(&p / "aspect_emb", cfg.vocab.aspects, cfg.aspect_dim),
             category_emb: EmbeddingBag::new(
@@ -38,14 +56,25 @@ impl ItemEncoder {
 
     /// `[N, dim]` unit vectors.
     pub fn forward(&self, items: &ItemInputs, train: bool) -> Tensor {
-        let x = Tensor::cat(
-            &[
-                self.title_emb.forward(&items.title),
-                self.aspect_emb.forward(&items.aspects),
-                self.category_emb.forward(&items.categories),
-            ],
-            -1,
-        );
-        l2_normalize(&self.mlp.forward(&x, train))
+        let mut parts = vec![
+            self.title_emb.forward(&items.title),
+            self.aspect_emb.forward(&items.aspects),
+            self.category_emb.forward(&items.categories),
+        ];
+        if let Some(id_emb) = &self.id_emb {
+            parts.push(self.id_vectors(id_emb, &items.ids, train));
+        }
+        l2_normalize(&self.mlp.forward(&Tensor::cat(&parts, -1), train))
+    }
+
+    /// `[N, item_id_dim]`: the id embedding, zeros for id 0 (not seen in training) and, in
+    /// training, for a random `id_dropout` share of the items.
+    fn id_vectors(&self, id_emb: &nn::Embedding, ids: &Tensor, train: bool) -> Tensor {
+        let mut keep = ids.gt(0);
+        if train && self.id_dropout > 0.0 {
+            let draw = Tensor::rand(ids.size(), (tch::Kind::Float, ids.device()));
+            keep = keep.logical_and(&draw.ge(self.id_dropout));
+        }
+        id_emb.forward(ids) * keep.to_kind(tch::Kind::Float).unsqueeze(-1)
     }
 }

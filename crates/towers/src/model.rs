@@ -153,6 +153,7 @@ mod tests {
                 aspects: 10,
                 categories: 10,
                 user_features: 10,
+                item_ids: 8,
             },
             ..Default::default()
         }
@@ -164,17 +165,20 @@ mod tests {
                 title: vec![1, 2],
                 aspects: vec![3],
                 categories: vec![1, 2],
+                id: 0,
             },
             ItemTokens {
                 title: vec![4],
                 aspects: vec![],
                 categories: vec![3],
+                id: 0,
             },
             // A brand-new item with only hash-bucket words still gets a vector.
             ItemTokens {
                 title: vec![45, 46],
                 aspects: vec![9],
                 categories: vec![9],
+                id: 0,
             },
         ]
     }
@@ -232,6 +236,32 @@ mod tests {
             );
         }
         assert_eq!(model.logits(&uv, &iv).size(), [2, 3]);
+    }
+
+    #[test]
+    fn item_ids_separate_content_twins_and_unseen_items_get_the_content_vector() {
+        let cfg = TowerConfig {
+            item_id_dim: 4,
+            item_id_dropout: 1.0,
+            ..small_config()
+        };
+        let model = TwoTower::new(cfg, Device::Cpu).unwrap();
+        let twin = |id| ItemTokens {
+            title: vec![1, 2],
+            aspects: vec![3],
+            categories: vec![1],
+            id,
+        };
+        let tokens = [twin(1), twin(2), twin(0)];
+        let refs: Vec<&ItemTokens> = tokens.iter().collect();
+        let inputs = ItemBatchHost::new(&refs, &model.config).to_device(Device::Cpu);
+        let v = model.encode_items(&inputs, false);
+        assert!(!v.get(0).allclose(&v.get(1), 1e-3, 1e-3, false), "twins differ");
+        // Training with every id hidden sees exactly what an unseen item (id 0) gets.
+        let hidden = model.encode_items(&inputs, true);
+        for row in 0..3 {
+            assert!(hidden.get(row).allclose(&v.get(2), 1e-6, 1e-6, false));
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 use towers::{ItemBatchHost, TwoTower, UserBatchHost};
 
+use crate::baselines::{Baselines, ItemKnn};
 use towers::dataset::{Catalog, EncodedExample, ExampleSet, SeenItems};
 
 /// Cut-offs reported by default.
@@ -49,6 +50,8 @@ pub enum Scorer<'a> {
     },
     /// A fixed score per catalog row (e.g. popularity), the same for every user.
     Fixed(&'a Tensor),
+    /// Item-to-item co-occurrence with the example's history.
+    ItemKnn(&'a ItemKnn),
 }
 
 /// Ranks the targets of the selected examples; returns metrics for each K in `ks`.
@@ -83,6 +86,7 @@ pub fn evaluate(
                     .unsqueeze(0)
                     .expand([chunk.len() as i64, -1], false)
                     .copy(),
+                Scorer::ItemKnn(knn) => knn.scores(chunk),
             };
             ranks.extend(rank_targets(scores, chunk, seen, catalog));
         }
@@ -90,24 +94,32 @@ pub fn evaluate(
     metrics_from_ranks(&ranks, ks)
 }
 
-/// One split's metrics: the model, the popularity baseline, and — when the data holds
-/// held-out cold items — the model on cold-item and on warm-item targets separately.
+/// One split's metrics: the model, the three baselines, and — when the data holds held-out
+/// cold items — the model on cold-item and on warm-item targets separately.
 pub struct SplitMetrics {
     pub model: Metrics,
     pub popularity: Metrics,
+    pub recent_popularity: Metrics,
+    pub item_knn: Metrics,
     pub cold_items: Option<Metrics>,
     pub warm_items: Option<Metrics>,
 }
 
+/// What one split is ranked with: the model's examples (history cut to the tower's length) and
+/// the same examples with the whole stored history, which item-kNN scores against.
+pub struct EvalInputs<'a> {
+    pub set: &'a ExampleSet,
+    pub full_history: &'a ExampleSet,
+    pub seen: &'a SeenItems,
+    pub catalog: &'a Catalog,
+}
+
 /// Everything `metrics.json` and `twotower eval` report for one split.
-#[allow(clippy::too_many_arguments)]
 pub fn split_metrics(
     model: &TwoTower,
     catalog_vecs: &Tensor,
-    popularity: &Tensor,
-    set: &ExampleSet,
-    seen: &SeenItems,
-    catalog: &Catalog,
+    baselines: &Baselines,
+    inputs: &EvalInputs<'_>,
     split: &features::splits::SplitConfig,
     ks: &[usize],
     batch: usize,
@@ -116,16 +128,20 @@ pub fn split_metrics(
         model,
         catalog_vecs,
     };
-    let run = |scorer: &Scorer<'_>, select: &dyn Fn(&EncodedExample) -> bool| {
+    let (seen, catalog) = (inputs.seen, inputs.catalog);
+    let run = |scorer: &Scorer<'_>, set: &ExampleSet, select: &dyn Fn(&EncodedExample) -> bool| {
         evaluate(scorer, set, seen, catalog, ks, batch, select)
     };
     let is_cold = |e: &EncodedExample| split.is_cold(catalog.ids[e.target_row as usize]);
     let with_cold = split.cold_items > 0.0;
+    let all = |_: &EncodedExample| true;
     SplitMetrics {
-        model: run(&scorer, &|_| true),
-        popularity: run(&Scorer::Fixed(popularity), &|_| true),
-        cold_items: with_cold.then(|| run(&scorer, &is_cold)),
-        warm_items: with_cold.then(|| run(&scorer, &|e| !is_cold(e))),
+        model: run(&scorer, inputs.set, &all),
+        popularity: run(&Scorer::Fixed(&baselines.popularity), inputs.set, &all),
+        recent_popularity: run(&Scorer::Fixed(&baselines.recent_popularity), inputs.set, &all),
+        item_knn: run(&Scorer::ItemKnn(&baselines.item_knn), inputs.full_history, &all),
+        cold_items: with_cold.then(|| run(&scorer, inputs.set, &is_cold)),
+        warm_items: with_cold.then(|| run(&scorer, inputs.set, &|e| !is_cold(e))),
     }
 }
 
@@ -192,22 +208,6 @@ pub fn metrics_from_ranks(ranks: &[i64], ks: &[usize]) -> Metrics {
     }
     m.insert("examples".into(), ranks.len() as f64);
     m
-}
-
-/// Popularity scores: minus each item's position when sorted by training-target count
-/// (descending, ties by catalog order), so the order is strict and exact in f32.
-pub fn popularity_scores(train: &ExampleSet, catalog_len: usize, device: Device) -> Tensor {
-    let mut counts = vec![0u64; catalog_len];
-    for ex in &train.examples {
-        counts[ex.target_row as usize] += 1;
-    }
-    let mut order: Vec<usize> = (0..catalog_len).collect();
-    order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
-    let mut scores = vec![0f32; catalog_len];
-    for (position, row) in order.into_iter().enumerate() {
-        scores[row] = -(position as f32);
-    }
-    Tensor::from_slice(&scores).to_device(device)
 }
 
 #[cfg(test)]

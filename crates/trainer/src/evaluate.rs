@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use tch::Device;
 
 use crate::error::Result;
-use crate::eval;
+use crate::baselines::Baselines;
+use crate::eval::{self, EvalInputs};
 use towers::artifact::LoadedModel;
 use towers::dataset::{Dataset, SeenItems};
 
@@ -28,18 +29,25 @@ pub fn evaluate_model(
         .map(|t| t.eval_batch_size)
         .unwrap_or_else(|_| crate::TrainConfig::default().eval_batch_size);
     let set = data.examples(split, &model.config)?;
+    let full_history = data.examples_with_history(split, usize::MAX)?;
     let train = data.examples(Split::Train, &model.config)?;
     let seen = SeenItems::load(&data.layout().events(), &data.catalog)?;
     let catalog = &data.catalog;
     let vecs = eval::catalog_vectors(model, catalog, batch);
-    let pop = eval::popularity_scores(&train, catalog.len(), device);
+    let baselines = Baselines::fit(&data, &train, device)?;
+    let inputs = EvalInputs {
+        set: &set,
+        full_history: &full_history,
+        seen: &seen,
+        catalog,
+    };
     let split_cfg = &data.info.settings.split;
-    let m = eval::split_metrics(
-        model, &vecs, &pop, &set, &seen, catalog, split_cfg, ks, batch,
-    );
+    let m = eval::split_metrics(model, &vecs, &baselines, &inputs, split_cfg, ks, batch);
     let mut out = json!({
         split.as_str(): m.model,
         "baseline_popularity": m.popularity,
+        "baseline_recent_popularity": m.recent_popularity,
+        "baseline_item_knn": m.item_knn,
         "model_version": loaded.info.version,
     });
     if let (Some(cold), Some(warm)) = (m.cold_items, m.warm_items) {

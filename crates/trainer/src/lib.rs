@@ -3,10 +3,12 @@
 //! Batches the training examples written by `features`, optimises the two towers with an
 //! in-batch softmax (temperature, logQ correction, accidental-hit removal, optional sampled
 //! negatives), checkpoints atomically every epoch, stops early on validation NDCG@10, and
-//! evaluates by full ranking over the catalog against a popularity baseline.
+//! evaluates by full ranking over the catalog against popularity, recent popularity and
+//! item-to-item co-occurrence baselines.
 //!
 //! Data flow: features → towers → **trainer** (`MODEL_DIR`) → indexer → server.
 
+pub mod baselines;
 pub mod batches;
 pub mod bench;
 pub mod config;

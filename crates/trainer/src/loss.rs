@@ -75,6 +75,7 @@ mod tests {
                 title: vec![i],
                 aspects: vec![i],
                 categories: vec![i],
+                id: 0,
             })
             .collect();
         let refs: Vec<&ItemTokens> = tokens.iter().collect();
@@ -112,6 +113,7 @@ mod tests {
                 aspects: 10,
                 categories: 10,
                 user_features: 4,
+                item_ids: 8,
             },
             ..Default::default()
         }

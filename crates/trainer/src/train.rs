@@ -15,7 +15,8 @@ use towers::TwoTower;
 use crate::batches::{BatchSource, TargetFrequency};
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
-use crate::eval::{self, Metrics, Scorer, DEFAULT_KS};
+use crate::baselines::Baselines;
+use crate::eval::{self, EvalInputs, Metrics, Scorer, DEFAULT_KS};
 use crate::loss::{in_batch_softmax_loss, DeviceBatch};
 use crate::optim::{learning_rate, AdamW};
 use towers::artifact::{short, write_json, ModelInfo, ModelLayout, MODEL_FORMAT};
@@ -61,6 +62,12 @@ pub struct TrainReport {
     pub test: Metrics,
     pub valid: Metrics,
     pub baseline_popularity: Metrics,
+    /// Popularity over the last four weeks of training (`baselines::RECENT_DAYS`).
+    #[serde(default)]
+    pub baseline_recent_popularity: Metrics,
+    /// Item-to-item co-occurrence (cosine) with the user's history.
+    #[serde(default)]
+    pub baseline_item_knn: Metrics,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cold_items: Option<Metrics>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -265,17 +272,22 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
 
     progress.start("evaluating", None);
     let test_set = data.examples(Split::Test, &cfg.tower)?;
+    let full_history = data.examples_with_history(Split::Test, usize::MAX)?;
     let catalog_vecs = eval::catalog_vectors(&model, &catalog, cfg.eval_batch_size);
-    let pop = eval::popularity_scores(&train_set, catalog.len(), opts.device);
+    let baselines = Baselines::fit(&data, &train_set, opts.device)?;
     let split = &data.info.settings.split;
     let batch = cfg.eval_batch_size;
+    let inputs = EvalInputs {
+        set: &test_set,
+        full_history: &full_history,
+        seen: &seen,
+        catalog: &catalog,
+    };
     let on_test = eval::split_metrics(
         &model,
         &catalog_vecs,
-        &pop,
-        &test_set,
-        &seen,
-        &catalog,
+        &baselines,
+        &inputs,
         split,
         &DEFAULT_KS,
         batch,
@@ -302,6 +314,8 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         test: on_test.model,
         valid,
         baseline_popularity: on_test.popularity,
+        baseline_recent_popularity: on_test.recent_popularity,
+        baseline_item_knn: on_test.item_knn,
         cold_items: on_test.cold_items,
         warm_items: on_test.warm_items,
         train: TrainSummary {

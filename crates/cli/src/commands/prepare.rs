@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use features::prepare::{self, PrepareConfig, Provenance};
 use features::records::parse_time_ms;
 use features::sources::{BadRows, Source};
-use features::splits::{SplitConfig, SplitStrategy, TieOrder};
+use features::splits::{HistoryProtocol, SplitConfig, SplitStrategy, TieOrder};
 use features::synthetic::{SyntheticConfig, SyntheticGenerator};
 use features::tokenizer::VocabConfig;
 
@@ -27,6 +27,14 @@ pub enum TieKind {
     ItemId,
     /// The source's row order (RecBole's protocol; random in the MovieLens files).
     Source,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum HistoryKind {
+    /// Events strictly before the target's timestamp (its own second stays out).
+    Strict,
+    /// Every event ordered before the target, ties included.
+    Positional,
 }
 
 #[derive(Debug, Args)]
@@ -63,6 +71,11 @@ pub struct PrepareArgs {
     /// Order of one user's events within the same timestamp; leave-last-out holds out the last.
     #[arg(long, value_enum, default_value = "item-id")]
     ties: TieKind,
+    /// Which earlier events form a target's history: `strict`, those strictly before its
+    /// timestamp; `positional`, every event ordered before it (RecBole's protocol; pair it with
+    /// `--ties source`).
+    #[arg(long, value_enum, default_value = "strict")]
+    history: HistoryKind,
     /// Events kept in each example's history (L).
     #[arg(long, default_value_t = 50)]
     history_len: usize,
@@ -118,6 +131,10 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
             ties: match args.ties {
                 TieKind::ItemId => TieOrder::ItemId,
                 TieKind::Source => TieOrder::Source,
+            },
+            history: match args.history {
+                HistoryKind::Strict => HistoryProtocol::Strict,
+                HistoryKind::Positional => HistoryProtocol::Positional,
             },
             history_len: args.history_len,
             cold_items: args.cold_items,

@@ -89,7 +89,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The test metrics of a training report next to the popularity baseline (and cold/warm items
+/// The test metrics of a training report next to the three baselines (and cold/warm items
 /// when the data holds cold items).
 pub fn print_metrics(report: &trainer::TrainReport) {
     let get = |m: &trainer::eval::Metrics, k: &str| m.get(k).copied().unwrap_or(f64::NAN);
@@ -100,6 +100,8 @@ pub fn print_metrics(report: &trainer::TrainReport) {
     for (name, m) in [
         ("two-tower", &report.test),
         ("popularity", &report.baseline_popularity),
+        ("recent popularity", &report.baseline_recent_popularity),
+        ("item-kNN", &report.baseline_item_knn),
     ] {
         println!(
             "{name:<22} {:>10.4} {:>10.4} {:>10.4}",
