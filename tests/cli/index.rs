@@ -6,6 +6,11 @@ use crate::harness::{Dir, TINY_MODEL};
 
 /// Synthetic data in `data` (seeded) and a one-epoch model in `model`.
 fn data_and_model(dir: &Dir, data: &str, model: &str, seed: &str) {
+    data_and_model_of(dir, data, model, seed, TINY_MODEL);
+}
+
+/// [`data_and_model`] with the training config `config`.
+fn data_and_model_of(dir: &Dir, data: &str, model: &str, seed: &str, config: &str) {
     dir.command(&[
         "prepare",
         "--dataset",
@@ -22,7 +27,7 @@ fn data_and_model(dir: &Dir, data: &str, model: &str, seed: &str) {
         data,
     ])
     .ok();
-    std::fs::write(dir.join("tiny.toml"), TINY_MODEL).unwrap();
+    std::fs::write(dir.join("tiny.toml"), config).unwrap();
     dir.command(&[
         "train",
         "--data",
@@ -293,20 +298,8 @@ fn bad_inputs_fail_clearly_and_leave_current_untouched() {
 #[test]
 fn a_hybrid_model_embeds_items_it_never_trained_on_from_content_alone() {
     let dir = Dir::new();
-    dir.command(&[
-        "prepare", "--dataset", "synthetic", "--items", "300", "--users", "60", "--events",
-        "3000", "--out", "data",
-    ])
-    .ok();
-    std::fs::write(
-        dir.join("hybrid.toml"),
-        TINY_MODEL.replace("[tower]\n", "[tower]\nitem_id_dim = 8\n"),
-    )
-    .unwrap();
-    dir.command(&[
-        "train", "--data", "data", "--out", "model", "--config", "hybrid.toml", "--device", "cpu",
-    ])
-    .ok();
+    let hybrid = TINY_MODEL.replace("[tower]\n", "[tower]\nitem_id_dim = 8\n");
+    data_and_model_of(&dir, "data", "model", "42", &hybrid);
     let info: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("model/model.json")).unwrap()).unwrap();
     assert_eq!(info["tower"]["item_id_dim"], 8, "{info}");
@@ -328,14 +321,33 @@ fn a_hybrid_model_embeds_items_it_never_trained_on_from_content_alone() {
     };
     features::write_table(&dir.join("new.parquet"), &[copy(9001), copy(9002)]).unwrap();
     dir.command(&[
-        "index", "add", "--items", "new.parquet", "--model", "model", "--index", "idx",
+        "index",
+        "add",
+        "--items",
+        "new.parquet",
+        "--model",
+        "model",
+        "--index",
+        "idx",
     ])
     .ok();
     let version = current(&dir);
-    let emb = features::Embeddings::read(&dir.join("idx").join(version.trim()).join("embeddings.parquet"))
-        .unwrap();
+    let emb = features::Embeddings::read(
+        &dir.join("idx")
+            .join(version.trim())
+            .join("embeddings.parquet"),
+    )
+    .unwrap();
     let rows = emb.row_of().unwrap();
     let vector = |id: u64| emb.vector(rows[&id] as usize).to_vec();
-    assert_eq!(vector(9001), vector(9002), "new items: content only, so identical");
-    assert_ne!(vector(9001), vector(known), "the trained item has its own id vector");
+    assert_eq!(
+        vector(9001),
+        vector(9002),
+        "new items: content only, so identical"
+    );
+    assert_ne!(
+        vector(9001),
+        vector(known),
+        "the trained item has its own id vector"
+    );
 }

@@ -87,7 +87,11 @@ fn positional_history_takes_the_ties_ordered_before_the_target() {
         features::read_table(&data.join("splits/test.parquet")).unwrap();
     assert_eq!(test[0].target_item_id, 1);
     let history: Vec<_> = test[0].history.iter().map(|h| h.item_id).collect();
-    assert_eq!(history, [Some(2), Some(3)], "the tie ordered first is history");
+    assert_eq!(
+        history,
+        [Some(2), Some(3)],
+        "the tie ordered first is history"
+    );
     let info = std::fs::read_to_string(data.join("dataset.json")).unwrap();
     assert!(info.contains("\"history\": \"positional\""), "{info}");
     // The default stays strict, and says so.

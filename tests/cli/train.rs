@@ -107,7 +107,10 @@ fn training_writes_every_artifact_and_is_deterministic() {
                 eval[baseline][key].as_f64().unwrap(),
                 m1[baseline][key].as_f64().unwrap(),
             );
-            assert!((a - b).abs() < 1e-9, "{baseline} {key}: eval {a} vs train {b}");
+            assert!(
+                (a - b).abs() < 1e-9,
+                "{baseline} {key}: eval {a} vs train {b}"
+            );
         }
     }
 }

@@ -380,16 +380,29 @@ mod tests {
             history: HistoryProtocol::Positional,
             ..Default::default()
         };
-        let mut events = vec![ev(1, Some(10)), ev(5, Some(30)), ev(5, Some(20)), ev(5, Some(40))];
+        let mut events = vec![
+            ev(1, Some(10)),
+            ev(5, Some(30)),
+            ev(5, Some(20)),
+            ev(5, Some(40)),
+        ];
         let out = collect(&cfg, &mut events);
         let test = out.iter().find(|(s, _)| *s == Split::Test).unwrap();
         assert_eq!(test.1.target_item_id, 40);
         let history: Vec<_> = test.1.history.iter().map(|h| h.item_id).collect();
-        assert_eq!(history, [Some(10), Some(30), Some(20)], "ties before it count");
+        assert_eq!(
+            history,
+            [Some(10), Some(30), Some(20)],
+            "ties before it count"
+        );
         assert_eq!(test.1.history[2].gap_s, 0);
         let valid = out.iter().find(|(s, _)| *s == Split::Valid).unwrap();
         let history: Vec<_> = valid.1.history.iter().map(|h| h.item_id).collect();
-        assert_eq!(history, [Some(10), Some(30)], "never a tie ordered after it");
+        assert_eq!(
+            history,
+            [Some(10), Some(30)],
+            "never a tie ordered after it"
+        );
     }
 
     #[test]

@@ -180,7 +180,13 @@ pub struct ItemTokens {
     pub id: i64,
 }
 
-const VOCAB_FILES: [&str; 5] = ["title", "aspects", "categories", "user_features", "item_ids"];
+const VOCAB_FILES: [&str; 5] = [
+    "title",
+    "aspects",
+    "categories",
+    "user_features",
+    "item_ids",
+];
 /// Vocabularies that older data directories do not have; they load as empty.
 const OPTIONAL_VOCAB_FILES: [&str; 1] = ["item_ids"];
 
@@ -372,7 +378,10 @@ mod tests {
         let path = dir.path().join("checksums.json");
         let mut manifest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        manifest["files"].as_object_mut().unwrap().remove("item_ids");
+        manifest["files"]
+            .as_object_mut()
+            .unwrap()
+            .remove("item_ids");
         std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
         let (back, _) = Vocabularies::load(dir.path()).unwrap();
         assert!(back.item_ids.tokens.is_empty());
@@ -394,7 +403,11 @@ mod tests {
         assert_eq!(back, vocabs);
         assert_eq!(sum, sum2);
         assert_eq!(back.item_ids.known_id("7"), 1, "most frequent first");
-        assert_eq!(back.item_ids.known_id("4"), 0, "an unknown item has no id row");
+        assert_eq!(
+            back.item_ids.known_id("4"),
+            0,
+            "an unknown item has no id row"
+        );
         std::fs::write(dir.path().join("title.json"), b"{}").unwrap();
         let err = Vocabularies::load(dir.path()).unwrap_err().to_string();
         assert!(

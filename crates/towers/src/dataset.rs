@@ -115,8 +115,12 @@ impl Catalog {
     pub fn push(&mut self, item: &Item, vocabs: &Vocabularies) {
         self.row_of.insert(item.item_id, self.ids.len() as u32);
         self.ids.push(item.item_id);
-        self.tokens
-            .push(vocabs.item_tokens(item.item_id, &item.title, &item.aspects, &item.categories));
+        self.tokens.push(vocabs.item_tokens(
+            item.item_id,
+            &item.title,
+            &item.aspects,
+            &item.categories,
+        ));
     }
 
     pub fn len(&self) -> usize {

@@ -256,7 +256,10 @@ mod tests {
         let refs: Vec<&ItemTokens> = tokens.iter().collect();
         let inputs = ItemBatchHost::new(&refs, &model.config).to_device(Device::Cpu);
         let v = model.encode_items(&inputs, false);
-        assert!(!v.get(0).allclose(&v.get(1), 1e-3, 1e-3, false), "twins differ");
+        assert!(
+            !v.get(0).allclose(&v.get(1), 1e-3, 1e-3, false),
+            "twins differ"
+        );
         // Training with every id hidden sees exactly what an unseen item (id 0) gets.
         let hidden = model.encode_items(&inputs, true);
         for row in 0..3 {

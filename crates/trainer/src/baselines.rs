@@ -169,11 +169,8 @@ impl ItemKnn {
         }
         let users = user_index.len().max(1);
         let nnz = rows.len() as i64;
-        let indices = Tensor::cat(
-            &[Tensor::from_slice(&rows), Tensor::from_slice(&cols)],
-            0,
-        )
-        .view([2, nnz]);
+        let indices =
+            Tensor::cat(&[Tensor::from_slice(&rows), Tensor::from_slice(&cols)], 0).view([2, nnz]);
         let item_user = Tensor::sparse_coo_tensor_indices_size(
             &indices,
             &Tensor::from_slice(&values),
@@ -277,7 +274,10 @@ mod tests {
         // Lately item 1 sold twice (repeats count) and item 3 once.
         let recent = [0, 2, 0, 1];
         let scores = recent_popularity_scores(&train, &recent, Device::Cpu);
-        assert_eq!(Vec::<f32>::try_from(scores).unwrap(), [-2.0, 0.0, -3.0, -1.0]);
+        assert_eq!(
+            Vec::<f32>::try_from(scores).unwrap(),
+            [-2.0, 0.0, -3.0, -1.0]
+        );
     }
 
     #[test]
@@ -337,6 +337,9 @@ mod tests {
         // An empty history falls back to popularity alone.
         let empty = example(9, 4, 0, &[]);
         let e = Vec::<f32>::try_from(knn.scores(&[&empty]).squeeze_dim(0)).unwrap();
-        assert!(e[1] > e[0] && e[0] > e[2] && e.iter().all(|&v| v < 1.0), "{e:?}");
+        assert!(
+            e[1] > e[0] && e[0] > e[2] && e.iter().all(|&v| v < 1.0),
+            "{e:?}"
+        );
     }
 }

@@ -138,8 +138,16 @@ pub fn split_metrics(
     SplitMetrics {
         model: run(&scorer, inputs.set, &all),
         popularity: run(&Scorer::Fixed(&baselines.popularity), inputs.set, &all),
-        recent_popularity: run(&Scorer::Fixed(&baselines.recent_popularity), inputs.set, &all),
-        item_knn: run(&Scorer::ItemKnn(&baselines.item_knn), inputs.full_history, &all),
+        recent_popularity: run(
+            &Scorer::Fixed(&baselines.recent_popularity),
+            inputs.set,
+            &all,
+        ),
+        item_knn: run(
+            &Scorer::ItemKnn(&baselines.item_knn),
+            inputs.full_history,
+            &all,
+        ),
         cold_items: with_cold.then(|| run(&scorer, inputs.set, &is_cold)),
         warm_items: with_cold.then(|| run(&scorer, inputs.set, &|e| !is_cold(e))),
     }

@@ -7,8 +7,8 @@ use features::splits::Split;
 use serde_json::{json, Value};
 use tch::Device;
 
-use crate::error::Result;
 use crate::baselines::Baselines;
+use crate::error::Result;
 use crate::eval::{self, EvalInputs};
 use towers::artifact::LoadedModel;
 use towers::dataset::{Dataset, SeenItems};

@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 use towers::TwoTower;
 
+use crate::baselines::Baselines;
 use crate::batches::{BatchSource, TargetFrequency};
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
-use crate::baselines::Baselines;
 use crate::eval::{self, EvalInputs, Metrics, Scorer, DEFAULT_KS};
 use crate::loss::{in_batch_softmax_loss, DeviceBatch};
 use crate::optim::{learning_rate, AdamW};
