@@ -82,13 +82,13 @@ impl HistoryProtocol {
 /// The history window, the one definition training and serving share: of `ordered` (one
 /// user's events in canonical order, all ordered before the target), those the protocol counts
 /// as before `target_ms` and `keep` accepts, the last `len` of them, oldest first.
-pub fn history_window<'a, E: Timed>(
-    ordered: &'a [E],
+pub fn history_window<E: Timed>(
+    ordered: &[E],
     target_ms: i64,
     protocol: HistoryProtocol,
     len: usize,
     keep: impl Fn(&E) -> bool,
-) -> Vec<&'a E> {
+) -> Vec<&E> {
     let mut window: Vec<&E> = ordered
         .iter()
         .rev()
