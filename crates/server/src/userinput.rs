@@ -17,10 +17,9 @@ use features::splits::{history_window, HistoryProtocol, TieOrder};
 use crate::history::{sort_canonical, StoredEvent};
 use crate::snapshot::Snapshot;
 
-/// Merges stored and inline events, keeps those the protocol counts as before `ts_ms`, sorts
-/// them canonically (inline after stored at a tie, when ties keep arrival order), drops inline
-/// events that copy a stored one (a client resending what it already recorded) and returns the
-/// history window. Repeats within the stored history, or within the inline events, stay:
+/// Merges stored and inline events, sorts them canonically (inline after stored at a tie, when
+/// ties keep arrival order), drops inline events that copy a stored one (a client resending
+/// what it already recorded) and returns the history window before `ts_ms`. Repeats within the stored history, or within the inline events, stay:
 /// training keeps them.
 pub fn merge_history(
     stored: Vec<StoredEvent>,
@@ -31,14 +30,11 @@ pub fn merge_history(
     protocol: HistoryProtocol,
 ) -> Vec<StoredEvent> {
     let mut all = stored;
-    all.retain(|e| protocol.includes(e.ts_ms, ts_ms));
     let stored_len = all.len();
-    // Each stored event absorbs at most one inline copy.
+    // Each stored event absorbs at most one inline copy (a copy has the same time, so it falls
+    // inside or outside the window with it: the window alone decides what is history).
     let mut absorbed = vec![false; stored_len];
     for e in inline.iter().map(StoredEvent::from_event) {
-        if !protocol.includes(e.ts_ms, ts_ms) {
-            continue;
-        }
         let copy = (0..stored_len).find(|&i| !absorbed[i] && all[i] == e);
         match copy {
             Some(i) => absorbed[i] = true,

@@ -57,10 +57,10 @@ pub fn interaction_counts(
     Ok(counts)
 }
 
-/// Training-target count per catalog row.
-fn target_counts(train: &ExampleSet, catalog_len: usize, since_ms: i64) -> Vec<u64> {
+/// Training-target count per catalog row: what all-time popularity ranks by.
+pub fn target_counts(train: &ExampleSet, catalog_len: usize) -> Vec<u64> {
     let mut counts = vec![0u64; catalog_len];
-    for ex in train.examples.iter().filter(|e| e.ts_ms >= since_ms) {
+    for ex in &train.examples {
         counts[ex.target_row as usize] += 1;
     }
     counts
@@ -78,19 +78,16 @@ fn order_scores(catalog_len: usize, mut key: impl FnMut(usize) -> (u64, u64)) ->
     scores
 }
 
-/// All-time popularity: training-target count, descending.
-pub fn popularity_scores(train: &ExampleSet, catalog_len: usize, device: Device) -> Tensor {
-    let all = target_counts(train, catalog_len, i64::MIN);
-    Tensor::from_slice(&order_scores(catalog_len, |r| (all[r], 0))).to_device(device)
+/// All-time popularity: training-target count (`all`, from [`target_counts`]), descending.
+pub fn popularity_scores(all: &[u64], device: Device) -> Tensor {
+    Tensor::from_slice(&order_scores(all.len(), |r| (all[r], 0))).to_device(device)
 }
 
 /// Recent popularity: interactions over the last [`RECENT_DAYS`] before training ends
 /// (`recent`, from [`interaction_counts`]), ties (items that sold nothing lately) broken by
-/// all-time popularity.
-pub fn recent_popularity_scores(train: &ExampleSet, recent: &[u64], device: Device) -> Tensor {
-    let n = recent.len();
-    let all = target_counts(train, n, i64::MIN);
-    Tensor::from_slice(&order_scores(n, |r| (recent[r], all[r]))).to_device(device)
+/// all-time popularity (`all`).
+pub fn recent_popularity_scores(recent: &[u64], all: &[u64], device: Device) -> Tensor {
+    Tensor::from_slice(&order_scores(recent.len(), |r| (recent[r], all[r]))).to_device(device)
 }
 
 /// The three baselines, fitted once on the training examples.
@@ -108,10 +105,12 @@ impl Baselines {
         let end = training_end_ms(&data.info.settings.split, train);
         let since = end.saturating_sub(RECENT_DAYS * 86_400_000);
         let recent = interaction_counts(&data.layout().events(), &data.catalog, since, end)?;
+        let all = target_counts(train, n);
+        let popularity = popularity_scores(&all, device);
         Ok(Baselines {
-            popularity: popularity_scores(train, n, device),
-            recent_popularity: recent_popularity_scores(train, &recent, device),
-            item_knn: ItemKnn::fit(train, n, device),
+            recent_popularity: recent_popularity_scores(&recent, &all, device),
+            item_knn: ItemKnn::fit(train, &popularity),
+            popularity,
         })
     }
 }
@@ -137,7 +136,11 @@ pub struct ItemKnn {
 }
 
 impl ItemKnn {
-    pub fn fit(train: &ExampleSet, catalog_len: usize, device: Device) -> ItemKnn {
+    /// Fits on the training targets; `popularity` (from [`popularity_scores`], one per catalog
+    /// row, on the device to score on) orders the items without co-occurrence.
+    pub fn fit(train: &ExampleSet, popularity: &Tensor) -> ItemKnn {
+        let catalog_len = popularity.size()[0] as usize;
+        let device = popularity.device();
         let mut user_index: HashMap<u64, u32> = HashMap::new();
         let mut users_of: Vec<Vec<u32>> = vec![Vec::new(); catalog_len];
         for ex in &train.examples {
@@ -180,9 +183,8 @@ impl ItemKnn {
         )
         .to_device(device);
         let n = catalog_len.max(1) as f64;
-        let pop = popularity_scores(train, catalog_len, Device::Cpu);
         // Positions 0, -1, -2, ... → (N - 1 - position) / N in [0, 1).
-        let fallback = ((pop + (n - 1.0)) / n).to_device(device);
+        let fallback = (popularity + (n - 1.0)) / n;
         ItemKnn {
             users_of,
             inv_sqrt_n,
@@ -269,11 +271,12 @@ mod tests {
             example(2, 2, day, &[]),
             example(1, 1, 100 * day, &[]),
         ]);
-        let all = Vec::<f32>::try_from(popularity_scores(&train, 4, Device::Cpu)).unwrap();
+        let counts = target_counts(&train, 4);
+        let all = Vec::<f32>::try_from(popularity_scores(&counts, Device::Cpu)).unwrap();
         assert_eq!(all, [0.0, -2.0, -1.0, -3.0]);
         // Lately item 1 sold twice (repeats count) and item 3 once.
         let recent = [0, 2, 0, 1];
-        let scores = recent_popularity_scores(&train, &recent, Device::Cpu);
+        let scores = recent_popularity_scores(&recent, &counts, Device::Cpu);
         assert_eq!(
             Vec::<f32>::try_from(scores).unwrap(),
             [-2.0, 0.0, -3.0, -1.0]
@@ -325,7 +328,8 @@ mod tests {
             example(3, 2, 0, &[]),
             example(4, 3, 0, &[]),
         ]);
-        let knn = ItemKnn::fit(&train, 5, Device::Cpu);
+        let popularity = popularity_scores(&target_counts(&train, 5), Device::Cpu);
+        let knn = ItemKnn::fit(&train, &popularity);
         let query = example(9, 4, 0, &[0, NONE, 0]);
         let s = Vec::<f32>::try_from(knn.scores(&[&query]).squeeze_dim(0)).unwrap();
         // cos(0,0) = 1; cos(0,1) = 2/√(2·3); cos(0,2) = 0; cos(0,3) = 0.

@@ -36,10 +36,7 @@ pub struct TargetFrequency {
 
 impl TargetFrequency {
     pub fn new(train: &ExampleSet, catalog_len: usize) -> Self {
-        let mut counts = vec![0u64; catalog_len];
-        for ex in &train.examples {
-            counts[ex.target_row as usize] += 1;
-        }
+        let counts = crate::baselines::target_counts(train, catalog_len);
         let total = train.examples.len().max(1) as f64;
         // Items never a target cannot be in-batch candidates; give them the smallest observed
         // probability so the value is finite.
