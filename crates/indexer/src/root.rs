@@ -5,13 +5,20 @@
 //!   CURRENT                      one line: the served version
 //!   20261128T181500Z-3fa2c1d0/   index.faiss, embeddings.parquet, items.parquet, manifest.json
 //!   .staging-20261128T190000Z-…  a build in progress (invisible; removed by the next job)
+//!   .leases/HOLDER               one line: the version a running server serves (its lease)
 //! ```
 //!
 //! A version is built in a staging directory, fsynced, renamed into place, and only then named
 //! in `CURRENT` (itself written to a temporary file and renamed). A crash at any point leaves
 //! `CURRENT` naming the previous complete version.
+//!
+//! Garbage collection keeps the newest versions, the current one, and every version a running
+//! server holds a fresh lease on: a server that fell back to an older version, or has not yet
+//! reloaded, keeps serving from files that are still there.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -19,6 +26,9 @@ use crate::error::{Error, Result};
 
 const CURRENT: &str = "CURRENT";
 const STAGING_PREFIX: &str = ".staging-";
+const LEASES: &str = ".leases";
+/// A lease not renewed for this long belongs to a server that is gone.
+pub const LEASE_TTL: Duration = Duration::from_secs(300);
 
 /// An index root directory.
 #[derive(Debug, Clone)]
@@ -144,32 +154,90 @@ impl IndexRoot {
             .map_err(Error::from)
     }
 
-    /// Deletes all but the newest `keep` versions (never the current one) and any leftover
-    /// staging directories. Returns the versions removed.
+    /// Deletes all but the newest `keep` versions (never the current one, nor one a running
+    /// server holds a fresh lease on), leftover staging directories, leftover temporary
+    /// `CURRENT` files and expired leases. Call it holding [`lock`](Self::lock): every writer
+    /// of `CURRENT` does, so no temporary file is still being written. Returns the versions
+    /// removed.
     pub fn collect_garbage(&self, keep: usize) -> Result<Vec<String>> {
         let current = self.current()?;
+        let leased = self.leased_versions()?;
         let versions = self.versions()?;
         let old = versions.len().saturating_sub(keep.max(1));
         let mut removed = Vec::new();
         for v in &versions[..old] {
-            if Some(v) == current.as_ref() {
+            if Some(v) == current.as_ref() || leased.contains(v) {
                 continue;
             }
             let dir = self.version_dir(v);
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
             removed.push(v.clone());
         }
+        let current_tmp = format!(".{CURRENT}.tmp-");
         for entry in std::fs::read_dir(&self.0).map_err(|e| Error::io(&self.0, e))? {
             let entry = entry.map_err(|e| Error::io(&self.0, e))?;
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with(STAGING_PREFIX)
-            {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(STAGING_PREFIX) {
                 let _ = std::fs::remove_dir_all(entry.path());
+            } else if name.starts_with(&current_tmp) {
+                let _ = std::fs::remove_file(entry.path());
             }
         }
         Ok(removed)
+    }
+
+    fn lease_path(&self, holder: &str) -> PathBuf {
+        self.0.join(LEASES).join(holder)
+    }
+
+    /// Records (or renews) that `holder` serves `version`. Servers call it when they start,
+    /// after every swap and periodically, well within [`LEASE_TTL`].
+    pub fn write_lease(&self, holder: &str, version: &str) -> Result<()> {
+        let dir = self.0.join(LEASES);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        features::fsutil::write_atomic(&self.lease_path(holder), format!("{version}\n").as_bytes())
+            .map_err(Error::from)
+    }
+
+    /// Gives up `holder`'s lease (a server shutting down).
+    pub fn remove_lease(&self, holder: &str) {
+        let _ = std::fs::remove_file(self.lease_path(holder));
+    }
+
+    /// Versions named by leases renewed within [`LEASE_TTL`]; expired leases are deleted.
+    pub fn leased_versions(&self) -> Result<HashSet<String>> {
+        let dir = self.0.join(LEASES);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
+            Err(e) => return Err(Error::io(&dir, e)),
+        };
+        let now = SystemTime::now();
+        let mut leased = HashSet::new();
+        for entry in entries {
+            let path = entry.map_err(|e| Error::io(&dir, e))?.path();
+            if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            {
+                continue; // a lease being written
+            }
+            let age = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .map(|t| now.duration_since(t).unwrap_or_default());
+            match age {
+                Ok(age) if age <= LEASE_TTL => {
+                    if let Ok(text) = std::fs::read_to_string(&path) {
+                        leased.insert(text.trim().to_string());
+                    }
+                }
+                Ok(_) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(leased)
     }
 }
 
@@ -289,5 +357,46 @@ mod tests {
             err.contains("CURRENT") && err.contains("not a version"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn gc_with_a_live_lease_keeps_the_leased_version() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = IndexRoot::new(tmp.path().join("idx"));
+        let old = publish(&root, "a");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let newer = publish(&root, "b");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let newest = publish(&root, "c");
+        // A server still serves the oldest version (it fell back, or has not reloaded yet).
+        root.write_lease("server-a", &old).unwrap();
+        let removed = root.collect_garbage(1).unwrap();
+        assert_eq!(removed, vec![newer.clone()]);
+        assert_eq!(root.versions().unwrap(), vec![old.clone(), newest.clone()]);
+        // Once the server is gone, the version goes with the next collection.
+        root.remove_lease("server-a");
+        assert_eq!(root.collect_garbage(1).unwrap(), vec![old]);
+    }
+
+    #[test]
+    fn gc_removes_leftover_temporary_current_files_and_expired_leases() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = IndexRoot::new(tmp.path().join("idx"));
+        let v = publish(&root, "a");
+        let leftover = root.path().join(".CURRENT.tmp-4242");
+        std::fs::write(&leftover, "junk").unwrap();
+        root.write_lease("gone", &v).unwrap();
+        let lease = root.path().join(".leases/gone");
+        let long_ago = SystemTime::now() - LEASE_TTL - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&lease)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        root.collect_garbage(3).unwrap();
+        assert!(!leftover.exists());
+        assert!(!lease.exists(), "an expired lease is deleted");
+        assert_eq!(root.current().unwrap(), Some(v));
     }
 }

@@ -149,7 +149,10 @@ fn record_request(pool: &Pool, rng: &mut impl Rng, n: usize) -> proto::RecordEve
             }],
         })
         .collect();
-    proto::RecordEventsRequest { users }
+    proto::RecordEventsRequest {
+        users,
+        idempotency_key: String::new(),
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -5,7 +5,12 @@
 //! store, and only then acknowledges each request. One fsync thus covers many concurrent
 //! requests (the fsync, not the write, is what costs), and an acknowledged event is both durable
 //! and visible to the next `Recommend`.
+//!
+//! Idempotency keys are checked here, on the one thread that commits, so a retry racing its own
+//! first attempt is still recorded once: a repeat of a committed key is answered at once, and a
+//! repeat of a key earlier in the same group gets that batch's outcome.
 
+use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -13,6 +18,7 @@ use std::thread::JoinHandle;
 use features::Event;
 use tokio::sync::oneshot;
 
+use crate::dedup::DedupWindow;
 use crate::eventlog::{encode_record, EventLog};
 use crate::history::{HistoryStore, StoredEvent};
 use crate::metrics::Metrics;
@@ -20,10 +26,18 @@ use crate::metrics::Metrics;
 /// Most bytes written per fsync; a backlog larger than this is committed in several rounds.
 const MAX_COMMIT_BYTES: usize = 8 << 20;
 
+/// What a committed batch reports: events recorded, and whether it repeated a recorded key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    pub events: u64,
+    pub duplicate: bool,
+}
+
 struct Pending {
     record: Vec<u8>,
     events: Vec<Event>,
-    ack: oneshot::Sender<Result<u64, String>>,
+    key: Option<String>,
+    ack: oneshot::Sender<Result<Recorded, String>>,
 }
 
 enum Msg {
@@ -45,12 +59,17 @@ pub struct CommitHandle {
 }
 
 impl Committer {
-    /// Starts the writer thread over an open, replayed log.
-    pub fn start(log: EventLog, store: Arc<HistoryStore>, metrics: Arc<Metrics>) -> Committer {
+    /// Starts the writer thread over an open, replayed log and the keys replay found.
+    pub fn start(
+        log: EventLog,
+        store: Arc<HistoryStore>,
+        metrics: Arc<Metrics>,
+        dedup: DedupWindow,
+    ) -> Committer {
         let (tx, rx) = mpsc::channel::<Msg>();
         let thread = std::thread::Builder::new()
             .name("event-log".into())
-            .spawn(move || writer(log, rx, store, metrics))
+            .spawn(move || writer(log, rx, store, metrics, dedup))
             .expect("spawning the event-log thread");
         Committer {
             tx,
@@ -74,12 +93,18 @@ impl Committer {
 }
 
 impl CommitHandle {
-    /// Makes `events` durable and visible; returns how many were recorded.
-    pub async fn record(&self, events: Vec<Event>) -> Result<u64, String> {
+    /// Makes `events` durable and visible, unless `key` was already recorded; says how many
+    /// were recorded (by the first attempt, for a repeat).
+    pub async fn record(
+        &self,
+        events: Vec<Event>,
+        key: Option<String>,
+    ) -> Result<Recorded, String> {
         let (ack, done) = oneshot::channel();
         let pending = Pending {
-            record: encode_record(&events),
+            record: encode_record(&events, key.as_deref()),
             events,
+            key,
             ack,
         };
         self.tx
@@ -95,6 +120,7 @@ fn writer(
     rx: mpsc::Receiver<Msg>,
     store: Arc<HistoryStore>,
     metrics: Arc<Metrics>,
+    mut dedup: DedupWindow,
 ) {
     let mut buf = Vec::new();
     let mut stopping = false;
@@ -115,32 +141,75 @@ fn writer(
                 Err(_) => break,
             }
         }
-        if batch.is_empty() {
+        let (fresh, repeats) = split_repeats(batch, &dedup);
+        if fresh.is_empty() {
             continue;
         }
         buf.clear();
-        for p in &batch {
+        for p in &fresh {
             buf.extend_from_slice(&p.record);
         }
         match log.append(&buf) {
             Ok(()) => {
-                let n: usize = batch.iter().map(|p| p.events.len()).sum();
+                let n: usize = fresh.iter().map(|p| p.events.len()).sum();
                 metrics.events_recorded.inc_by(n as u64);
                 metrics.commit_batch.observe(n as f64);
-                for p in batch {
+                let counts: Vec<u64> = fresh.iter().map(|p| p.events.len() as u64).collect();
+                for p in fresh {
                     for e in &p.events {
                         store.record(e.user_id, StoredEvent::from_event(e));
                     }
-                    let _ = p.ack.send(Ok(p.events.len() as u64));
+                    if let Some(k) = &p.key {
+                        dedup.insert(k, p.events.len() as u64);
+                    }
+                    let _ = p.ack.send(Ok(Recorded {
+                        events: p.events.len() as u64,
+                        duplicate: false,
+                    }));
+                }
+                for (first, p) in repeats {
+                    let _ = p.ack.send(Ok(Recorded {
+                        events: counts[first],
+                        duplicate: true,
+                    }));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "event log append failed; the batch is not recorded");
-                for p in batch {
+                for p in fresh.into_iter().chain(repeats.into_iter().map(|(_, p)| p)) {
                     let _ = p.ack.send(Err(format!("event log: {e}")));
                 }
             }
         }
     }
     tracing::debug!(path = %log.path().display(), "event log closed");
+}
+
+/// Splits a group into the batches to write and the repeats of a key earlier in the group (with
+/// the index of that first batch). Repeats of a key already committed are answered here.
+fn split_repeats(
+    batch: Vec<Pending>,
+    dedup: &DedupWindow,
+) -> (Vec<Pending>, Vec<(usize, Pending)>) {
+    let mut fresh: Vec<Pending> = Vec::with_capacity(batch.len());
+    let mut repeats = Vec::new();
+    let mut first_of: HashMap<String, usize> = HashMap::new();
+    for p in batch {
+        let Some(key) = p.key.clone() else {
+            fresh.push(p);
+            continue;
+        };
+        if let Some(events) = dedup.get(&key) {
+            let _ = p.ack.send(Ok(Recorded {
+                events,
+                duplicate: true,
+            }));
+        } else if let Some(&first) = first_of.get(&key) {
+            repeats.push((first, p));
+        } else {
+            first_of.insert(key, fresh.len());
+            fresh.push(p);
+        }
+    }
+    (fresh, repeats)
 }

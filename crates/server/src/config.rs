@@ -41,6 +41,26 @@ pub struct ServeConfig {
     pub max_overfetch: usize,
     /// How long shutdown waits for in-flight requests before closing the event log anyway.
     pub shutdown_grace_ms: u64,
+    /// How far ahead of the server's clock a recorded event's time may be. Later events are
+    /// refused (`INVALID_ARGUMENT` naming `ts_ms`): one far-future event would otherwise pin
+    /// that user's "now" for good.
+    pub max_clock_skew_ms: u64,
+    /// How many keyed `RecordEvents` batches are remembered for deduplication (the last N, kept
+    /// across restarts through the event log). 0 turns deduplication off.
+    pub idempotency_window: usize,
+    /// Most requests handled at once; more get `RESOURCE_EXHAUSTED` at once instead of queueing.
+    /// This bounds the user-tower and event-log queues, and so the latency of admitted requests
+    /// under overload (docs/benchmarks.md).
+    pub max_in_flight: usize,
+    /// Most concurrent HTTP/2 streams per client connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keepalive pings every this many ms on idle connections (dead peers are dropped
+    /// after a further 20 s without an answer).
+    pub keepalive_interval_ms: u64,
+    /// Most users the history store holds. `RecordEvents` for a user beyond it is refused with
+    /// `RESOURCE_EXHAUSTED` naming this setting (users already held keep recording), so a
+    /// client inventing user ids cannot grow memory without limit. About 1 KB a user.
+    pub max_users: usize,
 }
 
 impl Default for ServeConfig {
@@ -55,6 +75,12 @@ impl Default for ServeConfig {
             max_record_events: 10_000,
             max_overfetch: 8192,
             shutdown_grace_ms: 10_000,
+            max_clock_skew_ms: 3_600_000,
+            idempotency_window: 100_000,
+            max_in_flight: 64,
+            max_concurrent_streams: 256,
+            keepalive_interval_ms: 30_000,
+            max_users: 10_000_000,
         }
     }
 }
@@ -99,6 +125,13 @@ impl ServeConfig {
             ("torch_threads", self.torch_threads),
             ("max_record_events", self.max_record_events),
             ("max_overfetch", self.max_overfetch),
+            ("max_in_flight", self.max_in_flight),
+            (
+                "max_concurrent_streams",
+                self.max_concurrent_streams as usize,
+            ),
+            ("keepalive_interval_ms", self.keepalive_interval_ms as usize),
+            ("max_users", self.max_users),
         ];
         for (name, v) in positive {
             if v == 0 {

@@ -4,6 +4,8 @@
 //! Conversions destructure every field, so a field added to the proto breaks the build until
 //! someone decides what it means.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use features::{Event, EventType};
@@ -140,10 +142,13 @@ impl FilterSpec {
 
     /// Resolves category names against this version's catalog. An unknown category is an error:
     /// it usually is a typo, and silently matching nothing would hide it.
+    /// `seen` (the stored seen items) and `inline_seen` (the request's inline events' items)
+    /// are dropped when `exclude_seen` is on.
     pub fn resolve(
         &self,
         catalog: &ItemCatalog,
-        seen: impl IntoIterator<Item = u64>,
+        seen: Arc<HashSet<u64>>,
+        inline_seen: impl IntoIterator<Item = u64>,
     ) -> Result<RowFilter, Status> {
         let ids = |names: &[String], field: &str| -> Result<Vec<u32>, Status> {
             let mut out = Vec::with_capacity(names.len());
@@ -166,9 +171,11 @@ impl FilterSpec {
             include: ids(&self.include_categories, "include_categories")?,
             exclude: ids(&self.exclude_categories, "exclude_categories")?,
             exclude_ids: self.exclude_item_ids.iter().copied().collect(),
+            seen: Arc::default(),
         };
         if self.exclude_seen {
-            filter.exclude_ids.extend(seen);
+            filter.seen = seen;
+            filter.exclude_ids.extend(inline_seen);
         }
         Ok(filter)
     }
@@ -262,8 +269,35 @@ impl TryFrom<&proto::RecommendRequest> for RecommendQuery {
 }
 
 /// Checks a `RecordEvents` request and flattens it into events.
-pub fn record_events(r: &proto::RecordEventsRequest, max: usize) -> Result<Vec<Event>, Status> {
-    let proto::RecordEventsRequest { users } = r;
+/// A checked `RecordEvents` request.
+#[derive(Debug)]
+pub struct RecordBatch {
+    pub events: Vec<Event>,
+    /// The idempotency key; `None` when the request left it empty.
+    pub key: Option<String>,
+}
+
+/// The events of a `RecordEvents` request: at most `max`, none later than `latest_ms` (the
+/// server's clock plus the allowed skew), and its idempotency key.
+pub fn record_events(
+    r: &proto::RecordEventsRequest,
+    max: usize,
+    latest_ms: i64,
+) -> Result<RecordBatch, Status> {
+    let proto::RecordEventsRequest {
+        users,
+        idempotency_key,
+    } = r;
+    if idempotency_key.len() > crate::dedup::MAX_KEY_BYTES {
+        return Err(invalid(
+            "idempotency_key",
+            format!(
+                "{} bytes, at most {}",
+                idempotency_key.len(),
+                crate::dedup::MAX_KEY_BYTES
+            ),
+        ));
+    }
     let total: usize = users.iter().map(|u| u.events.len()).sum();
     if total > max {
         return Err(invalid(
@@ -275,10 +309,24 @@ pub fn record_events(r: &proto::RecordEventsRequest, max: usize) -> Result<Vec<E
     for (i, u) in users.iter().enumerate() {
         let proto::UserEvents { user_id, events } = u;
         for (j, e) in events.iter().enumerate() {
-            out.push(event(&format!("users[{i}].events[{j}]"), *user_id, e)?);
+            let field = format!("users[{i}].events[{j}]");
+            if e.ts_ms > latest_ms {
+                return Err(invalid(
+                    &format!("{field}.ts_ms"),
+                    format!(
+                        "{} is {} s ahead of the server's clock, more than the allowed skew (max_clock_skew_ms); send times in milliseconds since the Unix epoch",
+                        e.ts_ms,
+                        (e.ts_ms - now_ms()) / 1000
+                    ),
+                ));
+            }
+            out.push(event(&field, *user_id, e)?);
         }
     }
-    Ok(out)
+    Ok(RecordBatch {
+        events: out,
+        key: (!idempotency_key.is_empty()).then(|| idempotency_key.clone()),
+    })
 }
 
 /// A scored item on the wire.
@@ -303,6 +351,29 @@ mod tests {
             ts_ms: ts,
             value: None,
         }
+    }
+
+    #[test]
+    fn an_event_an_hour_ahead_of_the_server_clock_is_refused_naming_the_field() {
+        let now = now_ms();
+        let latest = now + 3_600_000;
+        let req = |ts: i64| proto::RecordEventsRequest {
+            users: vec![proto::UserEvents {
+                user_id: 7,
+                events: vec![ev(1, Some(1), None, now), ev(5, Some(2), None, ts)],
+            }],
+            idempotency_key: String::new(),
+        };
+        let ok = record_events(&req(now + 60_000), 10, latest).unwrap();
+        assert_eq!((ok.events.len(), ok.key), (2, None));
+        let err = record_events(&req(now + 2 * 3_600_000), 10, latest).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().starts_with("users[0].events[1].ts_ms:")
+                && err.message().contains("ahead of the server's clock"),
+            "{}",
+            err.message()
+        );
     }
 
     #[test]

@@ -2,11 +2,18 @@
 //!
 //! Layout: an 8-byte magic, then records. A record is `len: u32 LE`, `crc32: u32 LE` of the
 //! payload, and the payload: one `RecordEvents` batch (`count: u32`, then each event). One record
-//! per batch, so a crash loses a whole unacknowledged batch or nothing of it.
+//! per batch, so a crash loses a whole unacknowledged batch or nothing of it. A batch sent with
+//! an idempotency key sets the count's top bit and stores the key (`len: u16`, bytes) before
+//! the events, so the deduplication window survives a restart; older logs read unchanged.
 //!
-//! On start-up the log is replayed. A record cut short by a crash (the tail) is truncated away
-//! and logged; a bad record with valid data after it is corruption, and start-up refuses it
-//! rather than silently dropping acknowledged events.
+//! On start-up the log is replayed. Damage with no valid record after it is a torn tail — a
+//! record cut short by a crash, or garbage a power loss left where the last record was being
+//! written (zeros, a nonsense length) — and is cut back to the last valid record, logged with
+//! the byte count and counted in a metric. Damage followed by a valid record is corruption, and
+//! start-up refuses it rather than silently dropping acknowledged events.
+//!
+//! The open log holds an exclusive lock on the file: two servers appending at their own offsets
+//! would overwrite each other's acknowledged events, so the second one fails at start-up.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -24,12 +31,23 @@ const MAX_RECORD: u32 = 256 << 20;
 const HAS_ITEM: u8 = 1;
 const HAS_QUERY: u8 = 2;
 const HAS_VALUE: u8 = 4;
+/// Top bit of a record's event count: an idempotency key follows the count.
+const KEYED: u32 = 1 << 31;
 
-/// Encodes a batch of events as one record (length, checksum, payload).
-pub fn encode_record(events: &[Event]) -> Vec<u8> {
+/// Encodes a batch of events, with its idempotency key if it has one, as one record (length,
+/// checksum, payload). Keys are at most [`crate::dedup::MAX_KEY_BYTES`] long.
+pub fn encode_record(events: &[Event], key: Option<&str>) -> Vec<u8> {
     let mut p = Vec::with_capacity(8 + events.len() * 32);
     p.extend_from_slice(&[0; 8]);
-    p.extend_from_slice(&(events.len() as u32).to_le_bytes());
+    let count = events.len() as u32;
+    match key {
+        Some(k) => {
+            p.extend_from_slice(&(count | KEYED).to_le_bytes());
+            p.extend_from_slice(&(k.len() as u16).to_le_bytes());
+            p.extend_from_slice(k.as_bytes());
+        }
+        None => p.extend_from_slice(&count.to_le_bytes()),
+    }
     for e in events {
         p.extend_from_slice(&e.user_id.to_le_bytes());
         p.extend_from_slice(&e.ts_ms.to_le_bytes());
@@ -74,11 +92,24 @@ impl Cursor<'_> {
     }
 }
 
+/// A decoded record: its events and idempotency key.
+struct Decoded {
+    events: Vec<Event>,
+    key: Option<String>,
+}
+
 /// Decodes a payload whose checksum matched. `None` means it does not parse (a bug or damage
 /// that happened to keep the checksum).
-fn decode_payload(payload: &[u8]) -> Option<Vec<Event>> {
+fn decode_payload(payload: &[u8]) -> Option<Decoded> {
     let mut c = Cursor(payload);
-    let n = u32::from_le_bytes(c.take()?) as usize;
+    let count = u32::from_le_bytes(c.take()?);
+    let key = if count & KEYED != 0 {
+        let len = u16::from_le_bytes(c.take()?) as usize;
+        Some(String::from_utf8(c.bytes(len)?.to_vec()).ok()?)
+    } else {
+        None
+    };
+    let n = (count & !KEYED) as usize;
     let mut out = Vec::with_capacity(n.min(payload.len() / 18));
     for _ in 0..n {
         let user_id = u64::from_le_bytes(c.take()?);
@@ -107,7 +138,25 @@ fn decode_payload(payload: &[u8]) -> Option<Vec<Event>> {
             value,
         });
     }
-    c.0.is_empty().then_some(out)
+    c.0.is_empty().then_some(Decoded { events: out, key })
+}
+
+/// The events of a valid record starting at byte `at` of the log, and where it ends; `None` for
+/// anything else (too short, a length past the limit or the end, a checksum or parse failure).
+/// An all-zero region is never valid: an empty payload cannot hold its event count.
+fn record_at(bytes: &[u8], at: usize) -> Option<(Decoded, usize)> {
+    let rest = bytes.get(at..)?;
+    let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+    let crc = u32::from_le_bytes(rest.get(4..8)?.try_into().ok()?);
+    if len > MAX_RECORD {
+        return None;
+    }
+    let end = 8 + len as usize;
+    let payload = rest.get(8..end)?;
+    if crc32fast::hash(payload) != crc {
+        return None;
+    }
+    decode_payload(payload).map(|d| (d, at + end))
 }
 
 /// What replay found.
@@ -127,8 +176,13 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    /// Opens (or creates) the log, replays it through `apply`, and truncates a torn tail.
-    pub fn open(path: &Path, mut apply: impl FnMut(Event)) -> Result<(EventLog, Replay)> {
+    /// Opens (or creates) the log, replays it through `apply` (each event) and `keyed` (each
+    /// idempotency key with its batch's event count), and truncates a torn tail.
+    pub fn open(
+        path: &Path,
+        mut apply: impl FnMut(Event),
+        mut keyed: impl FnMut(&str, u64),
+    ) -> Result<(EventLog, Replay)> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
@@ -140,6 +194,16 @@ impl EventLog {
             .truncate(false)
             .open(path)
             .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::BadFile {
+                    path: path.to_path_buf(),
+                    reason: "another server holds this event log (it is locked); give each server its own --event-log, or share history through an event bus".into(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(io)?;
         let bad = |reason: String| Error::BadFile {
@@ -171,43 +235,27 @@ impl EventLog {
         let mut replay = Replay::default();
         let mut at = HEADER as usize;
         while at < bytes.len() {
-            let rest = &bytes[at..];
-            let torn = |replay: &mut Replay| replay.truncated_bytes = rest.len() as u64;
-            // A crash can leave a prefix of the last record, or (on some file systems) zeros.
-            if rest.len() < 8 || rest.iter().all(|&b| b == 0) {
-                torn(&mut replay);
-                break;
-            }
-            let len = u32::from_le_bytes(rest[..4].try_into().unwrap());
-            let crc = u32::from_le_bytes(rest[4..8].try_into().unwrap());
-            if len > MAX_RECORD {
-                return Err(bad(format!("corrupt record length {len} at byte {at}")));
-            }
-            let end = 8 + len as usize;
-            if end > rest.len() {
-                torn(&mut replay);
-                break;
-            }
-            let payload = &rest[8..end];
-            let events = (crc32fast::hash(payload) == crc)
-                .then(|| decode_payload(payload))
-                .flatten();
-            match events {
-                Some(events) => {
+            match record_at(&bytes, at) {
+                Some((Decoded { events, key }, end)) => {
                     replay.records += 1;
                     replay.events += events.len() as u64;
+                    if let Some(k) = key {
+                        keyed(&k, events.len() as u64);
+                    }
                     events.into_iter().for_each(&mut apply);
-                    at += end;
-                }
-                None if end == rest.len() => {
-                    torn(&mut replay);
-                    break;
+                    at = end;
                 }
                 None => {
-                    return Err(bad(format!(
-                        "corrupt record at byte {at} with {} bytes after it; refusing to drop acknowledged events (move the file aside to start without it)",
-                        rest.len() - end
-                    )))
+                    if let Some(next) =
+                        (at + 1..bytes.len()).find(|&p| record_at(&bytes, p).is_some())
+                    {
+                        return Err(bad(format!(
+                            "damaged record at byte {at}, followed by a valid record at byte {next} ({} bytes after the damage); refusing to drop acknowledged events (move the file aside to start without it)",
+                            bytes.len() - at
+                        )));
+                    }
+                    replay.truncated_bytes = (bytes.len() - at) as u64;
+                    break;
                 }
             }
         }
@@ -215,7 +263,7 @@ impl EventLog {
             tracing::warn!(
                 path = %path.display(),
                 bytes = replay.truncated_bytes,
-                "event log ends in a torn record (a crash while writing); truncating it"
+                "event log ends in a torn or garbage record (a crash or power loss while writing); cutting it back to the last valid record"
             );
             file.set_len(at as u64).map_err(io)?;
             file.sync_all().map_err(io)?;
@@ -281,7 +329,7 @@ mod tests {
 
     fn replay(path: &Path) -> Result<(Vec<Event>, Replay)> {
         let mut got = Vec::new();
-        let (_, r) = EventLog::open(path, |e| got.push(e))?;
+        let (_, r) = EventLog::open(path, |e| got.push(e), |_, _| {})?;
         Ok((got, r))
     }
 
@@ -289,11 +337,11 @@ mod tests {
     fn records_round_trip_and_a_torn_tail_is_truncated() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("state/events.log");
-        let (mut log, r) = EventLog::open(&path, |_| panic!("empty")).unwrap();
+        let (mut log, r) = EventLog::open(&path, |_| panic!("empty"), |_, _| {}).unwrap();
         assert_eq!(r, Replay::default());
         let (a, b) = (events(5), events(3));
-        log.append(&encode_record(&a)).unwrap();
-        log.append(&encode_record(&b)).unwrap();
+        log.append(&encode_record(&a, None)).unwrap();
+        log.append(&encode_record(&b, None)).unwrap();
         drop(log);
         let (got, r) = replay(&path).unwrap();
         assert_eq!(got, [a.clone(), b.clone()].concat());
@@ -301,7 +349,7 @@ mod tests {
 
         // A crash in the middle of the next append: every cut point loses only that record.
         let full = std::fs::read(&path).unwrap();
-        let c = encode_record(&events(4));
+        let c = encode_record(&events(4), None);
         for cut in 1..c.len() {
             let mut bytes = full.clone();
             bytes.extend_from_slice(&c[..cut]);
@@ -317,16 +365,104 @@ mod tests {
     fn corruption_before_the_tail_is_refused_not_dropped() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("events.log");
-        let (mut log, _) = EventLog::open(&path, |_| {}).unwrap();
-        log.append(&encode_record(&events(2))).unwrap();
-        log.append(&encode_record(&events(2))).unwrap();
+        let (mut log, _) = EventLog::open(&path, |_| {}, |_, _| {}).unwrap();
+        log.append(&encode_record(&events(2), None)).unwrap();
+        log.append(&encode_record(&events(2), None)).unwrap();
         drop(log);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[HEADER as usize + 12] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
         let err = replay(&path).unwrap_err().to_string();
-        assert!(err.contains("corrupt record at byte 8"), "{err}");
+        assert!(err.contains("damaged record at byte 8"), "{err}");
         std::fs::write(&path, b"garbage!garbage").unwrap();
         assert!(replay(&path).unwrap_err().to_string().contains("magic"));
+    }
+
+    #[test]
+    fn a_garbage_length_in_the_last_record_is_cut_as_a_torn_tail() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("events.log");
+        let (mut log, _) = EventLog::open(&path, |_| {}, |_, _| {}).unwrap();
+        log.append(&encode_record(&events(3), None)).unwrap();
+        log.append(&encode_record(&events(2), None)).unwrap();
+        drop(log);
+        let good = std::fs::read(&path).unwrap();
+        // What a power loss can leave: a length field far past the limit, then junk.
+        let mut junk = u32::MAX.to_le_bytes().to_vec();
+        junk.extend_from_slice(&[0xab; 37]);
+        std::fs::write(&path, [good.clone(), junk.clone()].concat()).unwrap();
+        let (got, r) = replay(&path).unwrap();
+        assert_eq!(got.len(), 5);
+        assert_eq!(r.truncated_bytes, junk.len() as u64);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            good,
+            "cut back to the last valid record"
+        );
+        // Appends after the cut replay too.
+        let (mut log, _) = EventLog::open(&path, |_| {}, |_, _| {}).unwrap();
+        log.append(&encode_record(&events(1), None)).unwrap();
+        drop(log);
+        assert_eq!(replay(&path).unwrap().0.len(), 6);
+    }
+
+    #[test]
+    fn a_garbage_length_followed_by_valid_records_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("events.log");
+        let (mut log, _) = EventLog::open(&path, |_| {}, |_, _| {}).unwrap();
+        log.append(&encode_record(&events(2), None)).unwrap();
+        drop(log);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let damaged_at = bytes.len();
+        bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+        bytes.extend_from_slice(&[0xab; 9]);
+        bytes.extend_from_slice(&encode_record(&events(4), None));
+        std::fs::write(&path, &bytes).unwrap();
+        let err = replay(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("damaged record at byte {damaged_at}"))
+                && err.contains(&format!("valid record at byte {}", damaged_at + 13)),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing cut");
+    }
+
+    #[test]
+    fn a_second_server_on_one_event_log_fails_at_start_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("events.log");
+        let (mut first, _) = EventLog::open(&path, |_| {}, |_, _| {}).unwrap();
+        first.append(&encode_record(&events(2), None)).unwrap();
+        let err = EventLog::open(&path, |_| {}, |_, _| {})
+            .err()
+            .expect("second open must fail");
+        let err = err.to_string();
+        assert!(
+            err.contains("events.log") && err.contains("another server"),
+            "{err}"
+        );
+        first.append(&encode_record(&events(1), None)).unwrap();
+        drop(first);
+        // Once the first one is gone, the log opens with every acknowledged event.
+        assert_eq!(replay(&path).unwrap().0.len(), 3);
+    }
+
+    #[test]
+    fn idempotency_keys_round_trip_beside_unkeyed_records() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("events.log");
+        let (mut log, _) = EventLog::open(&path, |_| {}, |_, _| {}).unwrap();
+        log.append(&encode_record(&events(2), None)).unwrap();
+        log.append(&encode_record(&events(3), Some("batch-7")))
+            .unwrap();
+        log.append(&encode_record(&events(1), Some(""))).unwrap();
+        drop(log);
+        let (mut got, mut keys) = (Vec::new(), Vec::new());
+        let (_, r) =
+            EventLog::open(&path, |e| got.push(e), |k, n| keys.push((k.to_string(), n))).unwrap();
+        assert_eq!((got.len(), r.records), (6, 3));
+        assert_eq!(got[2..5], events(3)[..]);
+        assert_eq!(keys, [("batch-7".to_string(), 3), (String::new(), 1)]);
     }
 }

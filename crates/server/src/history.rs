@@ -4,13 +4,16 @@
 //! current by `RecordEvents`. Two structures per user, because they answer different questions:
 //! - `recent`: the last `bound` events in the canonical order of `features::splits` (the
 //!   model's history length L): what the user tower reads;
-//! - `seen`: every item id ever interacted with, sorted and deduplicated: what `exclude_seen`
-//!   removes. It is unbounded (eight bytes an item), because a filter that forgets is not exact.
+//! - `seen`: every item id ever interacted with: what `exclude_seen` removes. It is unbounded
+//!   (a hash set, about 16 bytes an item), because a filter that forgets is not exact. Requests
+//!   share it through an `Arc` instead of copying it; an insert copies it only while a request
+//!   still holds the previous one, so neither side degrades as a user's history grows.
 //!
 //! Users are spread over shards, each behind its own `RwLock`, so writers (the event log's
 //! commit thread) and readers (requests) rarely meet.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use features::splits::{HistoryProtocol, TieOrder, Timed};
@@ -62,7 +65,7 @@ pub fn sort_canonical(events: &mut [StoredEvent], ties: TieOrder) {
 #[derive(Default)]
 struct UserState {
     recent: VecDeque<StoredEvent>,
-    seen: Vec<u64>,
+    seen: Arc<HashSet<u64>>,
     features: Arc<[String]>,
 }
 
@@ -71,8 +74,8 @@ struct UserState {
 pub struct UserView {
     /// Stored events strictly before the request time, oldest first (at most `bound`).
     pub events: Vec<StoredEvent>,
-    /// Every item the user interacted with, sorted.
-    pub seen: Vec<u64>,
+    /// Every item the user interacted with.
+    pub seen: Arc<HashSet<u64>>,
     /// Profile features from `users.parquet`.
     pub features: Arc<[String]>,
 }
@@ -83,6 +86,7 @@ pub struct HistoryStore {
     ties: TieOrder,
     protocol: HistoryProtocol,
     shards: Vec<RwLock<HashMap<u64, UserState>>>,
+    users: AtomicUsize,
 }
 
 impl HistoryStore {
@@ -95,6 +99,7 @@ impl HistoryStore {
             ties,
             protocol,
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            users: AtomicUsize::new(0),
         }
     }
 
@@ -124,10 +129,13 @@ impl HistoryStore {
             .shard(user_id)
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        let user = shard.entry(user_id).or_default();
+        let user = shard.entry(user_id).or_insert_with(|| {
+            self.users.fetch_add(1, Ordering::Relaxed);
+            UserState::default()
+        });
         if let Some(item) = event.item_id {
-            if let Err(at) = user.seen.binary_search(&item) {
-                user.seen.insert(at, item);
+            if !user.seen.contains(&item) {
+                Arc::make_mut(&mut user.seen).insert(item);
             }
         }
         let recent = &mut user.recent;
@@ -153,7 +161,13 @@ impl HistoryStore {
             .shard(user_id)
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        shard.entry(user_id).or_default().features = features.into();
+        shard
+            .entry(user_id)
+            .or_insert_with(|| {
+                self.users.fetch_add(1, Ordering::Relaxed);
+                UserState::default()
+            })
+            .features = features.into();
     }
 
     /// The user's stored events strictly before `before_ms`, seen items and features.
@@ -179,10 +193,15 @@ impl HistoryStore {
 
     /// Number of users with any event or feature.
     pub fn user_count(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
+        self.users.load(Ordering::Relaxed)
+    }
+
+    /// Whether the store holds `user_id`.
+    pub fn contains(&self, user_id: u64) -> bool {
+        self.shard(user_id)
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&user_id)
     }
 }
 
@@ -218,7 +237,9 @@ mod tests {
         let v = store.view(7, i64::MAX);
         let ts: Vec<i64> = v.events.iter().map(|e| e.ts_ms).collect();
         assert_eq!(ts, [3, 4, 5]);
-        assert_eq!(v.seen, [10, 20, 40, 50]);
+        let mut seen: Vec<u64> = v.seen.iter().copied().collect();
+        seen.sort();
+        assert_eq!(seen, [10, 20, 40, 50]);
         // Strictly before the request time.
         let ts: Vec<i64> = store.view(7, 5).events.iter().map(|e| e.ts_ms).collect();
         assert_eq!(ts, [3, 4]);

@@ -13,6 +13,7 @@ pub mod client;
 pub mod commit;
 pub mod config;
 pub mod convert;
+pub mod dedup;
 pub mod encoder;
 pub mod error;
 pub mod eventlog;

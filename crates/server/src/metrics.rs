@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the server exports.
@@ -32,6 +32,15 @@ pub struct Metrics {
     pub commit_batch: Histogram,
     /// Reload attempts by result (`ok`, `rejected`).
     pub reloads: IntCounterVec,
+    /// Recorded events whose item id is not in the served index (new items, or wrong ids).
+    pub events_unknown_item: IntCounter,
+    /// Bytes of a torn or garbage event-log tail cut off at start-up.
+    pub event_log_truncated_bytes: IntCounter,
+    /// Polls that found `CURRENT` empty, garbled or unreadable.
+    pub current_unreadable: IntCounter,
+    /// 1 while the server serves an older index version because the one `CURRENT` named at
+    /// start-up was broken (see `--strict`).
+    pub fallback_version: IntGauge,
 }
 
 fn histogram(name: &str, help: &str, start: f64, count: usize) -> Histogram {
@@ -101,9 +110,29 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid metric"),
+            events_unknown_item: IntCounter::new(
+                "twotower_events_unknown_item_total",
+                "recorded events whose item id is not in the served index",
+            )
+            .expect("valid metric"),
+            event_log_truncated_bytes: IntCounter::new(
+                "twotower_event_log_truncated_bytes_total",
+                "bytes of a torn or garbage event-log tail cut off at start-up",
+            )
+            .expect("valid metric"),
+            current_unreadable: IntCounter::new(
+                "twotower_current_unreadable_total",
+                "reload polls that found INDEX_ROOT/CURRENT empty, garbled or unreadable",
+            )
+            .expect("valid metric"),
+            fallback_version: IntGauge::new(
+                "twotower_serving_fallback_version",
+                "1 while serving an older index version because the one CURRENT named at start-up was broken",
+            )
+            .expect("valid metric"),
         };
         let r = &m.registry;
-        let all: [Box<dyn prometheus::core::Collector>; 9] = [
+        let all: [Box<dyn prometheus::core::Collector>; 13] = [
             Box::new(m.requests.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.user_tower.clone()),
@@ -113,6 +142,10 @@ impl Metrics {
             Box::new(m.events_recorded.clone()),
             Box::new(m.commit_batch.clone()),
             Box::new(m.reloads.clone()),
+            Box::new(m.events_unknown_item.clone()),
+            Box::new(m.event_log_truncated_bytes.clone()),
+            Box::new(m.current_unreadable.clone()),
+            Box::new(m.fallback_version.clone()),
         ];
         for c in all {
             r.register(c).expect("metric names are unique");

@@ -3,8 +3,12 @@
 //! When either changes, it loads what changed on the blocking pool (the unchanged half is
 //! reused), pairs and checks model and index ([`Snapshot::pair`]: same weights, same dim, a probe
 //! query answers), and swaps the new snapshot in atomically. Requests already running keep the
-//! old one. A version that fails is logged and left alone until something changes again (or a
-//! retry period passes, in case it was caught half-written); the old one keeps serving.
+//! old one. A version that fails is logged, counted and remembered: it is not loaded again until
+//! `CURRENT` or `model.json` changes, and the old one keeps serving. An empty or garbled
+//! `CURRENT` is a warning (once per distinct problem) and a count on every poll.
+//!
+//! The watcher also keeps this server's lease on the version it serves
+//! (`INDEX_ROOT/.leases/HOLDER`), so an indexing job's garbage collection never deletes it.
 //!
 //! Polling rather than inotify: it works the same on every file system, including network and
 //! container volumes, and a second of delay is far below how often indexes are published.
@@ -22,8 +26,8 @@ use crate::metrics::Metrics;
 use crate::seed::Counts;
 use crate::snapshot::{IndexSlot, ModelSlot, Snapshot};
 
-/// A rejected pair of inputs is tried again after this long even if nothing changed.
-const RETRY_REJECTED: Duration = Duration::from_secs(30);
+/// How often the lease is renewed, well within [`indexer::root::LEASE_TTL`].
+const LEASE_RENEWAL: Duration = Duration::from_secs(30);
 
 /// What the watcher needs.
 pub struct Reloader {
@@ -35,6 +39,8 @@ pub struct Reloader {
     pub current: Arc<ArcSwap<Snapshot>>,
     pub metrics: Arc<Metrics>,
     pub interval: Duration,
+    /// This server's lease name under `INDEX_ROOT/.leases`.
+    pub lease_holder: String,
 }
 
 /// What the files say should be served: `model.json`'s bytes and the version `CURRENT` names.
@@ -45,34 +51,46 @@ struct Wanted {
 }
 
 impl Reloader {
-    /// Polls until `stop` turns true.
+    /// Polls until `stop` turns true, then gives up the lease.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let this = Arc::new(self);
-        let mut rejected: Option<(Wanted, Instant)> = None;
+        let mut rejected: Option<Wanted> = None;
+        let mut unreadable: Option<String> = None;
+        let mut lease = LeaseKeeper::default();
         loop {
+            let served = this.current.load().index_version().to_string();
+            lease.keep(&this, &served).await;
             tokio::select! {
                 _ = tokio::time::sleep(this.interval) => {}
-                _ = stop.changed() => return,
+                _ = stop.changed() => break,
             }
             if *stop.borrow() {
-                return;
+                break;
             }
             let me = this.clone();
             let Ok(wanted) = tokio::task::spawn_blocking(move || me.wanted()).await else {
                 continue;
             };
             let wanted = match wanted {
-                Ok(Some(w)) => w,
-                Ok(None) => continue,
+                Ok(Some(w)) => {
+                    unreadable = None;
+                    w
+                }
+                Ok(None) => {
+                    unreadable = None;
+                    continue;
+                }
                 Err(e) => {
-                    tracing::debug!(error = %e, "reload: cannot read what to serve; keeping the current version");
+                    this.metrics.current_unreadable.inc();
+                    let problem = e.to_string();
+                    if unreadable.as_ref() != Some(&problem) {
+                        tracing::warn!(error = %problem, "reload: cannot read what to serve; keeping the current version");
+                        unreadable = Some(problem);
+                    }
                     continue;
                 }
             };
-            if rejected
-                .as_ref()
-                .is_some_and(|(w, at)| *w == wanted && at.elapsed() < RETRY_REJECTED)
-            {
+            if rejected.as_ref() == Some(&wanted) {
                 continue;
             }
             let me = this.clone();
@@ -90,6 +108,7 @@ impl Reloader {
                     this.metrics
                         .set_version(snap.index_version(), snap.model_version());
                     this.metrics.reloads.with_label_values(&["ok"]).inc();
+                    this.metrics.fallback_version.set(0);
                     this.current.store(Arc::new(snap));
                     rejected = None;
                 }
@@ -97,13 +116,18 @@ impl Reloader {
                     tracing::error!(
                         index_version = %wanted.index_version,
                         error = %e,
-                        "reload rejected; still serving the previous version"
+                        "reload rejected; still serving the previous version (not tried again until CURRENT or model.json changes)"
                     );
                     this.metrics.reloads.with_label_values(&["rejected"]).inc();
-                    rejected = Some((wanted, Instant::now()));
+                    rejected = Some(wanted);
                 }
             }
         }
+        let me = this.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            indexer::IndexRoot::new(&me.index_root).remove_lease(&me.lease_holder)
+        })
+        .await;
     }
 
     /// What the files name, if it differs from what is served.
@@ -144,5 +168,40 @@ impl Reloader {
             )?)
         };
         Snapshot::pair(model, index)
+    }
+}
+
+/// Renews the lease when the served version changes or [`LEASE_RENEWAL`] has passed. A root this
+/// server cannot write (a read-only volume) gets one warning: serving does not depend on it.
+#[derive(Default)]
+struct LeaseKeeper {
+    written: Option<(String, Instant)>,
+    warned: bool,
+}
+
+impl LeaseKeeper {
+    async fn keep(&mut self, reloader: &Arc<Reloader>, served: &str) {
+        let fresh = self
+            .written
+            .as_ref()
+            .is_some_and(|(v, at)| v == served && at.elapsed() < LEASE_RENEWAL);
+        if fresh {
+            return;
+        }
+        let me = reloader.clone();
+        let version = served.to_string();
+        let written = tokio::task::spawn_blocking(move || {
+            indexer::IndexRoot::new(&me.index_root).write_lease(&me.lease_holder, &version)
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => self.written = Some((served.to_string(), Instant::now())),
+            Ok(Err(e)) if !self.warned => {
+                tracing::warn!(error = %e, "cannot write this server's lease on its index version; garbage collection may remove it while served");
+                self.warned = true;
+                self.written = Some((served.to_string(), Instant::now()));
+            }
+            _ => self.written = Some((served.to_string(), Instant::now())),
+        }
     }
 }

@@ -42,7 +42,7 @@ pub fn top_k(
         return Ok(Vec::new());
     }
     let searcher = version.searcher();
-    let mut fetch = (p.k + filter.exclude_ids.len()).min(n);
+    let mut fetch = (p.k + filter.excluded_ids()).min(n);
     loop {
         let kept = p.k.min(fetch);
         if searcher.candidates(kept, fetch - kept) > p.max_overfetch {

@@ -18,6 +18,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::commit::Committer;
 use crate::config::ServeConfig;
+use crate::dedup::DedupWindow;
 use crate::encoder::Encoder;
 use crate::error::{Error, Result};
 use crate::eventlog::EventLog;
@@ -56,6 +57,9 @@ pub struct ServeOptions {
     pub auth_token: Option<String>,
     pub device: Device,
     pub config: ServeConfig,
+    /// Fail at start-up when the version `CURRENT` names is broken, instead of starting on the
+    /// newest complete version that loads (with a warning and `twotower_serving_fallback_version`).
+    pub strict: bool,
 }
 
 /// A started server.
@@ -105,6 +109,11 @@ struct Loaded {
     store: Arc<HistoryStore>,
     counts: Arc<seed::Counts>,
     log: EventLog,
+    dedup: DedupWindow,
+    /// Bytes of a torn event-log tail cut off while replaying.
+    truncated_bytes: u64,
+    /// Whether the snapshot is a fallback (the version `CURRENT` named did not load).
+    fallback: bool,
 }
 
 fn load(opts: &ServeOptions) -> Result<Loaded> {
@@ -125,21 +134,72 @@ fn load(opts: &ServeOptions) -> Result<Loaded> {
         data.settings.split.history,
     ));
     let mut counts = seed::seed(&store, &opts.data_dir)?;
-    let (log, replay) = EventLog::open(&opts.event_log, |e| seed::apply(&store, &mut counts, &e))?;
+    let mut dedup = DedupWindow::new(opts.config.idempotency_window);
+    let (log, replay) = EventLog::open(
+        &opts.event_log,
+        |e| seed::apply(&store, &mut counts, &e),
+        |key, n| dedup.insert(key, n),
+    )?;
     tracing::info!(
         users = store.user_count(),
         replayed_events = replay.events,
         log = %opts.event_log.display(),
         "history loaded"
     );
-    let index = IndexSlot::load(&opts.index_root, None, &counts)?;
-    let snapshot = Snapshot::pair(Arc::new(model), Arc::new(index))?;
+    let (snapshot, fallback) =
+        start_snapshot(&opts.index_root, Arc::new(model), &counts, opts.strict)?;
     Ok(Loaded {
         snapshot,
         store,
         counts: Arc::new(counts),
         log,
+        dedup,
+        truncated_bytes: replay.truncated_bytes,
+        fallback,
     })
+}
+
+/// The snapshot to start on: the version `CURRENT` names; or, when that one does not load or
+/// does not belong to the model and `strict` is off, the newest other complete version that
+/// does. A running server keeps its old version when a broken one is published; a restarted
+/// one must not be worse off. Returns whether it fell back.
+fn start_snapshot(
+    root: &std::path::Path,
+    model: Arc<ModelSlot>,
+    counts: &seed::Counts,
+    strict: bool,
+) -> Result<(Snapshot, bool)> {
+    let open = |version: Option<&str>| {
+        IndexSlot::load(root, version, counts)
+            .and_then(|index| Snapshot::pair(model.clone(), Arc::new(index)))
+    };
+    let named_err = match open(None) {
+        Ok(s) => return Ok((s, false)),
+        Err(e) if strict => return Err(e),
+        Err(e) => e,
+    };
+    let index_root = indexer::IndexRoot::new(root);
+    let named = index_root.current().ok().flatten();
+    let candidates = index_root.versions().unwrap_or_default();
+    for version in candidates
+        .iter()
+        .rev()
+        .filter(|v| Some(*v) != named.as_ref())
+    {
+        match open(Some(version)) {
+            Ok(s) => {
+                tracing::warn!(
+                    current = named.as_deref().unwrap_or("(unreadable)"),
+                    error = %named_err,
+                    serving = %version,
+                    "FALLBACK: the index version CURRENT names cannot be served; starting on the newest complete version that can (fix or re-point CURRENT; --strict refuses to start instead)"
+                );
+                return Ok((s, true));
+            }
+            Err(e) => tracing::warn!(version = %version, error = %e, "fallback candidate rejected"),
+        }
+    }
+    Err(named_err)
 }
 
 fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
@@ -158,6 +218,9 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         store,
         counts,
         log,
+        dedup,
+        truncated_bytes,
+        fallback,
     } = {
         let opts = opts.clone();
         tokio::task::spawn_blocking(move || load(&opts))
@@ -165,6 +228,8 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
             .map_err(|e| Error::Transport(format!("start-up task failed: {e}")))??
     };
     metrics.set_version(snapshot.index_version(), snapshot.model_version());
+    metrics.event_log_truncated_bytes.inc_by(truncated_bytes);
+    metrics.fallback_version.set(fallback as i64);
     tracing::info!(
         index_version = snapshot.index_version(),
         model_version = snapshot.model_version(),
@@ -172,7 +237,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         "serving"
     );
     let current = Arc::new(ArcSwap::from_pointee(snapshot));
-    let committer = Committer::start(log, store.clone(), metrics.clone());
+    let committer = Committer::start(log, store.clone(), metrics.clone(), dedup);
     let encoder = Encoder::start(cfg.encoder_workers, cfg.max_encoder_batch, metrics.clone());
     let shared = Arc::new(Shared {
         snapshot: current.clone(),
@@ -181,6 +246,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         commits: committer.handle(),
         metrics: metrics.clone(),
         config: cfg.clone(),
+        admission: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight)),
     });
 
     let bind_err = |addr: SocketAddr| move |e| Error::Transport(format!("binding {addr}: {e}"));
@@ -220,7 +286,11 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         .max_encoding_message_size(cfg.max_message_bytes.max(16 << 20));
     let recommender = InterceptedService::new(recommender, Gate::new(opts.auth_token.clone()));
 
-    let mut builder = Server::builder();
+    let mut builder = Server::builder()
+        .max_concurrent_streams(Some(cfg.max_concurrent_streams))
+        .http2_keepalive_interval(Some(Duration::from_millis(cfg.keepalive_interval_ms)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_keepalive(Some(Duration::from_secs(60)));
     if let Some(files) = &opts.tls {
         builder = builder
             .tls_config(tls_config(files)?)
@@ -243,6 +313,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         current,
         metrics: metrics.clone(),
         interval: Duration::from_millis(cfg.reload_interval_ms),
+        lease_holder: lease_holder(),
     };
     let reload_task = tokio::spawn(reloader.run(down_rx.clone()));
     let metrics_task = metrics_listener.map(|l| {
@@ -294,6 +365,32 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         stop: Some(stop_tx),
         task,
     })
+}
+
+/// A name for this server's index lease, unique among the servers sharing an index root: the
+/// host name (containers share PIDs, not host names), the PID and the start time.
+fn lease_holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{}-{started:x}",
+        if host.is_empty() { "server" } else { &host },
+        std::process::id()
+    )
 }
 
 /// Waits for SIGTERM or SIGINT.

@@ -29,6 +29,10 @@ pub struct Shared {
     pub commits: CommitHandle,
     pub metrics: Arc<Metrics>,
     pub config: ServeConfig,
+    /// Admission control: one permit per request in flight (`max_in_flight`). Without it an
+    /// overload queues without limit in front of the user tower and the event log, and every
+    /// request's latency grows with the queue.
+    pub admission: Arc<tokio::sync::Semaphore>,
 }
 
 /// The gRPC service.
@@ -58,13 +62,20 @@ impl RecommenderService {
         let budget = Duration::from_millis(self.shared.config.request_timeout_ms);
         let deadline = gate::deadline(req.metadata(), arrival, budget);
         let msg = req.into_inner();
-        let result = if Instant::now() >= deadline {
+        let permit = self.shared.admission.clone().try_acquire_owned();
+        let result = if permit.is_err() {
+            Err(Status::resource_exhausted(format!(
+                "{rpc}: the server is at its limit of {} requests in flight (max_in_flight); retry with backoff or add replicas",
+                self.shared.config.max_in_flight
+            )))
+        } else if Instant::now() >= deadline {
             Err(deadline_exceeded(rpc))
         } else {
             tokio::time::timeout_at(deadline.into(), f(self.shared.clone(), msg))
                 .await
                 .unwrap_or_else(|_| Err(deadline_exceeded(rpc)))
         };
+        drop(permit);
         let m = &self.shared.metrics;
         let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
         m.requests.with_label_values(&[rpc, code_name(code)]).inc();
@@ -198,12 +209,10 @@ async fn recommend(
     } else {
         q.user_features.clone()
     };
-    let seen = view
-        .seen
-        .iter()
-        .copied()
-        .chain(q.events.iter().filter_map(|e| e.item_id));
-    let filter = q.filter.resolve(&snap.index.catalog, seen)?;
+    let inline_seen = q.events.iter().filter_map(|e| e.item_id);
+    let filter = q
+        .filter
+        .resolve(&snap.index.catalog, view.seen.clone(), inline_seen)?;
     let response = |items, fallback| proto::RecommendResponse {
         items,
         model_version: snap.model_version().to_string(),
@@ -242,16 +251,55 @@ async fn record_events(
     shared: Arc<Shared>,
     req: proto::RecordEventsRequest,
 ) -> Result<proto::RecordEventsResponse, Status> {
-    let events = convert::record_events(&req, shared.config.max_record_events)?;
-    if events.is_empty() {
-        return Ok(proto::RecordEventsResponse { recorded: 0 });
+    let latest_ms = convert::now_ms().saturating_add(shared.config.max_clock_skew_ms as i64);
+    let batch = convert::record_events(&req, shared.config.max_record_events, latest_ms)?;
+    if batch.events.is_empty() {
+        return Ok(proto::RecordEventsResponse::default());
     }
+    check_user_limit(&shared, &batch.events)?;
+    let snap = shared.snapshot.load();
+    let unknown = batch
+        .events
+        .iter()
+        .filter(|e| {
+            e.item_id
+                .is_some_and(|id| !snap.index.version.row_of.contains_key(&id))
+        })
+        .count();
+    shared.metrics.events_unknown_item.inc_by(unknown as u64);
     let recorded = shared
         .commits
-        .record(events)
+        .record(batch.events, batch.key)
         .await
         .map_err(Status::unavailable)?;
-    Ok(proto::RecordEventsResponse { recorded })
+    Ok(proto::RecordEventsResponse {
+        recorded: recorded.events,
+        duplicate: recorded.duplicate,
+    })
+}
+
+/// Refuses a batch that would take the store past `max_users` (approximately: concurrent
+/// batches are checked against the same count).
+fn check_user_limit(shared: &Shared, events: &[features::Event]) -> Result<(), Status> {
+    let max = shared.config.max_users;
+    let held = shared.store.user_count();
+    if held < max.saturating_sub(events.len()) {
+        return Ok(()); // room for every user in the batch, new or not
+    }
+    let mut new: Vec<u64> = events
+        .iter()
+        .map(|e| e.user_id)
+        .filter(|&u| !shared.store.contains(u))
+        .collect();
+    new.sort_unstable();
+    new.dedup();
+    if !new.is_empty() && held + new.len() > max {
+        return Err(Status::resource_exhausted(format!(
+            "users: the server holds {held} users and this batch adds {} new ones, more than max_users = {max}",
+            new.len()
+        )));
+    }
+    Ok(())
 }
 
 async fn similar_items(
@@ -268,7 +316,11 @@ async fn similar_items(
             version.version
         )));
     };
-    let mut filter = FilterSpec::from_proto(filter.as_ref()).resolve(&snap.index.catalog, [])?;
+    let mut filter = FilterSpec::from_proto(filter.as_ref()).resolve(
+        &snap.index.catalog,
+        Default::default(),
+        [],
+    )?;
     filter.exclude_ids.insert(item_id);
     let query = version.embeddings.vector(row as usize).to_vec();
     let found = search(&shared, snap.clone(), query, filter, k, None).await?;

@@ -52,6 +52,11 @@ pub struct ServeArgs {
     /// Where the user tower runs: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Refuse to start when the index version CURRENT names is broken. By default the server
+    /// starts on the newest complete version that loads, with a loud warning and the metric
+    /// `twotower_serving_fallback_version`.
+    #[arg(long)]
+    strict: bool,
 }
 
 fn default_event_log(index: &Path) -> PathBuf {
@@ -90,6 +95,7 @@ fn options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
         auth_token,
         device: super::device(&args.device)?,
         config,
+        strict: args.strict,
     })
 }
 

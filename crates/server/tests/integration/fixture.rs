@@ -167,6 +167,7 @@ pub fn options(state: &Path) -> ServeOptions {
             reload_interval_ms: 100,
             ..Default::default()
         },
+        strict: false,
     }
 }
 

@@ -307,6 +307,7 @@ async fn bad_requests_get_invalid_argument_naming_the_field() {
                 user_id: 3,
                 events: vec![view(item, 5), ev(42, Some(item), 5)],
             }],
+            idempotency_key: String::new(),
         })
         .await
         .unwrap_err();
@@ -367,5 +368,49 @@ async fn bad_requests_get_invalid_argument_naming_the_field() {
         .unwrap()
         .into_inner();
     assert_eq!(ok.items.len(), 10);
+    s.running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_with_resource_exhausted_instead_of_queued() {
+    let state = tempfile::tempdir().unwrap();
+    let mut opts = options(state.path());
+    opts.config.max_in_flight = 1;
+    let s = start_with(opts, state).await;
+    let user = fixture().active_user();
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let mut c = s.client.clone();
+        tasks.push(tokio::spawn(async move {
+            c.recommend(RecommendRequest {
+                user_id: Some(user + i % 7),
+                k: 100,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+        }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+                assert!(e.message().contains("max_in_flight"), "{}", e.message());
+                refused += 1;
+            }
+        }
+    }
+    assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
+    // Once the burst is over, requests are admitted again.
+    let mut c = s.client.clone();
+    c.recommend(RecommendRequest {
+        user_id: Some(user),
+        k: 5,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     s.running.stop().await.unwrap();
 }

@@ -87,13 +87,8 @@ async fn hot_reload_during_requests_fails_none_and_a_bad_version_is_rejected() {
 
     // A bad version: the manifest claims other weights. It must be rejected.
     let bad = "20991231T235959Z-deadbeef";
-    copy_dir(&root.join(&manifest.version), &root.join(bad));
-    let mpath = root.join(bad).join("manifest.json");
-    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
-    m["version"] = bad.into();
-    m["model"]["weights_sha256"] = "0".repeat(64).into();
-    std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
-    std::fs::write(root.join("CURRENT"), format!("{bad}\n")).unwrap();
+    publish_bad_copy(&root, &manifest.version, bad);
+    // Polled every 100 ms, the rejected version is loaded once, not at every poll.
     tokio::time::sleep(Duration::from_millis(800)).await;
     // A CURRENT naming garbage is ignored the same way.
     std::fs::write(root.join("CURRENT"), "not a version\n").unwrap();
@@ -131,7 +126,76 @@ async fn hot_reload_during_requests_fails_none_and_a_bad_version_is_rejected() {
         metrics.contains(r#"twotower_reloads_total{result="rejected"} 1"#),
         "{metrics}"
     );
+    assert!(
+        !metrics.contains("twotower_current_unreadable_total 0"),
+        "a garbled CURRENT is counted: {metrics}"
+    );
     s.running.stop().await.unwrap();
+}
+
+/// Copies version `from` to `bad` with a manifest claiming other weights (it cannot be paired
+/// with the model), and points `CURRENT` at it.
+fn publish_bad_copy(root: &Path, from: &str, bad: &str) {
+    copy_dir(&root.join(from), &root.join(bad));
+    let mpath = root.join(bad).join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    m["version"] = bad.into();
+    m["model"]["weights_sha256"] = "0".repeat(64).into();
+    std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+    std::fs::write(root.join("CURRENT"), format!("{bad}\n")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_current_at_start_up_falls_back_to_the_newest_valid_version_unless_strict() {
+    let state = tempfile::tempdir().unwrap();
+    let root = state.path().join("index");
+    copy_dir(shared_index(), &root);
+    let good = std::fs::read_to_string(root.join("CURRENT"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let bad = "20991231T235959Z-deadbeef";
+    publish_bad_copy(&root, &good, bad);
+    let mut opts = options(state.path());
+    opts.index_root = root.clone();
+
+    opts.strict = true;
+    let err = match server::start(opts.clone()).await {
+        Ok(_) => panic!("--strict must refuse a broken CURRENT"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(bad), "{err}");
+
+    opts.strict = false;
+    let mut s = start_with(opts, state).await;
+    let info = s
+        .client
+        .get_model_info(GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.index_version, good);
+    let metrics = crate::state::http_get(s.running.metrics_addr.unwrap(), "/metrics");
+    assert!(
+        metrics.contains("twotower_serving_fallback_version 1"),
+        "{metrics}"
+    );
+    // The server holds a lease on the version it fell back to, so GC keeps it.
+    let start = Instant::now();
+    let leased = loop {
+        let leased = indexer::IndexRoot::new(&root).leased_versions().unwrap();
+        if leased.contains(&good) || start.elapsed() > Duration::from_secs(10) {
+            break leased;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(leased.contains(&good), "{leased:?}");
+    s.running.stop().await.unwrap();
+    let leased = indexer::IndexRoot::new(&root).leased_versions().unwrap();
+    assert!(
+        leased.is_empty(),
+        "a stopped server gives its lease up: {leased:?}"
+    );
 }
 
 async fn wait_for_version(

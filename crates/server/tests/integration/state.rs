@@ -17,6 +17,7 @@ fn record(user: u64, items: &[u64], ts: i64) -> RecordEventsRequest {
                 .map(|(i, &id)| view(id, ts + i as i64))
                 .collect(),
         }],
+        idempotency_key: String::new(),
     }
 }
 
@@ -72,7 +73,7 @@ async fn recorded_events_change_the_next_result_and_survive_a_restart() {
         .into_inner();
     let new: Vec<u64> = r1.items.iter().take(4).map(|i| i.item_id).collect();
     s.client
-        .record_events(record(active, &new, 4_000_000_000_000))
+        .record_events(record(active, &new, server::convert::now_ms()))
         .await
         .unwrap();
     let r2 = s
@@ -164,7 +165,12 @@ async fn concurrent_records_are_all_durable_and_metrics_report_them() {
     s.running.stop().await.unwrap();
     // Every acknowledged event is in the log.
     let mut replayed = 0;
-    server::eventlog::EventLog::open(&state.path().join("events.log"), |_| replayed += 1).unwrap();
+    server::eventlog::EventLog::open(
+        &state.path().join("events.log"),
+        |_| replayed += 1,
+        |_, _| {},
+    )
+    .unwrap();
     assert_eq!(replayed, 160);
 }
 
@@ -180,4 +186,112 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     conn.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_record_events_batch_is_recorded_once_even_after_a_restart() {
+    let s = start().await;
+    let keyed = |key: &str, items: &[u64]| RecordEventsRequest {
+        idempotency_key: key.to_string(),
+        ..record(2_000_000, items, 1_700_000_000_000)
+    };
+    // A client that timed out retries, also concurrently with its first attempt.
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut c = s.client.clone();
+        let req = keyed("order-1", &[11, 12, 13]);
+        tasks.push(tokio::spawn(async move {
+            c.record_events(req).await.unwrap().into_inner()
+        }));
+    }
+    let mut duplicates = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.recorded, 3, "every attempt reports the first one's count");
+        duplicates += r.duplicate as usize;
+    }
+    assert_eq!(duplicates, 3, "exactly one attempt recorded the batch");
+    let mut c = s.client.clone();
+    let other = c
+        .record_events(keyed("order-2", &[14]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!other.duplicate);
+    let metrics = http_get(s.running.metrics_addr.unwrap(), "/metrics");
+    assert!(
+        metrics.contains("twotower_events_recorded_total 4"),
+        "{metrics}"
+    );
+    let state = s.state;
+    s.running.stop().await.unwrap();
+
+    // The window is rebuilt from the log: a retry after a restart is still a repeat.
+    let mut s = start_with(options(state.path()), state).await;
+    let again = s
+        .client
+        .record_events(keyed("order-1", &[11, 12, 13]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.duplicate && again.recorded == 3, "{again:?}");
+    let long = s
+        .client
+        .record_events(keyed(&"x".repeat(129), &[1]))
+        .await
+        .unwrap_err();
+    assert_eq!(long.code(), tonic::Code::InvalidArgument);
+    assert!(
+        long.message().starts_with("idempotency_key"),
+        "{}",
+        long.message()
+    );
+    let state = s.state;
+    s.running.stop().await.unwrap();
+    let mut replayed = 0;
+    server::eventlog::EventLog::open(
+        &state.path().join("events.log"),
+        |_| replayed += 1,
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(replayed, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_events_for_users_beyond_max_users_are_refused_and_unknown_items_counted() {
+    let f = fixture();
+    let state = tempfile::tempdir().unwrap();
+    let mut opts = options(state.path());
+    // The fixture's data already holds more users than this.
+    opts.config.max_users = 2;
+    let mut s = start_with(opts, state).await;
+    let known = *f.items.keys().next().unwrap();
+    let unknown = u64::MAX - 5;
+    assert!(!f.items.contains_key(&unknown));
+    // Users already held keep recording; unknown item ids are accepted and counted.
+    let r = s
+        .client
+        .record_events(record(
+            f.active_user(),
+            &[known, unknown],
+            1_700_000_000_000,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.recorded, 2);
+    let err = s
+        .client
+        .record_events(record(987_654_321, &[known], 1_700_000_000_000))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(err.message().contains("max_users"), "{}", err.message());
+    let metrics = http_get(s.running.metrics_addr.unwrap(), "/metrics");
+    assert!(
+        metrics.contains("twotower_events_unknown_item_total 1"),
+        "{metrics}"
+    );
+    s.running.stop().await.unwrap();
 }
