@@ -23,6 +23,65 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_parent(path)
 }
 
+/// Puts the complete directory `staged` at `dest` in one step, so that a reader opening files
+/// under `dest` (a server reloading a model, an indexing job) finds the old directory or the
+/// new one, never a mix. Every file under `staged` is fsynced first. On Linux the two
+/// directories are exchanged atomically (`renameat2` with `RENAME_EXCHANGE`) and the old one
+/// is removed; a file system that cannot exchange gets two renames, with a moment where `dest`
+/// is missing (readers fail that poll and retry), and a warning.
+pub fn replace_dir(staged: &Path, dest: &Path) -> Result<()> {
+    sync_tree(staged)?;
+    if !dest.exists() {
+        std::fs::rename(staged, dest).map_err(|e| Error::io(dest, e))?;
+        return sync_parent(dest);
+    }
+    let exchanged = rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        staged,
+        rustix::fs::CWD,
+        dest,
+        rustix::fs::RenameFlags::EXCHANGE,
+    );
+    let old = match exchanged {
+        Ok(()) => staged.to_path_buf(),
+        Err(e)
+            if e == rustix::io::Errno::INVAL
+                || e == rustix::io::Errno::NOSYS
+                || e == rustix::io::Errno::OPNOTSUPP =>
+        {
+            tracing::warn!(
+                path = %dest.display(),
+                "the file system cannot exchange directories atomically; replacing with two renames"
+            );
+            let old = hidden_sibling(dest, "old");
+            let _ = std::fs::remove_dir_all(&old);
+            std::fs::rename(dest, &old).map_err(|e| Error::io(dest, e))?;
+            std::fs::rename(staged, dest).map_err(|e| Error::io(dest, e))?;
+            old
+        }
+        Err(e) => return Err(Error::io(dest, e.into())),
+    };
+    sync_parent(dest)?;
+    std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))
+}
+
+/// Fsyncs every file and directory under `dir`.
+fn sync_tree(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
 /// A hidden path beside `path`, unique to this process (`.NAME.TAG-PID`): where a file or
 /// directory is built before it is renamed into place, or where the old one waits meanwhile.
 pub fn hidden_sibling(path: &Path, tag: &str) -> PathBuf {
@@ -55,4 +114,68 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
     Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    fn write_generation(dir: &Path, generation: u32) {
+        std::fs::create_dir_all(dir.join("vocab")).unwrap();
+        let body = generation.to_string().repeat(50_000);
+        std::fs::write(dir.join("model.json"), &body).unwrap();
+        std::fs::write(dir.join("vocab/title.json"), &body).unwrap();
+    }
+
+    /// Reads both files through one handle on the directory, as a loader that opens the
+    /// directory once would: one generation, or the test fails.
+    fn read_generation(dest: &Path) -> Option<(String, String)> {
+        let dir = File::open(dest).ok()?;
+        let read = |name: &str| {
+            let fd = rustix::fs::openat(
+                &dir,
+                name,
+                rustix::fs::OFlags::RDONLY,
+                rustix::fs::Mode::empty(),
+            )
+            .ok()?;
+            let mut s = String::new();
+            File::from(fd).read_to_string(&mut s).ok()?;
+            Some(s)
+        };
+        Some((read("model.json")?, read("vocab/title.json")?))
+    }
+
+    #[test]
+    fn a_model_swap_under_load_shows_readers_one_whole_generation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("model");
+        write_generation(&dest, 0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (dest, stop) = (dest.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let (a, b) = read_generation(&dest).expect("the directory is always there");
+                    assert_eq!(a, b, "a mix of two generations");
+                    assert_eq!(a.len(), 50_000, "a partly written file");
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        for generation in 1..=30 {
+            let staged = hidden_sibling(&dest, "staging");
+            write_generation(&staged, generation % 10);
+            replace_dir(&staged, &dest).unwrap();
+            assert!(!staged.exists(), "the old directory is removed");
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+        assert_eq!(read_generation(&dest).unwrap().0.len(), 50_000);
+    }
 }

@@ -63,6 +63,9 @@ pub struct BenchReport {
     pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// Requests refused with `RESOURCE_EXHAUSTED` (admission control); not in the latencies.
+    pub refused: u64,
+    /// Other failed requests.
     pub errors: u64,
     pub record_requests: u64,
     pub record_errors: u64,
@@ -227,7 +230,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
 
     let started = Instant::now();
     let end = started + opts.duration;
-    let (mut latencies, errors, mode) = match opts.load {
+    let (mut latencies, refused, errors, mode) = match opts.load {
         Load::Closed { concurrency } => {
             let mut tasks = Vec::new();
             for t in 0..concurrency.max(1) {
@@ -236,26 +239,29 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
                 let (k, inline, seed) = (opts.k, opts.inline_fraction, opts.seed + t as u64);
                 tasks.push(tokio::spawn(async move {
                     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-                    let (mut lat, mut errors) = (Vec::new(), 0u64);
+                    let (mut lat, mut refused, mut errors) = (Vec::new(), 0u64, 0u64);
                     while Instant::now() < end {
                         let req = recommend_request(&pool, &mut rng, k, inline);
                         let sent = Instant::now();
                         match c.recommend(req).await {
                             Ok(_) => lat.push(sent.elapsed().as_secs_f64() * 1e3),
+                            Err(s) if s.code() == tonic::Code::ResourceExhausted => refused += 1,
                             Err(_) => errors += 1,
                         }
                     }
-                    (lat, errors)
+                    (lat, refused, errors)
                 }));
             }
-            let (mut lat, mut errors) = (Vec::new(), 0);
+            let (mut lat, mut refused, mut errors) = (Vec::new(), 0, 0);
             for t in tasks {
-                let (l, e) = t.await.map_err(|e| Error::Transport(e.to_string()))?;
+                let (l, r, e) = t.await.map_err(|e| Error::Transport(e.to_string()))?;
                 lat.extend(l);
+                refused += r;
                 errors += e;
             }
             (
                 lat,
+                refused,
                 errors,
                 format!("closed loop, concurrency {concurrency}"),
             )
@@ -265,7 +271,8 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
                 return Err(Error::setting("rate", "must be a positive number"));
             }
             let interval = Duration::from_secs_f64(1.0 / rate);
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<f64>>();
+            // Each request's latency in ms, or whether it was refused (true) or failed.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<f64, bool>>();
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
             // The schedule is kept by a thread of its own: tokio's timer wheel has 1 ms ticks, so
             // pacing with it would send late and in bursts, and count its own lateness as the
@@ -296,20 +303,29 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
                 tokio::spawn(async move {
                     // Latency counts from when the request was due, not when it went out.
                     let r = c.recommend(req).await;
-                    let _ = tx.send(r.ok().map(|_| scheduled.elapsed().as_secs_f64() * 1e3));
+                    let _ = tx.send(match r {
+                        Ok(_) => Ok(scheduled.elapsed().as_secs_f64() * 1e3),
+                        Err(s) => Err(s.code() == tonic::Code::ResourceExhausted),
+                    });
                 });
                 i += 1;
             }
             let _ = pacer.join();
             drop(tx);
-            let (mut lat, mut errors) = (Vec::new(), 0);
+            let (mut lat, mut refused, mut errors) = (Vec::new(), 0, 0);
             while let Some(r) = rx.recv().await {
                 match r {
-                    Some(ms) => lat.push(ms),
-                    None => errors += 1,
+                    Ok(ms) => lat.push(ms),
+                    Err(true) => refused += 1,
+                    Err(false) => errors += 1,
                 }
             }
-            (lat, errors, format!("open loop, {rate} requests/s"))
+            (
+                lat,
+                refused,
+                errors,
+                format!("open loop, {rate} requests/s"),
+            )
         }
     };
     let elapsed = started.elapsed().as_secs_f64();
@@ -329,6 +345,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
         p90_ms: percentile(&latencies, 0.90),
         p99_ms: percentile(&latencies, 0.99),
         max_ms: latencies.last().copied().unwrap_or(0.0),
+        refused,
         errors,
         record_requests: rec_ok.load(Ordering::Relaxed),
         record_errors: rec_err.load(Ordering::Relaxed),

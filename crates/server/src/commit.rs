@@ -11,13 +11,15 @@
 //! repeat of a key earlier in the same group gets that batch's outcome.
 
 use std::collections::HashMap;
-use std::sync::mpsc;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use features::Event;
 use tokio::sync::oneshot;
 
+use crate::compact::{self, CompactSettings, Compacted};
 use crate::dedup::DedupWindow;
 use crate::eventlog::{encode_record, EventLog};
 use crate::history::{HistoryStore, StoredEvent};
@@ -25,6 +27,16 @@ use crate::metrics::Metrics;
 
 /// Most bytes written per fsync; a backlog larger than this is committed in several rounds.
 const MAX_COMMIT_BYTES: usize = 8 << 20;
+/// How often an idle writer looks whether a background compaction finished.
+const IDLE_POLL: Duration = Duration::from_millis(500);
+
+/// When and how the writer compacts the log in the background.
+#[derive(Debug, Clone, Copy)]
+pub struct AutoCompaction {
+    pub settings: CompactSettings,
+    /// Compact when the log is past this many bytes and has doubled since the last time.
+    pub threshold: u64,
+}
 
 /// What a committed batch reports: events recorded, and whether it repeated a recorded key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,11 +77,12 @@ impl Committer {
         store: Arc<HistoryStore>,
         metrics: Arc<Metrics>,
         dedup: DedupWindow,
+        compaction: Option<AutoCompaction>,
     ) -> Committer {
         let (tx, rx) = mpsc::channel::<Msg>();
         let thread = std::thread::Builder::new()
             .name("event-log".into())
-            .spawn(move || writer(log, rx, store, metrics, dedup))
+            .spawn(move || writer(log, rx, store, metrics, dedup, compaction))
             .expect("spawning the event-log thread");
         Committer {
             tx,
@@ -115,20 +128,29 @@ impl CommitHandle {
     }
 }
 
+/// A background compaction in progress.
+struct Running {
+    thread: JoinHandle<crate::error::Result<Compacted>>,
+}
+
 fn writer(
     mut log: EventLog,
     rx: mpsc::Receiver<Msg>,
     store: Arc<HistoryStore>,
     metrics: Arc<Metrics>,
     mut dedup: DedupWindow,
+    compaction: Option<AutoCompaction>,
 ) {
     let mut buf = Vec::new();
     let mut stopping = false;
+    let mut running: Option<Running> = None;
+    let mut compacted_len = log.len();
     while !stopping {
         let mut batch = Vec::new();
-        match rx.recv() {
+        match rx.recv_timeout(IDLE_POLL) {
             Ok(Msg::Append(p)) => batch.push(p),
-            Ok(Msg::Stop) | Err(_) => stopping = true,
+            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => stopping = true,
+            Err(RecvTimeoutError::Timeout) => {}
         }
         let mut bytes = batch.first().map_or(0, |p| p.record.len());
         while bytes < MAX_COMMIT_BYTES {
@@ -142,47 +164,102 @@ fn writer(
             }
         }
         let (fresh, repeats) = split_repeats(batch, &dedup);
-        if fresh.is_empty() {
-            continue;
+        if !fresh.is_empty() {
+            commit(
+                &mut log, fresh, repeats, &mut buf, &store, &metrics, &mut dedup,
+            );
         }
-        buf.clear();
-        for p in &fresh {
-            buf.extend_from_slice(&p.record);
-        }
-        match log.append(&buf) {
-            Ok(()) => {
-                let n: usize = fresh.iter().map(|p| p.events.len()).sum();
-                metrics.events_recorded.inc_by(n as u64);
-                metrics.commit_batch.observe(n as f64);
-                let counts: Vec<u64> = fresh.iter().map(|p| p.events.len() as u64).collect();
-                for p in fresh {
-                    for e in &p.events {
-                        store.record(e.user_id, StoredEvent::from_event(e));
+        // Swap in a finished compaction; start one when the log has grown enough.
+        if running.as_ref().is_some_and(|r| r.thread.is_finished()) {
+            let done = running.take().expect("checked").thread.join();
+            match done {
+                Ok(Ok(c)) => match c.swap_into(&mut log) {
+                    Ok(()) => {
+                        compacted_len = log.len();
+                        metrics.compactions.with_label_values(&["ok"]).inc();
                     }
-                    if let Some(k) = &p.key {
-                        dedup.insert(k, p.events.len() as u64);
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event log compaction could not be swapped in; the log stays as it was");
+                        metrics.compactions.with_label_values(&["failed"]).inc();
                     }
-                    let _ = p.ack.send(Ok(Recorded {
-                        events: p.events.len() as u64,
-                        duplicate: false,
-                    }));
+                },
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "event log compaction failed; the log stays as it was");
+                    metrics.compactions.with_label_values(&["failed"]).inc();
                 }
-                for (first, p) in repeats {
-                    let _ = p.ack.send(Ok(Recorded {
-                        events: counts[first],
-                        duplicate: true,
-                    }));
-                }
+                Err(_) => metrics.compactions.with_label_values(&["failed"]).inc(),
             }
-            Err(e) => {
-                tracing::error!(error = %e, "event log append failed; the batch is not recorded");
-                for p in fresh.into_iter().chain(repeats.into_iter().map(|(_, p)| p)) {
-                    let _ = p.ack.send(Err(format!("event log: {e}")));
+        }
+        if let Some(auto) = compaction {
+            let len = log.len();
+            if running.is_none() && !stopping && len > auto.threshold && len > 2 * compacted_len {
+                let path = log.path().to_path_buf();
+                let settings = auto.settings;
+                let thread = std::thread::Builder::new()
+                    .name("event-log-compaction".into())
+                    .spawn(move || compact::compact(&path, len, &settings));
+                match thread {
+                    Ok(thread) => running = Some(Running { thread }),
+                    Err(e) => tracing::warn!(error = %e, "cannot start the compaction thread"),
                 }
             }
         }
     }
+    if let Some(r) = running {
+        // Stopping: the log stays as it is; the unfinished compaction is discarded.
+        if let Ok(Ok(c)) = r.thread.join() {
+            let _ = std::fs::remove_file(&c.staged);
+        }
+    }
     tracing::debug!(path = %log.path().display(), "event log closed");
+}
+
+/// Writes one group with one fsync, applies it and acknowledges every request in it.
+fn commit(
+    log: &mut EventLog,
+    fresh: Vec<Pending>,
+    repeats: Vec<(usize, Pending)>,
+    buf: &mut Vec<u8>,
+    store: &HistoryStore,
+    metrics: &Metrics,
+    dedup: &mut DedupWindow,
+) {
+    buf.clear();
+    for p in &fresh {
+        buf.extend_from_slice(&p.record);
+    }
+    match log.append(buf) {
+        Ok(()) => {
+            let n: usize = fresh.iter().map(|p| p.events.len()).sum();
+            metrics.events_recorded.inc_by(n as u64);
+            metrics.commit_batch.observe(n as f64);
+            let counts: Vec<u64> = fresh.iter().map(|p| p.events.len() as u64).collect();
+            for p in fresh {
+                for e in &p.events {
+                    store.record(e.user_id, StoredEvent::from_event(e));
+                }
+                if let Some(k) = &p.key {
+                    dedup.insert(k, p.events.len() as u64);
+                }
+                let _ = p.ack.send(Ok(Recorded {
+                    events: p.events.len() as u64,
+                    duplicate: false,
+                }));
+            }
+            for (first, p) in repeats {
+                let _ = p.ack.send(Ok(Recorded {
+                    events: counts[first],
+                    duplicate: true,
+                }));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "event log append failed; the batch is not recorded");
+            for p in fresh.into_iter().chain(repeats.into_iter().map(|(_, p)| p)) {
+                let _ = p.ack.send(Err(format!("event log: {e}")));
+            }
+        }
+    }
 }
 
 /// Splits a group into the batches to write and the repeats of a key earlier in the group (with

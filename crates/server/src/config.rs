@@ -61,6 +61,10 @@ pub struct ServeConfig {
     /// `RESOURCE_EXHAUSTED` naming this setting (users already held keep recording), so a
     /// client inventing user ids cannot grow memory without limit. About 1 KB a user.
     pub max_users: usize,
+    /// The event log is compacted (rewritten as the state it holds: each user's recent events,
+    /// seen items, counts, the idempotency window) when it grows past this many bytes and has
+    /// doubled since the last compaction; at start-up and in the background. 0: never.
+    pub compact_log_bytes: u64,
 }
 
 impl Default for ServeConfig {
@@ -81,6 +85,7 @@ impl Default for ServeConfig {
             max_concurrent_streams: 256,
             keepalive_interval_ms: 30_000,
             max_users: 10_000_000,
+            compact_log_bytes: 64 << 20,
         }
     }
 }

@@ -46,6 +46,13 @@ impl DedupWindow {
         self.order.push_back(key.to_string());
     }
 
+    /// Keys and counts, oldest first (what compaction writes back).
+    pub fn entries(&self) -> impl Iterator<Item = (&str, u64)> + '_ {
+        self.order
+            .iter()
+            .map(|k| (k.as_str(), self.recorded.get(k).copied().unwrap_or(0)))
+    }
+
     pub fn len(&self) -> usize {
         self.order.len()
     }

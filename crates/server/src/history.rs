@@ -155,6 +155,31 @@ impl HistoryStore {
         }
     }
 
+    /// Adds items to a user's seen set without events (state restored by a compacted log).
+    pub fn add_seen(&self, user_id: u64, items: &[u64]) {
+        let mut shard = self
+            .shard(user_id)
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let user = shard.entry(user_id).or_insert_with(|| {
+            self.users.fetch_add(1, Ordering::Relaxed);
+            UserState::default()
+        });
+        let seen = Arc::make_mut(&mut user.seen);
+        seen.extend(items.iter().copied());
+    }
+
+    /// Calls `f` with every user's kept events (oldest first) and seen items, one shard at a
+    /// time (compaction).
+    pub fn for_each_user(&self, mut f: impl FnMut(u64, &VecDeque<StoredEvent>, &HashSet<u64>)) {
+        for shard in &self.shards {
+            let shard = shard.read().unwrap_or_else(|p| p.into_inner());
+            for (&user_id, state) in shard.iter() {
+                f(user_id, &state.recent, &state.seen);
+            }
+        }
+    }
+
     /// Sets a user's profile features.
     pub fn set_features(&self, user_id: u64, features: Vec<String>) {
         let mut shard = self

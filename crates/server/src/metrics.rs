@@ -34,6 +34,8 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// Recorded events whose item id is not in the served index (new items, or wrong ids).
     pub events_unknown_item: IntCounter,
+    /// Background event-log compactions by result (`ok`, `failed`).
+    pub compactions: IntCounterVec,
     /// Bytes of a torn or garbage event-log tail cut off at start-up.
     pub event_log_truncated_bytes: IntCounter,
     /// Polls that found `CURRENT` empty, garbled or unreadable.
@@ -115,6 +117,14 @@ impl Metrics {
                 "recorded events whose item id is not in the served index",
             )
             .expect("valid metric"),
+            compactions: IntCounterVec::new(
+                Opts::new(
+                    "twotower_event_log_compactions_total",
+                    "background event-log compactions by result",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
             event_log_truncated_bytes: IntCounter::new(
                 "twotower_event_log_truncated_bytes_total",
                 "bytes of a torn or garbage event-log tail cut off at start-up",
@@ -132,7 +142,7 @@ impl Metrics {
             .expect("valid metric"),
         };
         let r = &m.registry;
-        let all: [Box<dyn prometheus::core::Collector>; 13] = [
+        let all: [Box<dyn prometheus::core::Collector>; 14] = [
             Box::new(m.requests.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.user_tower.clone()),
@@ -143,6 +153,7 @@ impl Metrics {
             Box::new(m.commit_batch.clone()),
             Box::new(m.reloads.clone()),
             Box::new(m.events_unknown_item.clone()),
+            Box::new(m.compactions.clone()),
             Box::new(m.event_log_truncated_bytes.clone()),
             Box::new(m.current_unreadable.clone()),
             Box::new(m.fallback_version.clone()),

@@ -113,6 +113,14 @@ impl Reloader {
                     rejected = None;
                 }
                 Err(e) => {
+                    // The files changed again while loading (a publish in progress): not a
+                    // verdict on the new ones, so try them at the next poll.
+                    let me = this.clone();
+                    let now = tokio::task::spawn_blocking(move || me.wanted()).await;
+                    if !matches!(&now, Ok(Ok(Some(w))) if *w == wanted) {
+                        tracing::info!(error = %e, "reload: files changed while loading; trying again");
+                        continue;
+                    }
                     tracing::error!(
                         index_version = %wanted.index_version,
                         error = %e,

@@ -16,7 +16,8 @@ use tokio::sync::{oneshot, watch};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
-use crate::commit::Committer;
+use crate::commit::{AutoCompaction, Committer};
+use crate::compact::{self, CompactSettings};
 use crate::config::ServeConfig;
 use crate::dedup::DedupWindow;
 use crate::encoder::Encoder;
@@ -24,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::eventlog::EventLog;
 use crate::gate::Gate;
 use crate::history::HistoryStore;
+use crate::logrecord::Record;
 use crate::metrics::{self, Metrics};
 use crate::proto::recommender_server::RecommenderServer;
 use crate::reload::Reloader;
@@ -135,11 +137,31 @@ fn load(opts: &ServeOptions) -> Result<Loaded> {
     ));
     let mut counts = seed::seed(&store, &opts.data_dir)?;
     let mut dedup = DedupWindow::new(opts.config.idempotency_window);
-    let (log, replay) = EventLog::open(
-        &opts.event_log,
-        |e| seed::apply(&store, &mut counts, &e),
-        |key, n| dedup.insert(key, n),
-    )?;
+    let (mut log, replay) = EventLog::open(&opts.event_log, &mut |record| match record {
+        Record::Batch { events, key } => {
+            if let Some(k) = key {
+                dedup.insert(&k, events.len() as u64);
+            }
+            for e in &events {
+                seed::apply(&store, &mut counts, e);
+            }
+        }
+        Record::Seen { user_id, items } => store.add_seen(user_id, &items),
+        Record::Counts(c) => {
+            for (id, n) in c {
+                *counts.entry(id).or_default() += n;
+            }
+        }
+        Record::Keys(keys) => {
+            for (k, n) in keys {
+                dedup.insert(&k, n);
+            }
+        }
+    })?;
+    let compaction = compact_settings(&store, &opts.config);
+    if opts.config.compact_log_bytes > 0 && log.len() > opts.config.compact_log_bytes {
+        compact::compact(log.path(), log.len(), &compaction)?.swap_into(&mut log)?;
+    }
     tracing::info!(
         users = store.user_count(),
         replayed_events = replay.events,
@@ -157,6 +179,16 @@ fn load(opts: &ServeOptions) -> Result<Loaded> {
         truncated_bytes: replay.truncated_bytes,
         fallback,
     })
+}
+
+/// What compaction must keep so that a compacted log replays to this store.
+fn compact_settings(store: &HistoryStore, cfg: &ServeConfig) -> CompactSettings {
+    CompactSettings {
+        keep: store.bound().max(compact::MIN_KEPT_EVENTS),
+        ties: store.ties(),
+        protocol: store.protocol(),
+        window: cfg.idempotency_window,
+    }
 }
 
 /// The snapshot to start on: the version `CURRENT` names; or, when that one does not load or
@@ -237,7 +269,11 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         "serving"
     );
     let current = Arc::new(ArcSwap::from_pointee(snapshot));
-    let committer = Committer::start(log, store.clone(), metrics.clone(), dedup);
+    let compaction = (cfg.compact_log_bytes > 0).then(|| AutoCompaction {
+        settings: compact_settings(&store, &cfg),
+        threshold: cfg.compact_log_bytes,
+    });
+    let committer = Committer::start(log, store.clone(), metrics.clone(), dedup, compaction);
     let encoder = Encoder::start(cfg.encoder_workers, cfg.max_encoder_batch, metrics.clone());
     let shared = Arc::new(Shared {
         snapshot: current.clone(),

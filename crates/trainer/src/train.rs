@@ -268,7 +268,6 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         path: best.clone(),
         reason: e.to_string(),
     })?;
-    model.save(&layout.weights())?;
 
     progress.start("evaluating", None);
     let test_set = data.examples(Split::Test, &cfg.tower)?;
@@ -436,6 +435,39 @@ fn write_artifacts(
     report: &TrainReport,
     device: Device,
 ) -> Result<()> {
+    // Everything is written to a staging directory beside MODEL_DIR and swapped in at once: a
+    // server or an indexing job reading MODEL_DIR meanwhile sees the old model or the new one,
+    // never new weights beside an old model.json. The checkpoint (for --resume) moves along.
+    let staged = ModelLayout(features::fsutil::hidden_sibling(&layout.0, "staging"));
+    let _ = std::fs::remove_dir_all(&staged.0);
+    std::fs::create_dir_all(&staged.0).map_err(|e| Error::io(&staged.0, e))?;
+    let result = write_model_dir(&staged, data, cfg, model, state, report, device).and_then(|()| {
+        if layout.checkpoint().exists() {
+            std::fs::rename(layout.checkpoint(), staged.checkpoint())
+                .map_err(|e| Error::io(staged.checkpoint(), e))?;
+        }
+        Ok(features::fsutil::replace_dir(&staged.0, &layout.0)?)
+    });
+    if result.is_err() {
+        if staged.checkpoint().exists() && !layout.checkpoint().exists() {
+            let _ = std::fs::rename(staged.checkpoint(), layout.checkpoint());
+        }
+        let _ = std::fs::remove_dir_all(&staged.0);
+    }
+    result
+}
+
+/// Writes a complete model directory: weights, `model.json`, metrics, log, curves, vocabularies.
+fn write_model_dir(
+    layout: &ModelLayout,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    model: &TwoTower,
+    state: &RunState,
+    report: &TrainReport,
+    device: Device,
+) -> Result<()> {
+    model.save(&layout.weights())?;
     let weights_sha256 = features::fsutil::sha256_file(&layout.weights())?;
     let info = ModelInfo {
         format: MODEL_FORMAT.into(),

@@ -342,7 +342,13 @@ async fn bad_requests_get_invalid_argument_naming_the_field() {
     let mut late = tonic::Request::new(base.clone());
     late.set_timeout(Duration::from_nanos(1));
     let err = s.client.recommend(late).await.unwrap_err();
-    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    // The client's own timer may fire before the server's answer arrives (on a loaded machine);
+    // what must never come back is a result.
+    let client_gave_up = err.code() == Code::Cancelled && err.message() == "Timeout expired";
+    assert!(
+        err.code() == Code::DeadlineExceeded || client_gave_up,
+        "{err:?}"
+    );
 
     // Larger than the message limit (4 MiB by default).
     let huge = RecommendRequest {

@@ -10,10 +10,14 @@ use server::proto::{GetModelInfoRequest, RecommendRequest};
 
 use crate::fixture::{build_into, fixture, options, shared_index, start_with, view};
 
+/// Copies an index root, leaving out the leases of servers running on the original.
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
+        if e.file_name() == ".leases" {
+            continue;
+        }
         let dest = to.join(e.file_name());
         if e.path().is_dir() {
             copy_dir(&e.path(), &dest);

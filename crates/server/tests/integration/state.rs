@@ -165,11 +165,11 @@ async fn concurrent_records_are_all_durable_and_metrics_report_them() {
     s.running.stop().await.unwrap();
     // Every acknowledged event is in the log.
     let mut replayed = 0;
-    server::eventlog::EventLog::open(
-        &state.path().join("events.log"),
-        |_| replayed += 1,
-        |_, _| {},
-    )
+    server::eventlog::EventLog::open(&state.path().join("events.log"), &mut |r| {
+        if let server::logrecord::Record::Batch { events, .. } = r {
+            replayed += events.len()
+        }
+    })
     .unwrap();
     assert_eq!(replayed, 160);
 }
@@ -249,11 +249,11 @@ async fn a_retried_record_events_batch_is_recorded_once_even_after_a_restart() {
     let state = s.state;
     s.running.stop().await.unwrap();
     let mut replayed = 0;
-    server::eventlog::EventLog::open(
-        &state.path().join("events.log"),
-        |_| replayed += 1,
-        |_, _| {},
-    )
+    server::eventlog::EventLog::open(&state.path().join("events.log"), &mut |r| {
+        if let server::logrecord::Record::Batch { events, .. } = r {
+            replayed += events.len()
+        }
+    })
     .unwrap();
     assert_eq!(replayed, 4);
 }
