@@ -65,6 +65,11 @@ pub struct ServeConfig {
     /// seen items, counts, the idempotency window) when it grows past this many bytes and has
     /// doubled since the last compaction; at start-up and in the background. 0: never.
     pub compact_log_bytes: u64,
+    /// Events kept per user beyond the model's history length. A request at a past time (a
+    /// replay, an evaluation through the server) needs the L events before that time, and the
+    /// events since then would otherwise have pushed some of them out. With the default, the
+    /// window is exact for times with up to 16 newer events.
+    pub history_slack: usize,
 }
 
 impl Default for ServeConfig {
@@ -86,6 +91,7 @@ impl Default for ServeConfig {
             keepalive_interval_ms: 30_000,
             max_users: 10_000_000,
             compact_log_bytes: 64 << 20,
+            history_slack: 16,
         }
     }
 }

@@ -131,7 +131,7 @@ fn load(opts: &ServeOptions) -> Result<Loaded> {
         )));
     }
     let store = Arc::new(HistoryStore::new(
-        model.info.tower.history_len,
+        model.info.tower.history_len + opts.config.history_slack,
         data.settings.split.ties,
         data.settings.split.history,
     ));

@@ -10,7 +10,8 @@
 //! so serving keeps them.)
 
 use features::records::hour_and_weekday;
-use towers::{EventInput, UserInput};
+use towers::inputs::RawEvent;
+use towers::UserInput;
 
 use features::splits::{history_window, HistoryProtocol, TieOrder};
 
@@ -48,34 +49,27 @@ pub fn merge_history(
         .collect()
 }
 
-/// The tower input; `item_row`s are rows of the snapshot's index embeddings.
+/// The tower input, through the encoder training uses ([`UserInput::encode`]); `item_row`s
+/// are rows of the snapshot's index embeddings, gaps count from `ts_ms`.
 pub fn user_input(
     snap: &Snapshot,
     history: &[StoredEvent],
     ts_ms: i64,
     user_features: &[String],
 ) -> UserInput {
-    let vocabs = &snap.model.vocabs;
     let row_of = &snap.index.version.row_of;
-    let (hour, weekday) = hour_and_weekday(ts_ms);
-    UserInput {
-        history: history
-            .iter()
-            .map(|e| EventInput {
-                event_type: e.event_type.code(),
-                item_row: e.item_id.and_then(|id| row_of.get(&id)).map(|&r| r as i64),
-                query: e
-                    .query
-                    .as_deref()
-                    .map(|q| vocabs.query_tokens(q))
-                    .unwrap_or_default(),
-                gap_s: (ts_ms - e.ts_ms) / 1000,
-            })
-            .collect(),
-        hour,
-        weekday,
-        user_features: vocabs.user_feature_ids(user_features),
-    }
+    UserInput::encode(
+        history.iter().map(|e| RawEvent {
+            event_type: e.event_type,
+            item_id: e.item_id,
+            query: e.query.as_deref(),
+            gap_s: (ts_ms - e.ts_ms) / 1000,
+        }),
+        hour_and_weekday(ts_ms),
+        user_features,
+        &snap.model.vocabs,
+        |id| row_of.get(&id).map(|&r| r as i64),
+    )
 }
 
 #[cfg(test)]

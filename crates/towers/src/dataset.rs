@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::inputs::RawEvent;
 use crate::{EventInput, TowerConfig, UserInput, VocabSizes};
 use features::prepare::{DataLayout, DatasetInfo};
 use features::splits::Split;
@@ -185,22 +186,32 @@ impl ExampleSet {
                     )));
                 };
                 let start = ex.history.len().saturating_sub(history_len);
-                let history = ex.history[start..]
-                    .iter()
-                    .map(|h| EncodedEvent {
-                        event_type: h.event_type.code() as u8,
-                        item_row: h
-                            .item_id
-                            .and_then(|id| row_of.get(&id).copied())
-                            .unwrap_or(NONE),
-                        query: match &h.query {
-                            Some(q) => {
-                                set.queries.push(vocabs.query_tokens(q));
-                                (set.queries.len() - 1) as u32
-                            }
-                            None => NONE,
-                        },
+                let input = UserInput::encode(
+                    ex.history[start..].iter().map(|h| RawEvent {
+                        event_type: h.event_type,
+                        item_id: h.item_id,
+                        query: h.query.as_deref(),
                         gap_s: h.gap_s,
+                    }),
+                    (ex.hour, ex.weekday),
+                    &ex.user_features,
+                    vocabs,
+                    |id| row_of.get(&id).map(|&r| r as i64),
+                );
+                // Stored compactly: rows as u32, each query's word ids once in `queries`.
+                let history = input
+                    .history
+                    .into_iter()
+                    .map(|e| EncodedEvent {
+                        event_type: e.event_type as u8,
+                        item_row: e.item_row.map_or(NONE, |r| r as u32),
+                        query: if e.query.is_empty() {
+                            NONE
+                        } else {
+                            set.queries.push(e.query);
+                            (set.queries.len() - 1) as u32
+                        },
+                        gap_s: e.gap_s,
                     })
                     .collect();
                 set.examples.push(EncodedExample {
@@ -208,9 +219,9 @@ impl ExampleSet {
                     ts_ms: ex.ts_ms,
                     target_row,
                     history,
-                    hour: ex.hour,
-                    weekday: ex.weekday,
-                    user_features: vocabs.user_feature_ids(&ex.user_features),
+                    hour: input.hour,
+                    weekday: input.weekday,
+                    user_features: input.user_features,
                 });
             }
         }

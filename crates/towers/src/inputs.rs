@@ -49,6 +49,47 @@ pub struct UserInput {
     pub user_features: Vec<i64>,
 }
 
+/// One event of a user's windowed history, before encoding: what a training example's history
+/// and the server's store both hold.
+#[derive(Debug, Clone, Copy)]
+pub struct RawEvent<'a> {
+    pub event_type: features::EventType,
+    pub item_id: Option<u64>,
+    pub query: Option<&'a str>,
+    /// Whole seconds from the event to the prediction time.
+    pub gap_s: i64,
+}
+
+impl UserInput {
+    /// Encodes a user's windowed history and context into tower input. This is the one place
+    /// where events become ids, for training, evaluation and serving alike: the event type's
+    /// code, the item's row in the item vectors the tower will read (`row_of`; an item without
+    /// one becomes a type-only event, like a search), the query's word ids, the gap; the hour
+    /// and weekday of the prediction time and the user-feature ids.
+    pub fn encode<'a>(
+        history: impl IntoIterator<Item = RawEvent<'a>>,
+        (hour, weekday): (u8, u8),
+        user_features: &[String],
+        vocabs: &features::Vocabularies,
+        row_of: impl Fn(u64) -> Option<i64>,
+    ) -> UserInput {
+        UserInput {
+            history: history
+                .into_iter()
+                .map(|e| EventInput {
+                    event_type: e.event_type.code(),
+                    item_row: e.item_id.and_then(&row_of),
+                    query: e.query.map(|q| vocabs.query_tokens(q)).unwrap_or_default(),
+                    gap_s: e.gap_s,
+                })
+                .collect(),
+            hour,
+            weekday,
+            user_features: vocabs.user_feature_ids(user_features),
+        }
+    }
+}
+
 fn pad(
     rows: impl ExactSizeIterator<Item = impl AsRef<[i64]>>,
     width: usize,

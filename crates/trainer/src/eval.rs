@@ -54,6 +54,22 @@ pub enum Scorer<'a> {
     ItemKnn(&'a ItemKnn),
 }
 
+/// The user vectors of `examples` (`[B, dim]`, eval mode) over the catalog's item vectors:
+/// what evaluation ranks with, and what the server must reproduce for the same user and time.
+pub fn user_vectors(
+    model: &TwoTower,
+    set: &ExampleSet,
+    examples: &[&EncodedExample],
+    catalog_vecs: &Tensor,
+) -> Tensor {
+    let users: Vec<_> = examples
+        .iter()
+        .map(|e| set.user_input(e, |r| r as i64))
+        .collect();
+    let inputs = UserBatchHost::new(&users, &model.config).to_device(model.device());
+    tch::no_grad(|| model.encode_users(&inputs, catalog_vecs, false))
+}
+
 /// Ranks the targets of the selected examples; returns metrics for each K in `ks`.
 pub fn evaluate(
     scorer: &Scorer<'_>,
@@ -73,13 +89,7 @@ pub fn evaluate(
                     model,
                     catalog_vecs,
                 } => {
-                    let users: Vec<_> = chunk
-                        .iter()
-                        .map(|e| set.user_input(e, |r| r as i64))
-                        .collect();
-                    let inputs =
-                        UserBatchHost::new(&users, &model.config).to_device(model.device());
-                    let uv = model.encode_users(&inputs, catalog_vecs, false);
+                    let uv = user_vectors(model, set, chunk, catalog_vecs);
                     uv.matmul(&catalog_vecs.tr())
                 }
                 Scorer::Fixed(fixed) => fixed

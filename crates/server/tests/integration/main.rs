@@ -3,6 +3,7 @@
 
 mod fixture;
 mod fuzz;
+mod parity;
 mod protocol;
 mod recommend;
 mod reload;

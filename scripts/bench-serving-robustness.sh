@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Serving under overload, a soak, and event-log restarts after many recorded events, on the
+# 1M-item index of pipelines/synthetic-1m.toml. Writes JSON reports and a summary to $OUT
+# (default /tmp/robustness). Release build first (make build-release). About 25 minutes:
+#   scripts/bench-serving-robustness.sh [WORKDIR]          # WORKDIR default /tmp/b1m (reused)
+# Environment: SOAK_S (default 600), EVENTS (total recorded events for the restart test,
+# default 10000000), SKIP_SOAK=1, SKIP_RESTART=1.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bin=${TWOTOWER_BIN:-target/release/twotower}
+work=${1:-/tmp/b1m}
+out=${OUT:-/tmp/robustness}
+soak_s=${SOAK_S:-600}
+events_total=${EVENTS:-10000000}
+addr=127.0.0.1:50071
+metrics=127.0.0.1:9481
+mkdir -p "$out"
+say() { echo "bench-serving-robustness: $*" >&2; }
+
+# --- data, model and index (reused when present) ---------------------------------------------
+if [ ! -f "$work/w/index/CURRENT" ]; then
+  say "building the 1M-item data, model and index in $work/w (pipelines/synthetic-1m.toml)"
+  "$bin" pipeline run pipelines/synthetic-1m.toml --workdir "$work/w" --device cpu >&2
+fi
+data=$work/w/data model=$work/w/model index=$work/w/index
+
+server_pid=""
+start_server() { # CONFIG_FILE LOG_FILE -> sets server_pid; prints seconds to SERVING
+  local config=$1 log=$2 t0
+  t0=$(date +%s.%N)
+  "$bin" serve --model "$model" --index "$index" --data "$data" --addr "$addr" \
+    --metrics-addr "$metrics" --event-log "$work/events.log" --config "$config" 2>"$log" &
+  server_pid=$!
+  until "$bin" health --addr "http://$addr" >/dev/null 2>&1; do
+    kill -0 "$server_pid" 2>/dev/null || { say "server died: $(tail -3 "$log")"; exit 1; }
+    sleep 0.1
+  done
+  python3 -c "import time; print(round(time.time() - $t0, 2))"
+}
+stop_server() {
+  kill -TERM "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+}
+rss_mib() { awk -v f="$2" '$1 == f":" { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
+bench() { # NAME ARGS... -> $out/NAME.json
+  local name=$1
+  shift
+  "$bin" bench serve --addr "http://$addr" --users-from "$data" --out "$out/$name.json" "$@" >/dev/null
+  python3 - "$out/$name.json" "$name" <<'EOF' >&2
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"{sys.argv[2]}: {r['qps']:.0f}/s p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} ms, refused {r['refused']}, errors {r['errors']}, events/s {r['events_per_sec']:.0f}")
+EOF
+}
+
+default_cfg=$out/serve-default.toml
+unlimited_cfg=$out/serve-unlimited.toml
+nocompact_cfg=$out/serve-nocompact.toml
+: >"$default_cfg"
+echo "max_in_flight = 1000000" >"$unlimited_cfg"
+echo "compact_log_bytes = 0" >"$nocompact_cfg"
+rm -f "$work/events.log"
+
+# --- overload ----------------------------------------------------------------------------------
+start_server "$default_cfg" "$out/serve-overload.log" >/dev/null
+bench warmup --concurrency 32 --duration 20 --recorders 0
+bench closed --concurrency 32 --duration 20 --recorders 0
+capacity=$(python3 -c "import json; print(int(json.load(open('$out/closed.json'))['qps']))")
+bench normal --rate 2000 --duration 20 --recorders 0
+bench overload-3x --rate $((3 * capacity)) --duration 20 --recorders 0
+overload_rss=$(rss_mib "$server_pid" VmHWM)
+stop_server
+start_server "$unlimited_cfg" "$out/serve-unlimited.log" >/dev/null
+bench warmup-unlimited --concurrency 32 --duration 20 --recorders 0
+bench overload-3x-unlimited --rate $((3 * capacity)) --duration 20 --recorders 0
+unlimited_rss=$(rss_mib "$server_pid" VmHWM)
+stop_server
+rm -f "$work/events.log"
+
+# --- soak: Recommend at 1,000/s and 5,000 events/s, RSS every 10 s -----------------------------
+if [ "${SKIP_SOAK:-0}" != 1 ]; then
+  start_server "$default_cfg" "$out/serve-soak.log" >/dev/null
+  bench warmup-soak --concurrency 32 --duration 20 --recorders 0
+  echo "seconds,rss_mib" >"$out/soak-rss.csv"
+  bench soak --rate 1000 --duration "$soak_s" --recorders 2 --record-batch 100 --record-rate 5000 &
+  load=$!
+  t=0
+  while kill -0 "$load" 2>/dev/null; do
+    echo "$t,$(rss_mib "$server_pid" VmRSS)" >>"$out/soak-rss.csv"
+    sleep 10
+    t=$((t + 10))
+  done
+  wait "$load"
+  stop_server
+fi
+
+# --- restart after many recorded events: with and without compaction --------------------------
+restart_json=$out/restart.json
+if [ "${SKIP_RESTART:-0}" != 1 ]; then
+  rm -f "$work/events.log"
+  start_server "$nocompact_cfg" "$out/serve-fill.log" >/dev/null
+  recorded=0
+  while [ "$recorded" -lt "$events_total" ]; do
+    "$bin" bench serve --addr "http://$addr" --users-from "$data" --rate 1 --duration 30 \
+      --recorders 4 --record-batch 1000 --out "$out/fill.json" >/dev/null
+    recorded=$((recorded + $(python3 -c "import json; print(json.load(open('$out/fill.json'))['events_recorded'])")))
+    say "recorded $recorded events"
+  done
+  stop_server
+  log_bytes=$(stat -c %s "$work/events.log")
+  cp "$work/events.log" "$work/events.full.log"
+  s_full=$(start_server "$nocompact_cfg" "$out/serve-restart-full.log")
+  rss_full=$(rss_mib "$server_pid" VmHWM)
+  stop_server
+  s_compacting=$(start_server "$default_cfg" "$out/serve-restart-compacting.log")
+  rss_compacting=$(rss_mib "$server_pid" VmHWM)
+  stop_server
+  compacted_bytes=$(stat -c %s "$work/events.log")
+  s_compacted=$(start_server "$default_cfg" "$out/serve-restart-compacted.log")
+  rss_compacted=$(rss_mib "$server_pid" VmHWM)
+  stop_server
+  cat >"$restart_json" <<EOF
+{"events_recorded": $recorded, "log_bytes": $log_bytes, "compacted_bytes": $compacted_bytes,
+ "restart_full_log": {"seconds_to_serving": $s_full, "peak_rss_mib": $rss_full},
+ "restart_compacting": {"seconds_to_serving": $s_compacting, "peak_rss_mib": $rss_compacting},
+ "restart_compacted": {"seconds_to_serving": $s_compacted, "peak_rss_mib": $rss_compacted}}
+EOF
+  cat "$restart_json" >&2
+fi
+
+python3 - "$out" "$overload_rss" "$unlimited_rss" <<'EOF' | tee "$out/summary.md"
+import csv, json, os, sys
+out, rss_limited, rss_unlimited = sys.argv[1], sys.argv[2], sys.argv[3]
+r = lambda n: json.load(open(os.path.join(out, n + ".json")))
+normal, closed, lim, unl = r("normal"), r("closed"), r("overload-3x"), r("overload-3x-unlimited")
+print("| run | offered | admitted/s | p50 ms | p99 ms | refused | errors | server peak RSS MiB |")
+print("|---|---|---|---|---|---|---|---|")
+print(f"| closed loop, 32 callers | | {closed['qps']:.0f} | {closed['p50_ms']:.2f} | {closed['p99_ms']:.2f} | {closed['refused']} | {closed['errors']} | |")
+print(f"| normal: open loop 2,000/s | 2,000/s | {normal['qps']:.0f} | {normal['p50_ms']:.2f} | {normal['p99_ms']:.2f} | {normal['refused']} | {normal['errors']} | |")
+for name, x, rss in [("3x capacity, max_in_flight 64 (default)", lim, rss_limited), ("3x capacity, no limit (as before)", unl, rss_unlimited)]:
+    print(f"| {name} | {lim['mode'].split(', ')[1]} | {x['qps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['refused']} | {x['errors']} | {rss} |")
+print(f"\nadmitted p99 under 3x overload / normal p99: {lim['p99_ms'] / normal['p99_ms']:.2f}x (goal <= 2x)")
+soak = os.path.join(out, "soak.json")
+if os.path.exists(soak):
+    s = json.load(open(soak))
+    rows = list(csv.DictReader(open(os.path.join(out, "soak-rss.csv"))))
+    after_warmup = [int(x["rss_mib"]) for x in rows if int(x["seconds"]) >= 60]
+    drift = (after_warmup[-1] - after_warmup[0]) / after_warmup[0] if after_warmup else float("nan")
+    print(f"\nsoak {s['duration_s']:.0f} s: {s['qps']:.0f} Recommend/s p99 {s['p99_ms']:.2f} ms, {s['events_per_sec']:.0f} events/s, "
+          f"refused {s['refused']}, errors {s['errors']}, record errors {s['record_errors']}; "
+          f"RSS {after_warmup[0] if after_warmup else '?'} -> {after_warmup[-1] if after_warmup else '?'} MiB after warm-up (drift {drift * 100:.1f}%, max {max(after_warmup) if after_warmup else '?'} MiB)")
+EOF
