@@ -23,6 +23,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_parent(path)
 }
 
+/// Writes `value` as pretty JSON to `path`, atomically ([`write_atomic`]): every JSON file a
+/// stage writes (`dataset.json`, `model.json`, manifests, reports) goes through here.
+pub fn write_json<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::io(path, e.into()))?;
+    write_atomic(path, &bytes)
+}
+
 /// Puts the complete directory `staged` at `dest` in one step, so that a reader opening files
 /// under `dest` (a server reloading a model, an indexing job) finds the old directory or the
 /// new one, never a mix. Every file under `staged` is fsynced first. On Linux the two
@@ -131,9 +138,11 @@ mod tests {
     }
 
     /// Reads both files through one handle on the directory, as a loader that opens the
-    /// directory once would: one generation, or the test fails.
+    /// directory once would: one generation, or the test fails. `dest` itself must always
+    /// open; `None` when the generation it opened was replaced and deleted before its files
+    /// were read (a real loader retries then).
     fn read_generation(dest: &Path) -> Option<(String, String)> {
-        let dir = File::open(dest).ok()?;
+        let dir = File::open(dest).expect("the directory is always there");
         let read = |name: &str| {
             let fd = rustix::fs::openat(
                 &dir,
@@ -160,7 +169,9 @@ mod tests {
             std::thread::spawn(move || {
                 let mut reads = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let (a, b) = read_generation(&dest).expect("the directory is always there");
+                    let Some((a, b)) = read_generation(&dest) else {
+                        continue;
+                    };
                     assert_eq!(a, b, "a mix of two generations");
                     assert_eq!(a.len(), 50_000, "a partly written file");
                     reads += 1;

@@ -498,8 +498,7 @@ impl DatasetWriter {
             vocab_checksum,
             prepare_seconds: started.elapsed().as_secs_f64(),
         };
-        let json = serde_json::to_vec_pretty(&info).expect("dataset info serializes");
-        crate::fsutil::write_atomic(&DataLayout(self.tmp.clone()).info(), &json)?;
+        crate::fsutil::write_json(&DataLayout(self.tmp.clone()).info(), &info)?;
         publish_dir(&self.tmp, &self.out)?;
         Ok(info)
     }

@@ -262,10 +262,7 @@ impl Vocabularies {
             checksum: checksum.clone(),
             files,
         };
-        crate::fsutil::write_atomic(
-            &dir.join("checksums.json"),
-            &serde_json::to_vec_pretty(&manifest).expect("serializes"),
-        )?;
+        crate::fsutil::write_json(&dir.join("checksums.json"), &manifest)?;
         Ok(checksum)
     }
 

@@ -140,9 +140,8 @@ pub fn embed_shard(opts: &BuildOptions, progress: &dyn Progress) -> Result<Shard
         data: opts.data.display().to_string(),
         embed_seconds: start.elapsed().as_secs_f64(),
     };
-    let bytes = serde_json::to_vec_pretty(&info).expect("serializable");
     // shard.json last: its presence means the shard is complete.
-    features::fsutil::write_atomic(&opts.out.join("shard.json"), &bytes)?;
+    features::fsutil::write_json(&opts.out.join("shard.json"), &info)?;
     Ok(info)
 }
 

@@ -114,7 +114,6 @@ impl Manifest {
 
     /// Writes the manifest (inside a staging directory; publishing makes it visible).
     pub fn write(&self, path: &Path) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(self).expect("serializable");
-        features::fsutil::write_atomic(path, &bytes).map_err(Error::from)
+        features::fsutil::write_json(path, self).map_err(Error::from)
     }
 }

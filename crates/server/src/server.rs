@@ -33,8 +33,9 @@ use crate::seed;
 use crate::service::{RecommenderService, Shared};
 use crate::snapshot::{IndexSlot, ModelSlot, Snapshot};
 
-/// The name health checks ask about.
-pub const SERVICE_NAME: &str = "twotower.v1.Recommender";
+/// The name health checks ask about: the generated service's own, so it follows the proto.
+pub const SERVICE_NAME: &str =
+    <RecommenderServer<RecommenderService> as tonic::server::NamedService>::NAME;
 
 /// PEM files of the server's certificate chain and private key.
 #[derive(Debug, Clone)]
@@ -301,7 +302,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
-        .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving)
+        .set_serving::<RecommenderServer<RecommenderService>>()
         .await;
     fn reflection(
         b: tonic_reflection::server::Builder<'static>,
@@ -364,7 +365,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
             let _ = stop_rx.await;
             tracing::info!("shutting down: no new requests; draining");
             reporter
-                .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::NotServing)
+                .set_not_serving::<RecommenderServer<RecommenderService>>()
                 .await;
             let _ = down_tx.send(true);
         };

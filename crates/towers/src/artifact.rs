@@ -152,8 +152,7 @@ pub fn short(checksum: &str) -> &str {
 
 /// Writes JSON atomically.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(value).expect("serializable");
-    features::fsutil::write_atomic(path, &bytes).map_err(Error::from)
+    features::fsutil::write_json(path, value).map_err(Error::from)
 }
 
 /// Copies a vocabulary directory to `dest`, replacing what is there: files go to a hidden

@@ -52,7 +52,7 @@ pub fn load(workdir: &Path, stage: &str) -> Option<StageRecord> {
 pub fn save(workdir: &Path, record: &StageRecord) -> anyhow::Result<()> {
     let path = record_path(workdir, &record.stage);
     std::fs::create_dir_all(path.parent().expect("has parent"))?;
-    features::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(record)?)?;
+    features::fsutil::write_json(&path, record)?;
     Ok(())
 }
 
