@@ -4,7 +4,7 @@
 //!
 //! All three are fitted on the training examples only (their targets, which are each user's
 //! first interactions with an item), and are ranked with the same examples and masking as the
-//! model (`eval::evaluate`).
+//! model (`ranking::evaluate`).
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -9,7 +9,7 @@ use tch::Device;
 
 use crate::baselines::Baselines;
 use crate::error::Result;
-use crate::eval::{self, EvalInputs};
+use crate::ranking::{self, EvalInputs};
 use towers::artifact::LoadedModel;
 use towers::dataset::{Dataset, SeenItems};
 
@@ -33,7 +33,7 @@ pub fn evaluate_model(
     let train = data.examples(Split::Train, &model.config)?;
     let seen = SeenItems::load(&data.layout().events(), &data.catalog)?;
     let catalog = &data.catalog;
-    let vecs = eval::catalog_vectors(model, catalog, batch);
+    let vecs = ranking::catalog_vectors(model, catalog, batch);
     let baselines = Baselines::fit(&data, &train, device)?;
     let inputs = EvalInputs {
         set: &set,
@@ -42,7 +42,7 @@ pub fn evaluate_model(
         catalog,
     };
     let split_cfg = &data.info.settings.split;
-    let m = eval::split_metrics(model, &vecs, &baselines, &inputs, split_cfg, ks, batch);
+    let m = ranking::split_metrics(model, &vecs, &baselines, &inputs, split_cfg, ks, batch);
     let mut out = json!({
         split.as_str(): m.model,
         "baseline_popularity": m.popularity,

@@ -13,11 +13,11 @@ pub mod batches;
 pub mod bench;
 pub mod config;
 pub mod error;
-pub mod eval;
 pub mod evaluate;
 pub mod loss;
 pub mod optim;
 pub mod plot;
+pub mod ranking;
 pub mod train;
 
 pub use config::TrainConfig;

@@ -16,9 +16,9 @@ use crate::baselines::Baselines;
 use crate::batches::{BatchSource, TargetFrequency};
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
-use crate::eval::{self, EvalInputs, Metrics, Scorer, DEFAULT_KS};
 use crate::loss::{in_batch_softmax_loss, DeviceBatch};
 use crate::optim::{learning_rate, AdamW};
+use crate::ranking::{self, EvalInputs, Metrics, Scorer, DEFAULT_KS};
 use towers::artifact::{short, write_json, ModelInfo, ModelLayout, MODEL_FORMAT};
 use towers::dataset::{Dataset, SeenItems};
 
@@ -272,7 +272,7 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
     progress.start("evaluating", None);
     let test_set = data.examples(Split::Test, &cfg.tower)?;
     let full_history = data.examples_with_history(Split::Test, usize::MAX)?;
-    let catalog_vecs = eval::catalog_vectors(&model, &catalog, cfg.eval_batch_size);
+    let catalog_vecs = ranking::catalog_vectors(&model, &catalog, cfg.eval_batch_size);
     let baselines = Baselines::fit(&data, &train_set, opts.device)?;
     let split = &data.info.settings.split;
     let batch = cfg.eval_batch_size;
@@ -282,7 +282,7 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         seen: &seen,
         catalog: &catalog,
     };
-    let on_test = eval::split_metrics(
+    let on_test = ranking::split_metrics(
         &model,
         &catalog_vecs,
         &baselines,
@@ -295,7 +295,7 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         model: &model,
         catalog_vecs: &catalog_vecs,
     };
-    let valid = eval::evaluate(
+    let valid = ranking::evaluate(
         &scorer,
         &valid_set,
         &seen,
@@ -338,8 +338,8 @@ fn evaluate_split(
     catalog: &towers::dataset::Catalog,
     batch: usize,
 ) -> Metrics {
-    let vecs = eval::catalog_vectors(model, catalog, batch);
-    eval::evaluate(
+    let vecs = ranking::catalog_vectors(model, catalog, batch);
+    ranking::evaluate(
         &Scorer::Model {
             model,
             catalog_vecs: &vecs,

@@ -92,7 +92,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
 /// The test metrics of a training report next to the three baselines (and cold/warm items
 /// when the data holds cold items).
 pub fn print_metrics(report: &trainer::TrainReport) {
-    let get = |m: &trainer::eval::Metrics, k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+    let get = |m: &trainer::ranking::Metrics, k: &str| m.get(k).copied().unwrap_or(f64::NAN);
     println!(
         "{:<22} {:>10} {:>10} {:>10}",
         "test (full ranking)", "recall@10", "ndcg@10", "recall@50"

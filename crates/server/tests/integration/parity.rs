@@ -17,7 +17,7 @@ async fn the_served_user_vector_equals_the_one_eval_computes_for_the_same_exampl
     let loaded = towers::LoadedModel::load(&f.model, Device::Cpu).unwrap();
     let data = towers::dataset::Dataset::open(&f.data).unwrap();
     let test = data.examples(Split::Test, &loaded.info.tower).unwrap();
-    let catalog_vecs = trainer::eval::catalog_vectors(&loaded.model, &data.catalog, 256);
+    let catalog_vecs = trainer::ranking::catalog_vectors(&loaded.model, &data.catalog, 256);
     let index = indexer::IndexVersion::open_current(shared_index()).unwrap();
     // The store keeps `history_len + history_slack` events per user: a past time is exact when
     // at most `history_slack` of the user's events are at or after it.
@@ -32,7 +32,7 @@ async fn the_served_user_vector_equals_the_one_eval_computes_for_the_same_exampl
     });
     let (mut compared, mut with_history) = (0, 0);
     for ex in reproducible.take(40) {
-        let user = trainer::eval::user_vectors(&loaded.model, &test, &[ex], &catalog_vecs);
+        let user = trainer::ranking::user_vectors(&loaded.model, &test, &[ex], &catalog_vecs);
         let user: Vec<f32> = user.to_kind(Kind::Float).view([-1]).try_into().unwrap();
         let served = s
             .client

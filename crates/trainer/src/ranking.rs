@@ -1,4 +1,4 @@
-//! Full-ranking evaluation (RecBole's `mode: full`): each target is ranked against every item in
+//! Ranking metrics by full ranking (RecBole's `mode: full`): each target is ranked against every item in
 //! the catalog that the user has not interacted with before the target.
 //!
 //! Metrics per cut-off K: `recall@K` (hit rate; one target per example), `ndcg@K`
