@@ -14,7 +14,7 @@ use crate::embed::embed_batch;
 use crate::error::{Error, Result};
 use crate::manifest::{Manifest, StageSeconds};
 use crate::publish::{publish_version, IndexPlan, PublishSettings, Staged};
-use crate::root::{new_version, IndexRoot};
+use crate::root::{new_version, IndexRoot, VersionLayout};
 use crate::version::IndexVersion;
 
 /// Inputs of `index add`.
@@ -80,7 +80,7 @@ pub fn add_items(opts: &AddOptions) -> Result<Manifest> {
     let staging = root.stage(&version)?;
     let dir = staging.path().to_path_buf();
     let start = Instant::now();
-    let mut items = TableWriter::<Item>::create(&dir.join("items.parquet"))?;
+    let mut items = TableWriter::<Item>::create(&VersionLayout(dir.clone()).items())?;
     for batch in TableReader::<Item>::open(&current.items_path())? {
         let kept: Vec<Item> = batch?
             .into_iter()

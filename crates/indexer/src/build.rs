@@ -15,7 +15,7 @@ use crate::embed::{embed_items, Shard};
 use crate::error::{Error, Result};
 use crate::manifest::{Manifest, ModelRef, StageSeconds};
 use crate::publish::{publish_version, IndexPlan, PublishSettings, Staged};
-use crate::root::{new_version, IndexRoot};
+use crate::root::{new_version, IndexRoot, VersionLayout};
 
 /// Inputs of a full build.
 #[derive(Debug, Clone)]
@@ -66,7 +66,7 @@ pub fn build_index(opts: &BuildOptions, progress: &dyn Progress) -> Result<Manif
     let layout = DataLayout(opts.data.clone());
 
     let start = Instant::now();
-    let mut items = TableWriter::<Item>::create(&dir.join("items.parquet"))?;
+    let mut items = TableWriter::<Item>::create(&VersionLayout(dir.clone()).items())?;
     let embeddings = embed_items(
         &layout.items(),
         &model.model,
@@ -115,13 +115,14 @@ pub fn embed_shard(opts: &BuildOptions, progress: &dyn Progress) -> Result<Shard
     let vocabs = model.vocabularies()?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     // shard.json marks a complete shard: remove an old one before rewriting its files.
-    let marker = opts.out.join("shard.json");
+    let out = VersionLayout(opts.out.clone());
+    let marker = out.shard_info();
     if marker.exists() {
         std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
     }
     let layout = DataLayout(opts.data.clone());
     let start = Instant::now();
-    let mut items = TableWriter::<Item>::create(&opts.out.join("items.parquet"))?;
+    let mut items = TableWriter::<Item>::create(&out.items())?;
     let embeddings = embed_items(
         &layout.items(),
         &model.model,
@@ -132,7 +133,7 @@ pub fn embed_shard(opts: &BuildOptions, progress: &dyn Progress) -> Result<Shard
         progress,
     )?;
     items.finish()?;
-    embeddings.write(&opts.out.join("embeddings.parquet"))?;
+    embeddings.write(&out.embeddings())?;
     let info = ShardInfo {
         shard: shard.to_string(),
         count: embeddings.len(),
@@ -141,7 +142,7 @@ pub fn embed_shard(opts: &BuildOptions, progress: &dyn Progress) -> Result<Shard
         embed_seconds: start.elapsed().as_secs_f64(),
     };
     // shard.json last: its presence means the shard is complete.
-    features::fsutil::write_json(&opts.out.join("shard.json"), &info)?;
+    features::fsutil::write_json(&out.shard_info(), &info)?;
     Ok(info)
 }
 
@@ -169,10 +170,11 @@ pub fn merge_shards(opts: &MergeOptions, _progress: &dyn Progress) -> Result<Man
     let _lock = root.lock()?;
     let staging = root.stage(&version)?;
     let dir = staging.path().to_path_buf();
-    let mut items = TableWriter::<Item>::create(&dir.join("items.parquet"))?;
+    let mut items = TableWriter::<Item>::create(&VersionLayout(dir.clone()).items())?;
     let mut all: Option<Embeddings> = None;
     for shard_dir in &opts.shards {
-        let path = shard_dir.join("shard.json");
+        let shard_files = VersionLayout(shard_dir.clone());
+        let path = shard_files.shard_info();
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let info: ShardInfo = serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
             path: path.clone(),
@@ -195,7 +197,7 @@ pub fn merge_shards(opts: &MergeOptions, _progress: &dyn Progress) -> Result<Man
             )));
         }
         embed_seconds = embed_seconds.max(info.embed_seconds);
-        let e = Embeddings::read(&shard_dir.join("embeddings.parquet"))?;
+        let e = Embeddings::read(&shard_files.embeddings())?;
         if e.len() != info.count {
             return Err(Error::invalid(format!(
                 "{}: shard.json says {} items, embeddings.parquet holds {}: rerun this shard",
@@ -208,7 +210,7 @@ pub fn merge_shards(opts: &MergeOptions, _progress: &dyn Progress) -> Result<Man
             None => all = Some(e),
             Some(a) => a.extend(&e),
         }
-        for batch in TableReader::<Item>::open(&shard_dir.join("items.parquet"))? {
+        for batch in TableReader::<Item>::open(&shard_files.items())? {
             items.write(&batch?)?;
         }
     }

@@ -37,6 +37,6 @@ pub use error::{Error, Result};
 pub use manifest::Manifest;
 pub use publish::PublishSettings;
 pub use rerank::Searcher;
-pub use root::IndexRoot;
+pub use root::{IndexRoot, VersionLayout};
 pub use vector_index::{Hits, VectorIndex};
 pub use version::IndexVersion;

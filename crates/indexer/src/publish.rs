@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::manifest::{Manifest, ModelRef, StageSeconds, MANIFEST_FORMAT};
 use crate::quality::{self, QuerySample};
 use crate::rerank::Searcher;
-use crate::root::IndexRoot;
+use crate::root::{IndexRoot, VersionLayout};
 use crate::vector_index::VectorIndex;
 
 /// Settings shared by the jobs that publish a version.
@@ -212,9 +212,10 @@ pub fn publish_version(
     );
 
     let start = Instant::now();
-    let index_path = staged.dir.join("index.faiss");
+    let files = VersionLayout(staged.dir.clone());
+    let index_path = files.index();
     index.write(&index_path)?;
-    emb.write(&staged.dir.join("embeddings.parquet"))?;
+    emb.write(&files.embeddings())?;
     settings.checkpoint("write")?;
     staged.seconds.write = start.elapsed().as_secs_f64();
 
@@ -245,7 +246,7 @@ pub fn publish_version(
             .map_err(|e| Error::io(&index_path, e))?
             .len(),
     };
-    manifest.write(&staged.dir.join("manifest.json"))?;
+    manifest.write(&VersionLayout(staged.dir.clone()).manifest())?;
     let dir = staged.root.publish(&staged.dir, &staged.version)?;
     // Published: a failed clean-up must not turn the job into a failure.
     match staged.root.collect_garbage(settings.keep) {
@@ -286,7 +287,7 @@ fn query_sample(
 
 fn parent_manifest(staged: &Staged<'_>) -> Result<Manifest> {
     let parent = staged.parent.as_deref().unwrap_or_default();
-    Manifest::load(&staged.root.version_dir(parent).join("manifest.json"))
+    Manifest::load(&VersionLayout(staged.root.version_dir(parent)).manifest())
 }
 
 /// A uniform sample of at most 256·nlist vectors (all of them when the catalog is smaller):

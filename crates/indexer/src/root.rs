@@ -30,6 +30,33 @@ const LEASES: &str = ".leases";
 /// A lease not renewed for this long belongs to a server that is gone.
 pub const LEASE_TTL: Duration = Duration::from_secs(300);
 
+/// The files of one index version (or of one shard's output): every stage names them here.
+#[derive(Debug, Clone)]
+pub struct VersionLayout(pub PathBuf);
+
+impl VersionLayout {
+    /// `manifest.json`: what the version holds and how it was measured; written last.
+    pub fn manifest(&self) -> PathBuf {
+        self.0.join("manifest.json")
+    }
+    /// `index.faiss`: the FAISS index.
+    pub fn index(&self) -> PathBuf {
+        self.0.join("index.faiss")
+    }
+    /// `embeddings.parquet`: every item's vector, by row.
+    pub fn embeddings(&self) -> PathBuf {
+        self.0.join("embeddings.parquet")
+    }
+    /// `items.parquet`: the items, in embedding row order (titles and categories served).
+    pub fn items(&self) -> PathBuf {
+        self.0.join("items.parquet")
+    }
+    /// `shard.json`: marks a shard's output complete (sharded embedding).
+    pub fn shard_info(&self) -> PathBuf {
+        self.0.join("shard.json")
+    }
+}
+
 /// An index root directory.
 #[derive(Debug, Clone)]
 pub struct IndexRoot(PathBuf);
@@ -82,7 +109,7 @@ impl IndexRoot {
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(&self.0, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if is_version_name(&name) && entry.path().join("manifest.json").is_file() {
+            if is_version_name(&name) && VersionLayout(entry.path()).manifest().is_file() {
                 versions.push(name);
             }
         }
@@ -144,7 +171,10 @@ impl IndexRoot {
 
     /// Points `CURRENT` at an existing version (also: roll back).
     pub fn set_current(&self, version: &str) -> Result<()> {
-        if !self.version_dir(version).join("manifest.json").is_file() {
+        if !VersionLayout(self.version_dir(version))
+            .manifest()
+            .is_file()
+        {
             return Err(Error::invalid(format!(
                 "{}: no complete version `{version}`",
                 self.0.display()

@@ -8,7 +8,7 @@ use features::Embeddings;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::rerank::Searcher;
-use crate::root::IndexRoot;
+use crate::root::{IndexRoot, VersionLayout};
 use crate::vector_index::VectorIndex;
 
 /// Everything in `INDEX_ROOT/<version>/`, checked for consistency.
@@ -39,9 +39,10 @@ impl IndexVersion {
     /// Loads one version, checking that index, embeddings and manifest agree.
     pub fn open(root: &Path, version: &str) -> Result<IndexVersion> {
         let dir = IndexRoot::new(root).version_dir(version);
-        let manifest = Manifest::load(&dir.join("manifest.json"))?;
-        let index = VectorIndex::read(&dir.join("index.faiss"))?;
-        let embeddings = Embeddings::read(&dir.join("embeddings.parquet"))?;
+        let files = VersionLayout(dir.clone());
+        let manifest = Manifest::load(&files.manifest())?;
+        let index = VectorIndex::read(&files.index())?;
+        let embeddings = Embeddings::read(&files.embeddings())?;
         let bad = |reason: String| Error::BadFile {
             path: dir.clone(),
             reason,
@@ -90,6 +91,6 @@ impl IndexVersion {
 
     /// The items of this version (titles and categories the server returns).
     pub fn items_path(&self) -> PathBuf {
-        self.dir.join("items.parquet")
+        VersionLayout(self.dir.clone()).items()
     }
 }
