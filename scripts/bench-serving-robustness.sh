@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Serving under overload, a soak, and event-log restarts after many recorded events, on the
 # 1M-item index of pipelines/synthetic-1m.toml. Writes JSON reports and a summary to $OUT
-# (default /tmp/robustness). Release build first (make build-release). About 25 minutes:
+# (default /tmp/robustness). Release build first (make build-release). About 30 minutes:
 #   scripts/bench-serving-robustness.sh [WORKDIR]          # WORKDIR default /tmp/b1m (reused)
 # Environment: SOAK_S (default 600), EVENTS (total recorded events for the restart test,
 # default 10000000), SKIP_SOAK=1, SKIP_RESTART=1.
@@ -59,26 +59,10 @@ nocompact_cfg=$out/serve-nocompact.toml
 : >"$default_cfg"
 echo "max_in_flight = 1000000" >"$unlimited_cfg"
 echo "compact_log_bytes = 0" >"$nocompact_cfg"
-rm -f "$work/events.log"
-
-# --- overload ----------------------------------------------------------------------------------
-start_server "$default_cfg" "$out/serve-overload.log" >/dev/null
-bench warmup --concurrency 32 --duration 20 --recorders 0
-bench closed --concurrency 32 --duration 20 --recorders 0
-capacity=$(python3 -c "import json; print(int(json.load(open('$out/closed.json'))['qps']))")
-bench normal --rate 2000 --duration 20 --recorders 0
-bench overload-3x --rate $((3 * capacity)) --duration 20 --recorders 0
-overload_rss=$(rss_mib "$server_pid" VmHWM)
-stop_server
-start_server "$unlimited_cfg" "$out/serve-unlimited.log" >/dev/null
-bench warmup-unlimited --concurrency 32 --duration 20 --recorders 0
-bench overload-3x-unlimited --rate $((3 * capacity)) --duration 20 --recorders 0
-unlimited_rss=$(rss_mib "$server_pid" VmHWM)
-stop_server
-rm -f "$work/events.log"
 
 # --- soak: Recommend at 1,000/s and 5,000 events/s, RSS every 10 s -----------------------------
 if [ "${SKIP_SOAK:-0}" != 1 ]; then
+  rm -f "$work/events.log"
   start_server "$default_cfg" "$out/serve-soak.log" >/dev/null
   bench warmup-soak --concurrency 32 --duration 20 --recorders 0
   echo "seconds,rss_mib" >"$out/soak-rss.csv"
@@ -127,6 +111,23 @@ if [ "${SKIP_RESTART:-0}" != 1 ]; then
 EOF
   cat "$restart_json" >&2
 fi
+
+# --- overload ----------------------------------------------------------------------------------
+rm -f "$work/events.log"
+start_server "$default_cfg" "$out/serve-overload.log" >/dev/null
+bench warmup --concurrency 32 --duration 20 --recorders 0
+bench closed --concurrency 32 --duration 20 --recorders 0
+capacity=$(python3 -c "import json; print(int(json.load(open('$out/closed.json'))['qps']))")
+bench normal --rate 2000 --duration 20 --recorders 0
+bench overload-3x --rate $((3 * capacity)) --duration 20 --recorders 0
+overload_rss=$(rss_mib "$server_pid" VmHWM)
+stop_server
+start_server "$unlimited_cfg" "$out/serve-unlimited.log" >/dev/null
+bench warmup-unlimited --concurrency 32 --duration 20 --recorders 0
+bench overload-3x-unlimited --rate $((3 * capacity)) --duration 20 --recorders 0
+unlimited_rss=$(rss_mib "$server_pid" VmHWM)
+stop_server
+rm -f "$work/events.log"
 
 python3 - "$out" "$overload_rss" "$unlimited_rss" <<'EOF' | tee "$out/summary.md"
 import csv, json, os, sys

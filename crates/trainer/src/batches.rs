@@ -62,6 +62,13 @@ pub struct BatchSource {
 }
 
 impl BatchSource {
+    /// Batches in one epoch: a last batch of one example is dropped (a softmax over one
+    /// candidate teaches nothing).
+    pub fn batches_per_epoch(&self) -> usize {
+        let n = self.train.len();
+        (n / self.batch_size + usize::from(n % self.batch_size >= 2)).max(1)
+    }
+
     /// Batches of one epoch in a seeded random order, produced on a background thread with a
     /// small queue (prefetch). The last batch is dropped if it has fewer than 2 examples.
     pub fn epoch(self: &Arc<Self>, seed: u64, epoch: usize) -> (Receiver<HostBatch>, usize) {

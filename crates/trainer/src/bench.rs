@@ -8,13 +8,12 @@ use std::time::Instant;
 use features::splits::Split;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
-use towers::{TowerConfig, TwoTower};
+use towers::TowerConfig;
 
-use crate::batches::{BatchSource, TargetFrequency};
+use crate::session::Session;
+
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
-use crate::loss::{in_batch_softmax_loss, DeviceBatch};
-use crate::optim::AdamW;
 use towers::dataset::Dataset;
 
 /// The JSON report of `twotower bench train`.
@@ -113,39 +112,17 @@ pub fn bench_train(
             train.len()
         )));
     }
-    tch::manual_seed(cfg.seed as i64);
-    let model = TwoTower::new(cfg.tower.clone(), device)?;
-    let mut opt = AdamW::new(&model.vs, cfg.weight_decay);
-    let source = Arc::new(BatchSource {
-        train: Arc::clone(&train),
-        catalog: Arc::clone(&data.catalog),
-        freq: Arc::new(TargetFrequency::new(&train, data.catalog.len())),
-        negative_pool: Arc::new(data.warm_rows()),
-        tower: cfg.tower.clone(),
-        batch_size: cfg.batch_size,
-        extra_negatives: cfg.extra_negatives,
-        logq: cfg.logq_correction,
-    });
+    let mut session = Session::open(&data, Arc::clone(&train), cfg.clone(), device)?;
     let (mut timed, mut examples, mut unique, mut history) = (0usize, 0usize, 0.0, 0.0);
     let mut start = Instant::now();
     let mut epoch = 0;
     let last = Tensor::zeros([], (Kind::Float, device));
     'outer: loop {
-        let (batches, _) = source.epoch(cfg.seed, epoch);
+        let (batches, _) = session.source.epoch(cfg.seed, epoch);
         epoch += 1;
         for host in batches {
-            let batch = DeviceBatch::new(&host, device);
-            opt.zero_grad();
-            let loss = if cfg.mixed_precision && device.is_cuda() {
-                tch::autocast(true, || {
-                    in_batch_softmax_loss(&model, &batch, cfg.remove_accidental_hits)
-                })
-            } else {
-                in_batch_softmax_loss(&model, &batch, cfg.remove_accidental_hits)
-            };
-            loss.backward();
-            opt.step(cfg.lr, cfg.grad_clip);
-            tch::no_grad(|| last.shallow_clone().copy_(&loss.detach()));
+            let (loss, batch) = session.step(&host, cfg.lr);
+            tch::no_grad(|| last.shallow_clone().copy_(&loss));
             timed += 1;
             if timed == warmup {
                 let _ = last.double_value(&[]);

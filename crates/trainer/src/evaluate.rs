@@ -5,13 +5,43 @@ use std::path::Path;
 
 use features::splits::Split;
 use serde_json::{json, Value};
-use tch::Device;
+use tch::{Device, Tensor};
 
 use crate::baselines::Baselines;
 use crate::error::Result;
-use crate::ranking::{self, EvalInputs};
+use crate::ranking::{self, EvalInputs, SplitMetrics};
 use towers::artifact::LoadedModel;
-use towers::dataset::{Dataset, SeenItems};
+use towers::dataset::{Dataset, ExampleSet, SeenItems};
+use towers::TwoTower;
+
+/// One split's metrics for the model and the three baselines, on the same examples with the same
+/// masking: what `train` reports for the test split and `eval` for any split. Also returns the
+/// catalog's item vectors, which callers reuse.
+#[allow(clippy::too_many_arguments)]
+pub fn split_report(
+    model: &TwoTower,
+    data: &Dataset,
+    train: &ExampleSet,
+    seen: &SeenItems,
+    split: Split,
+    ks: &[usize],
+    batch: usize,
+    device: Device,
+) -> Result<(SplitMetrics, Tensor)> {
+    let set = data.examples(split, &model.config)?;
+    let full_history = data.examples_with_history(split, usize::MAX)?;
+    let vecs = ranking::catalog_vectors(model, &data.catalog, batch);
+    let baselines = Baselines::fit(data, train, device)?;
+    let inputs = EvalInputs {
+        set: &set,
+        full_history: &full_history,
+        seen,
+        catalog: &data.catalog,
+    };
+    let split_cfg = &data.info.settings.split;
+    let metrics = ranking::split_metrics(model, &vecs, &baselines, &inputs, split_cfg, ks, batch);
+    Ok((metrics, vecs))
+}
 
 /// Evaluates `model_dir` on `split` of `data_dir` at cut-offs `ks`.
 pub fn evaluate_model(
@@ -28,21 +58,9 @@ pub fn evaluate_model(
     let batch = serde_json::from_value::<crate::TrainConfig>(loaded.info.train.clone())
         .map(|t| t.eval_batch_size)
         .unwrap_or_else(|_| crate::TrainConfig::default().eval_batch_size);
-    let set = data.examples(split, &model.config)?;
-    let full_history = data.examples_with_history(split, usize::MAX)?;
     let train = data.examples(Split::Train, &model.config)?;
     let seen = SeenItems::load(&data.layout().events(), &data.catalog)?;
-    let catalog = &data.catalog;
-    let vecs = ranking::catalog_vectors(model, catalog, batch);
-    let baselines = Baselines::fit(&data, &train, device)?;
-    let inputs = EvalInputs {
-        set: &set,
-        full_history: &full_history,
-        seen: &seen,
-        catalog,
-    };
-    let split_cfg = &data.info.settings.split;
-    let m = ranking::split_metrics(model, &vecs, &baselines, &inputs, split_cfg, ks, batch);
+    let (m, _) = split_report(model, &data, &train, &seen, split, ks, batch, device)?;
     let mut out = json!({
         split.as_str(): m.model,
         "baseline_popularity": m.popularity,

@@ -18,6 +18,7 @@ pub mod loss;
 pub mod optim;
 pub mod plot;
 pub mod ranking;
+pub mod session;
 pub mod train;
 
 pub use config::TrainConfig;

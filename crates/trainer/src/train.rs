@@ -12,13 +12,11 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 use towers::TwoTower;
 
-use crate::baselines::Baselines;
-use crate::batches::{BatchSource, TargetFrequency};
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
-use crate::loss::{in_batch_softmax_loss, DeviceBatch};
-use crate::optim::{learning_rate, AdamW};
-use crate::ranking::{self, EvalInputs, Metrics, Scorer, DEFAULT_KS};
+use crate::optim::AdamW;
+use crate::ranking::{self, Metrics, Scorer, DEFAULT_KS};
+use crate::session::Session;
 use towers::artifact::{short, write_json, ModelInfo, ModelLayout, MODEL_FORMAT};
 use towers::dataset::{Dataset, SeenItems};
 
@@ -100,19 +98,10 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
     let valid_set = data.examples(Split::Valid, &cfg.tower)?;
     let seen = SeenItems::load(&data.layout().events(), &data.catalog)?;
     progress.finish();
-    if train_set.len() < 2 {
-        return Err(Error::Mismatch(format!(
-            "{}: {} training examples; at least 2 are needed",
-            data.layout().split(Split::Train).display(),
-            train_set.len()
-        )));
-    }
 
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let layout = ModelLayout(opts.out.clone());
-    tch::manual_seed(cfg.seed as i64);
-    let mut model = TwoTower::new(cfg.tower.clone(), opts.device)?;
-    let mut opt = AdamW::new(&model.vs, cfg.weight_decay);
+    let mut session = Session::open(&data, Arc::clone(&train_set), cfg.clone(), opts.device)?;
     let mut state = RunState {
         epochs_done: 0,
         best_epoch: 0,
@@ -121,7 +110,7 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         config: cfg.clone(),
     };
     if opts.resume {
-        match load_checkpoint(&layout, &mut model, &mut opt)? {
+        match load_checkpoint(&layout, &mut session.model, &mut session.opt)? {
             Some(saved) => {
                 if !same_run(&saved.config, &cfg) {
                     return Err(Error::Mismatch(format!(
@@ -139,26 +128,10 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
             ),
         }
     }
-
     let catalog = Arc::clone(&data.catalog);
-    let freq = Arc::new(TargetFrequency::new(&train_set, catalog.len()));
-    let source = Arc::new(BatchSource {
-        train: Arc::clone(&train_set),
-        catalog: Arc::clone(&catalog),
-        freq,
-        negative_pool: Arc::new(data.warm_rows()),
-        tower: cfg.tower.clone(),
-        batch_size: cfg.batch_size,
-        extra_negatives: cfg.extra_negatives,
-        logq: cfg.logq_correction,
-    });
-    // Batches per epoch, as `BatchSource::epoch` makes them (a last batch of one is dropped).
-    let full = train_set.len() / cfg.batch_size;
-    let steps_per_epoch = (full + usize::from(train_set.len() % cfg.batch_size >= 2)).max(1) as u64;
-    let total_steps = steps_per_epoch * cfg.epochs as u64;
     tracing::info!(
         device = %towers::device_name(opts.device),
-        parameters = model.parameter_count(),
+        parameters = session.model.parameter_count(),
         train_examples = train_set.len(),
         items = catalog.len(),
         "training"
@@ -181,7 +154,7 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         }
         tch::manual_seed((cfg.seed as i64).wrapping_add(1 + epoch as i64));
         let epoch_start = Instant::now();
-        let (batches, n_batches) = source.epoch(cfg.seed, epoch);
+        let (batches, n_batches) = session.source.epoch(cfg.seed, epoch);
         progress.start(
             &format!("epoch {}/{}", epoch + 1, cfg.epochs),
             Some((n_batches * cfg.batch_size).min(train_set.len()) as u64),
@@ -190,25 +163,9 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         let (mut examples, mut steps) = (0usize, 0u64);
         let mut lr = cfg.lr;
         for host in batches {
-            let batch = DeviceBatch::new(&host, opts.device);
-            lr = learning_rate(
-                opt.step,
-                cfg.warmup_steps as u64,
-                total_steps,
-                cfg.lr,
-                cfg.final_lr_ratio,
-            );
-            opt.zero_grad();
-            let loss = if cfg.mixed_precision && opts.device.is_cuda() {
-                tch::autocast(true, || {
-                    in_batch_softmax_loss(&model, &batch, cfg.remove_accidental_hits)
-                })
-            } else {
-                in_batch_softmax_loss(&model, &batch, cfg.remove_accidental_hits)
-            };
-            loss.backward();
-            opt.step(lr, cfg.grad_clip);
-            let _ = tch::no_grad(|| loss_sum.shallow_clone().g_add_(&loss.detach()));
+            lr = session.lr();
+            let (loss, _) = session.step(&host, lr);
+            let _ = tch::no_grad(|| loss_sum.shallow_clone().g_add_(&loss));
             examples += host.size;
             steps += 1;
             progress.advance(host.size as u64);
@@ -229,12 +186,18 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
                 epoch + 1
             )));
         }
-        let valid = evaluate_split(&model, &valid_set, &seen, &catalog, cfg.eval_batch_size);
+        let valid = evaluate_split(
+            &session.model,
+            &valid_set,
+            &seen,
+            &catalog,
+            cfg.eval_batch_size,
+        );
         let log = EpochLog {
             epoch: epoch + 1,
             train_loss,
             lr,
-            temperature: model.temperature().double_value(&[]),
+            temperature: session.model.temperature().double_value(&[]),
             examples_per_sec: examples as f64 / seconds,
             seconds,
             valid,
@@ -259,10 +222,11 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         }
         state.log.push(log);
         state.epochs_done = epoch + 1;
-        save_checkpoint(&layout, &model, &opt, &state, improved)?;
+        save_checkpoint(&layout, &session.model, &session.opt, &state, improved)?;
     }
 
     // Restore the best epoch's weights.
+    let mut model = session.model;
     let best = layout.checkpoint().join("best.safetensors");
     model.vs.load(&best).map_err(|e| Error::BadFile {
         path: best.clone(),
@@ -270,27 +234,17 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
     })?;
 
     progress.start("evaluating", None);
-    let test_set = data.examples(Split::Test, &cfg.tower)?;
-    let full_history = data.examples_with_history(Split::Test, usize::MAX)?;
-    let catalog_vecs = ranking::catalog_vectors(&model, &catalog, cfg.eval_batch_size);
-    let baselines = Baselines::fit(&data, &train_set, opts.device)?;
-    let split = &data.info.settings.split;
-    let batch = cfg.eval_batch_size;
-    let inputs = EvalInputs {
-        set: &test_set,
-        full_history: &full_history,
-        seen: &seen,
-        catalog: &catalog,
-    };
-    let on_test = ranking::split_metrics(
+    let (on_test, catalog_vecs) = crate::evaluate::split_report(
         &model,
-        &catalog_vecs,
-        &baselines,
-        &inputs,
-        split,
+        &data,
+        &train_set,
+        &seen,
+        Split::Test,
         &DEFAULT_KS,
-        batch,
-    );
+        cfg.eval_batch_size,
+        opts.device,
+    )?;
+    let batch = cfg.eval_batch_size;
     let scorer = Scorer::Model {
         model: &model,
         catalog_vecs: &catalog_vecs,
