@@ -10,6 +10,7 @@
 pub mod embeddings;
 pub mod error;
 pub mod fsutil;
+pub mod layout;
 pub mod prepare;
 pub mod progress;
 pub mod raw;
@@ -23,6 +24,7 @@ pub mod tokenizer;
 
 pub use embeddings::Embeddings;
 pub use error::{Error, Result};
+pub use layout::{DataLayout, DatasetInfo, PrepareConfig};
 pub use progress::{NoProgress, Progress};
 pub use raw::RawData;
 pub use records::{Event, EventType, Example, HistoryEvent, Item, User};

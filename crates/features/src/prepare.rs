@@ -11,101 +11,15 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
+pub use crate::layout::{Counts, DataLayout, DatasetInfo, PrepareConfig, Provenance};
 use crate::progress::Progress;
 use crate::raw::RawData;
 use crate::records::{Event, EventType, Example, Item, User};
 use crate::sources::BadRows;
 use crate::splits::{self, Split, SplitConfig, SplitStrategy};
 use crate::table::{TableWriter, ROW_GROUP_ROWS};
-use crate::tokenizer::{words, Counter, VocabConfig, Vocabularies};
-
-/// Settings of `prepare` that shape the output, recorded in `dataset.json`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct PrepareConfig {
-    pub split: SplitConfig,
-    pub vocab: VocabConfig,
-}
-
-/// Where the raw data came from, for `dataset.json` and for error messages.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Provenance {
-    /// Dataset name (`ml-100k`, `synthetic`, `files`, ...).
-    pub source: String,
-    /// What was read: packages and versions, file paths, or generator settings.
-    pub detail: String,
-    /// Label of the items input in errors (a file path for user files).
-    pub items_label: PathBuf,
-    /// Label of the events input in errors.
-    pub events_label: PathBuf,
-}
-
-/// Row counts of a prepared dataset.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Counts {
-    pub items: u64,
-    pub users: u64,
-    pub events: u64,
-    pub train: u64,
-    pub valid: u64,
-    pub test: u64,
-    /// Catalog items in the held-out cold set.
-    pub cold_items: u64,
-    /// Validation and test examples whose target is a cold item.
-    pub cold_targets: u64,
-    /// Bad event rows skipped with `--on-bad-rows skip`.
-    pub skipped_rows: u64,
-}
-
-/// `dataset.json`: the description of a prepared dataset that later stages check.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DatasetInfo {
-    pub schema_version: String,
-    pub provenance: Provenance,
-    pub counts: Counts,
-    pub min_ts_ms: i64,
-    pub max_ts_ms: i64,
-    pub settings: PrepareConfig,
-    /// Checksum of `vocab/`; model and index manifests record it.
-    pub vocab_checksum: String,
-    /// Seconds the whole preparation took.
-    pub prepare_seconds: f64,
-}
-
-impl DatasetInfo {
-    /// Reads `DATA_DIR/dataset.json`.
-    pub fn load(data_dir: &Path) -> Result<DatasetInfo> {
-        crate::tokenizer::read_json(&data_dir.join("dataset.json"))
-    }
-}
-
-/// Paths inside a prepared dataset directory.
-pub struct DataLayout(pub PathBuf);
-
-impl DataLayout {
-    pub fn items(&self) -> PathBuf {
-        self.0.join("items.parquet")
-    }
-    pub fn users(&self) -> PathBuf {
-        self.0.join("users.parquet")
-    }
-    pub fn events(&self) -> PathBuf {
-        self.0.join("events.parquet")
-    }
-    pub fn split(&self, split: Split) -> PathBuf {
-        self.0
-            .join("splits")
-            .join(format!("{}.parquet", split.as_str()))
-    }
-    pub fn vocab(&self) -> PathBuf {
-        self.0.join("vocab")
-    }
-    pub fn info(&self) -> PathBuf {
-        self.0.join("dataset.json")
-    }
-}
+use crate::tokenizer::{words, Counter, Vocabularies};
 
 /// Prepares a dataset held in memory (every source but the synthetic generator).
 pub fn prepare_raw(
@@ -116,6 +30,7 @@ pub fn prepare_raw(
     on_bad_rows: BadRows,
     progress: &dyn Progress,
 ) -> Result<DatasetInfo> {
+    cfg.validate()?;
     let started = std::time::Instant::now();
     let RawData {
         items,
@@ -188,6 +103,7 @@ where
     I: Iterator<Item = Item>,
     U: Iterator<Item = (User, Vec<Event>)>,
 {
+    cfg.validate()?;
     let started = std::time::Instant::now();
     match cfg.split.strategy {
         SplitStrategy::Time {

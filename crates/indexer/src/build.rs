@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use features::prepare::{DataLayout, DatasetInfo};
+use features::layout::{DataLayout, DatasetInfo};
 use features::splits::Split;
 use features::{Embeddings, Item, Progress, TableReader, TableWriter};
 use serde::{Deserialize, Serialize};

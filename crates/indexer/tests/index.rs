@@ -84,7 +84,7 @@ fn search_returns_catalog_items_agrees_with_exact_and_survives_read_back() {
     let (_, data, model) = fixture();
     let loaded = towers::LoadedModel::load(model, Device::Cpu).unwrap();
     let vocabs = loaded.vocabularies().unwrap();
-    let valid = features::prepare::DataLayout(data.clone()).split(features::splits::Split::Valid);
+    let valid = features::layout::DataLayout(data.clone()).split(features::splits::Split::Valid);
     let users = user_queries(&loaded.model, &vocabs, &valid, &v.embeddings, &v.row_of, 50)
         .unwrap()
         .unwrap();

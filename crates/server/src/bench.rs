@@ -85,7 +85,7 @@ fn load_pool(dir: Option<&PathBuf>) -> Result<Pool> {
             items: Vec::new(),
         });
     };
-    let layout = features::prepare::DataLayout(dir.clone());
+    let layout = features::layout::DataLayout(dir.clone());
     let (mut users, mut items) = (BTreeSet::new(), BTreeSet::new());
     for batch in features::TableReader::<features::Event>::open(&layout.events())? {
         for e in batch? {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use features::prepare::DataLayout;
+use features::layout::DataLayout;
 use features::{Event, TableReader, User};
 
 use crate::error::Result;

@@ -122,7 +122,7 @@ struct Loaded {
 fn load(opts: &ServeOptions) -> Result<Loaded> {
     let cfg = &opts.config;
     let model = ModelSlot::load(&opts.model_dir, cfg.encoder_workers, opts.device)?;
-    let data = features::prepare::DatasetInfo::load(&opts.data_dir)?;
+    let data = features::layout::DatasetInfo::load(&opts.data_dir)?;
     if data.vocab_checksum != model.info.vocab_checksum {
         return Err(Error::Mismatch(format!(
             "{} was prepared with vocabulary {}, but the model uses {}; serve the data the model was trained on",

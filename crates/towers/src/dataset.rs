@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::inputs::RawEvent;
 use crate::{EventInput, TowerConfig, UserInput, VocabSizes};
-use features::prepare::{DataLayout, DatasetInfo};
+use features::layout::{DataLayout, DatasetInfo};
 use features::splits::Split;
 use features::{Event, Example, Item, ItemTokens, TableReader, Vocabularies};
 

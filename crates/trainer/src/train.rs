@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use features::prepare::DataLayout;
+use features::layout::DataLayout;
 use features::splits::Split;
 use features::Progress;
 use serde::{Deserialize, Serialize};

@@ -119,7 +119,7 @@ pub fn run(args: RecommendArgs) -> anyhow::Result<()> {
 
 /// Titles of the user's `n` most recent item events in DATA_DIR, most recent first.
 fn recent_titles(data: &std::path::Path, user: u64, n: usize) -> anyhow::Result<Vec<String>> {
-    let layout = features::prepare::DataLayout(data.to_path_buf());
+    let layout = features::layout::DataLayout(data.to_path_buf());
     let mut events: Vec<features::Event> = Vec::new();
     for batch in features::TableReader::<features::Event>::open(&layout.events())? {
         events.extend(
@@ -128,7 +128,7 @@ fn recent_titles(data: &std::path::Path, user: u64, n: usize) -> anyhow::Result<
                 .filter(|e| e.user_id == user && e.item_id.is_some()),
         );
     }
-    let ties = features::prepare::DatasetInfo::load(data)?
+    let ties = features::layout::DatasetInfo::load(data)?
         .settings
         .split
         .ties;
