@@ -25,17 +25,18 @@ fi
 data=$work/w/data model=$work/w/model index=$work/w/index
 
 server_pid=""
-start_server() { # CONFIG_FILE LOG_FILE -> sets server_pid; prints seconds to SERVING
+ready_s=""
+start_server() { # CONFIG_FILE LOG_FILE -> sets server_pid, and ready_s (seconds to SERVING)
   local config=$1 log=$2 t0
   t0=$(date +%s.%N)
   "$bin" serve --model "$model" --index "$index" --data "$data" --addr "$addr" \
-    --metrics-addr "$metrics" --event-log "$work/events.log" --config "$config" 2>"$log" &
+    --metrics-addr "$metrics" --event-log "$work/events.log" --config "$config" >/dev/null 2>"$log" &
   server_pid=$!
   until "$bin" health --addr "http://$addr" >/dev/null 2>&1; do
     kill -0 "$server_pid" 2>/dev/null || { say "server died: $(tail -3 "$log")"; exit 1; }
     sleep 0.1
   done
-  python3 -c "import time; print(round(time.time() - $t0, 2))"
+  ready_s=$(python3 -c "import time; print(round(time.time() - $t0, 2))")
 }
 stop_server() {
   kill -TERM "$server_pid" 2>/dev/null || true
@@ -63,7 +64,7 @@ echo "compact_log_bytes = 0" >"$nocompact_cfg"
 # --- soak: Recommend at 1,000/s and 5,000 events/s, RSS every 10 s -----------------------------
 if [ "${SKIP_SOAK:-0}" != 1 ]; then
   rm -f "$work/events.log"
-  start_server "$default_cfg" "$out/serve-soak.log" >/dev/null
+  start_server "$default_cfg" "$out/serve-soak.log"
   bench warmup-soak --concurrency 32 --duration 20 --recorders 0
   echo "seconds,rss_mib" >"$out/soak-rss.csv"
   bench soak --rate 1000 --duration "$soak_s" --recorders 2 --record-batch 100 --record-rate 5000 &
@@ -82,10 +83,10 @@ fi
 restart_json=$out/restart.json
 if [ "${SKIP_RESTART:-0}" != 1 ]; then
   rm -f "$work/events.log"
-  start_server "$nocompact_cfg" "$out/serve-fill.log" >/dev/null
+  start_server "$nocompact_cfg" "$out/serve-fill.log"
   recorded=0
   while [ "$recorded" -lt "$events_total" ]; do
-    "$bin" bench serve --addr "http://$addr" --users-from "$data" --rate 1 --duration 30 \
+    "$bin" bench serve --addr "http://$addr" --users-from "$data" --rate 1 --duration 15 \
       --recorders 4 --record-batch 1000 --out "$out/fill.json" >/dev/null
     recorded=$((recorded + $(python3 -c "import json; print(json.load(open('$out/fill.json'))['events_recorded'])")))
     say "recorded $recorded events"
@@ -93,14 +94,17 @@ if [ "${SKIP_RESTART:-0}" != 1 ]; then
   stop_server
   log_bytes=$(stat -c %s "$work/events.log")
   cp "$work/events.log" "$work/events.full.log"
-  s_full=$(start_server "$nocompact_cfg" "$out/serve-restart-full.log")
+  start_server "$nocompact_cfg" "$out/serve-restart-full.log"
+  s_full=$ready_s
   rss_full=$(rss_mib "$server_pid" VmHWM)
   stop_server
-  s_compacting=$(start_server "$default_cfg" "$out/serve-restart-compacting.log")
+  start_server "$default_cfg" "$out/serve-restart-compacting.log"
+  s_compacting=$ready_s
   rss_compacting=$(rss_mib "$server_pid" VmHWM)
   stop_server
   compacted_bytes=$(stat -c %s "$work/events.log")
-  s_compacted=$(start_server "$default_cfg" "$out/serve-restart-compacted.log")
+  start_server "$default_cfg" "$out/serve-restart-compacted.log"
+  s_compacted=$ready_s
   rss_compacted=$(rss_mib "$server_pid" VmHWM)
   stop_server
   cat >"$restart_json" <<EOF
@@ -114,7 +118,7 @@ fi
 
 # --- overload ----------------------------------------------------------------------------------
 rm -f "$work/events.log"
-start_server "$default_cfg" "$out/serve-overload.log" >/dev/null
+start_server "$default_cfg" "$out/serve-overload.log"
 bench warmup --concurrency 32 --duration 20 --recorders 0
 bench closed --concurrency 32 --duration 20 --recorders 0
 capacity=$(python3 -c "import json; print(int(json.load(open('$out/closed.json'))['qps']))")
@@ -122,7 +126,7 @@ bench normal --rate 2000 --duration 20 --recorders 0
 bench overload-3x --rate $((3 * capacity)) --duration 20 --recorders 0
 overload_rss=$(rss_mib "$server_pid" VmHWM)
 stop_server
-start_server "$unlimited_cfg" "$out/serve-unlimited.log" >/dev/null
+start_server "$unlimited_cfg" "$out/serve-unlimited.log"
 bench warmup-unlimited --concurrency 32 --duration 20 --recorders 0
 bench overload-3x-unlimited --rate $((3 * capacity)) --duration 20 --recorders 0
 unlimited_rss=$(rss_mib "$server_pid" VmHWM)

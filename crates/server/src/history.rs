@@ -125,6 +125,11 @@ impl HistoryStore {
     /// Adds one event. Events may arrive out of time order; each lands in its canonical place
     /// (after the events it ties with under [`TieOrder::Source`]: arrival order).
     pub fn record(&self, user_id: u64, event: StoredEvent) {
+        self.with_user(user_id, |user| self.record_into(user, event));
+    }
+
+    /// Runs `f` on a user's state under its shard's write lock, creating (and counting) it.
+    fn with_user<R>(&self, user_id: u64, f: impl FnOnce(&mut UserState) -> R) -> R {
         let mut shard = self
             .shard(user_id)
             .write()
@@ -133,6 +138,10 @@ impl HistoryStore {
             self.users.fetch_add(1, Ordering::Relaxed);
             UserState::default()
         });
+        f(user)
+    }
+
+    fn record_into(&self, user: &mut UserState, event: StoredEvent) {
         if let Some(item) = event.item_id {
             if !user.seen.contains(&item) {
                 Arc::make_mut(&mut user.seen).insert(item);
@@ -157,16 +166,9 @@ impl HistoryStore {
 
     /// Adds items to a user's seen set without events (state restored by a compacted log).
     pub fn add_seen(&self, user_id: u64, items: &[u64]) {
-        let mut shard = self
-            .shard(user_id)
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        let user = shard.entry(user_id).or_insert_with(|| {
-            self.users.fetch_add(1, Ordering::Relaxed);
-            UserState::default()
+        self.with_user(user_id, |user| {
+            Arc::make_mut(&mut user.seen).extend(items.iter().copied())
         });
-        let seen = Arc::make_mut(&mut user.seen);
-        seen.extend(items.iter().copied());
     }
 
     /// Calls `f` with every user's kept events (oldest first) and seen items, one shard at a
@@ -182,17 +184,7 @@ impl HistoryStore {
 
     /// Sets a user's profile features.
     pub fn set_features(&self, user_id: u64, features: Vec<String>) {
-        let mut shard = self
-            .shard(user_id)
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        shard
-            .entry(user_id)
-            .or_insert_with(|| {
-                self.users.fetch_add(1, Ordering::Relaxed);
-                UserState::default()
-            })
-            .features = features.into();
+        self.with_user(user_id, |user| user.features = features.into());
     }
 
     /// The user's stored events strictly before `before_ms`, seen items and features.

@@ -159,8 +159,14 @@ fn load(opts: &ServeOptions) -> Result<Loaded> {
             }
         }
     })?;
+    // Compact before serving when the log is large and mostly events a compaction would drop
+    // (more than twice what it keeps); a freshly compacted log is left alone.
     let compaction = compact_settings(&store, &opts.config);
-    if opts.config.compact_log_bytes > 0 && log.len() > opts.config.compact_log_bytes {
+    let kept_at_most = (store.user_count() * compaction.keep) as u64;
+    if opts.config.compact_log_bytes > 0
+        && log.len() > opts.config.compact_log_bytes
+        && replay.events > 2 * kept_at_most
+    {
         compact::compact(log.path(), log.len(), &compaction)?.swap_into(&mut log)?;
     }
     tracing::info!(

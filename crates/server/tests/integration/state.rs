@@ -164,13 +164,7 @@ async fn concurrent_records_are_all_durable_and_metrics_report_them() {
     let state = s.state;
     s.running.stop().await.unwrap();
     // Every acknowledged event is in the log.
-    let mut replayed = 0;
-    server::eventlog::EventLog::open(&state.path().join("events.log"), &mut |r| {
-        if let server::logrecord::Record::Batch { events, .. } = r {
-            replayed += events.len()
-        }
-    })
-    .unwrap();
+    let replayed = replayed_events(&state.path().join("events.log"));
     assert_eq!(replayed, 160);
 }
 
@@ -248,13 +242,7 @@ async fn a_retried_record_events_batch_is_recorded_once_even_after_a_restart() {
     );
     let state = s.state;
     s.running.stop().await.unwrap();
-    let mut replayed = 0;
-    server::eventlog::EventLog::open(&state.path().join("events.log"), &mut |r| {
-        if let server::logrecord::Record::Batch { events, .. } = r {
-            replayed += events.len()
-        }
-    })
-    .unwrap();
+    let replayed = replayed_events(&state.path().join("events.log"));
     assert_eq!(replayed, 4);
 }
 
@@ -294,4 +282,16 @@ async fn record_events_for_users_beyond_max_users_are_refused_and_unknown_items_
         "{metrics}"
     );
     s.running.stop().await.unwrap();
+}
+
+/// Events in the batch records of an event log (what a restart replays).
+fn replayed_events(log: &std::path::Path) -> usize {
+    let mut replayed = 0;
+    server::eventlog::EventLog::open(log, &mut |r| {
+        if let server::logrecord::Record::Batch { events, .. } = r {
+            replayed += events.len()
+        }
+    })
+    .unwrap();
+    replayed
 }
