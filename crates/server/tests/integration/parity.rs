@@ -8,12 +8,17 @@ use features::splits::Split;
 use server::proto::{Context, Filter, RecommendRequest};
 use tch::{Device, Kind};
 
-use crate::fixture::{fixture, shared_index, start};
+use crate::fixture::{fixture, options, shared_index, start_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_served_user_vector_equals_the_one_eval_computes_for_the_same_example() {
     let f = fixture();
-    let mut s = start().await;
+    // A slack of newer events per user, so that windows at the examples' (past) times are whole.
+    let state = tempfile::tempdir().unwrap();
+    let mut opts = options(state.path());
+    opts.config.history_slack = 16;
+    let slack = opts.config.history_slack;
+    let mut s = start_with(opts, state).await;
     let loaded = towers::LoadedModel::load(&f.model, Device::Cpu).unwrap();
     let data = towers::dataset::Dataset::open(&f.data).unwrap();
     let test = data.examples(Split::Test, &loaded.info.tower).unwrap();
@@ -21,7 +26,6 @@ async fn the_served_user_vector_equals_the_one_eval_computes_for_the_same_exampl
     let index = indexer::IndexVersion::open_current(shared_index()).unwrap();
     // The store keeps `history_len + history_slack` events per user: a past time is exact when
     // at most `history_slack` of the user's events are at or after it.
-    let slack = server::ServeConfig::default().history_slack;
     let reproducible = test.examples.iter().filter(|ex| {
         let later = f
             .events
