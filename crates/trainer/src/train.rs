@@ -281,7 +281,15 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
             train_examples: train_set.len(),
         },
     };
-    write_artifacts(&layout, &data, &cfg, &model, &state, &report, opts.device)?;
+    let artifacts = Artifacts {
+        data: &data,
+        cfg: &cfg,
+        model: &model,
+        state: &state,
+        report: &report,
+        device: opts.device,
+    };
+    write_artifacts(&layout, &artifacts)?;
     Ok(report)
 }
 
@@ -380,22 +388,24 @@ fn load_checkpoint(
     Ok(Some(state))
 }
 
-fn write_artifacts(
-    layout: &ModelLayout,
-    data: &Dataset,
-    cfg: &TrainConfig,
-    model: &TwoTower,
-    state: &RunState,
-    report: &TrainReport,
+/// What a finished run writes into its model directory.
+struct Artifacts<'a> {
+    data: &'a Dataset,
+    cfg: &'a TrainConfig,
+    model: &'a TwoTower,
+    state: &'a RunState,
+    report: &'a TrainReport,
     device: Device,
-) -> Result<()> {
+}
+
+fn write_artifacts(layout: &ModelLayout, a: &Artifacts<'_>) -> Result<()> {
     // Everything is written to a staging directory beside MODEL_DIR and swapped in at once: a
     // server or an indexing job reading MODEL_DIR meanwhile sees the old model or the new one,
     // never new weights beside an old model.json. The checkpoint (for --resume) moves along.
     let staged = ModelLayout(features::fsutil::hidden_sibling(&layout.0, "staging"));
     let _ = std::fs::remove_dir_all(&staged.0);
     std::fs::create_dir_all(&staged.0).map_err(|e| Error::io(&staged.0, e))?;
-    let result = write_model_dir(&staged, data, cfg, model, state, report, device).and_then(|()| {
+    let result = write_model_dir(&staged, a).and_then(|()| {
         if layout.checkpoint().exists() {
             std::fs::rename(layout.checkpoint(), staged.checkpoint())
                 .map_err(|e| Error::io(staged.checkpoint(), e))?;
@@ -412,15 +422,15 @@ fn write_artifacts(
 }
 
 /// Writes a complete model directory: weights, `model.json`, metrics, log, curves, vocabularies.
-fn write_model_dir(
-    layout: &ModelLayout,
-    data: &Dataset,
-    cfg: &TrainConfig,
-    model: &TwoTower,
-    state: &RunState,
-    report: &TrainReport,
-    device: Device,
-) -> Result<()> {
+fn write_model_dir(layout: &ModelLayout, a: &Artifacts<'_>) -> Result<()> {
+    let Artifacts {
+        data,
+        cfg,
+        model,
+        state,
+        report,
+        device,
+    } = *a;
     model.save(&layout.weights())?;
     let weights_sha256 = features::fsutil::sha256_file(&layout.weights())?;
     let info = ModelInfo {
