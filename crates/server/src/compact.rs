@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::eventlog::{self, EventLog, HEADER, MAGIC};
 use crate::history::{HistoryStore, StoredEvent};
 use crate::logrecord::{encode_batch, encode_state, Record};
+use crate::seed;
 
 /// Events per user a compacted log keeps at least: what training examples keep at most.
 pub const MIN_KEPT_EVENTS: usize = 50;
@@ -87,31 +88,9 @@ struct State {
 }
 
 impl State {
+    /// Applies a record exactly as a replay at start-up would.
     fn apply(&mut self, record: Record) {
-        match record {
-            Record::Batch { events, key } => {
-                if let Some(k) = key {
-                    self.dedup.insert(&k, events.len() as u64);
-                }
-                for e in events {
-                    if let Some(id) = e.item_id {
-                        *self.counts.entry(id).or_default() += 1;
-                    }
-                    self.store.record(e.user_id, StoredEvent::from_event(&e));
-                }
-            }
-            Record::Seen { user_id, items } => self.store.add_seen(user_id, &items),
-            Record::Counts(counts) => {
-                for (id, n) in counts {
-                    *self.counts.entry(id).or_default() += n;
-                }
-            }
-            Record::Keys(keys) => {
-                for (k, n) in keys {
-                    self.dedup.insert(&k, n);
-                }
-            }
-        }
+        seed::apply_record(&self.store, &mut self.counts, &mut self.dedup, record)
     }
 }
 

@@ -268,8 +268,7 @@ impl TryFrom<&proto::RecommendRequest> for RecommendQuery {
     }
 }
 
-/// Checks a `RecordEvents` request and flattens it into events.
-/// A checked `RecordEvents` request.
+/// A checked `RecordEvents` request, flattened into events.
 #[derive(Debug)]
 pub struct RecordBatch {
     pub events: Vec<Event>,

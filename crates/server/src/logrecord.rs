@@ -249,12 +249,8 @@ pub fn record_at(bytes: &[u8], at: usize) -> Option<(Record, usize)> {
     let rest = bytes.get(at..)?;
     let header: &[u8; 8] = rest.get(..8)?.try_into().ok()?;
     let len = payload_len(header)?;
-    let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
     let payload = rest.get(8..8 + len)?;
-    if crc32fast::hash(payload) != crc {
-        return None;
-    }
-    decode(payload).map(|r| (r, at + 8 + len))
+    check(header, payload).map(|r| (r, at + 8 + len))
 }
 
 /// Checks a record read as a header and payload.

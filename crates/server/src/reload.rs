@@ -202,14 +202,13 @@ impl LeaseKeeper {
             indexer::IndexRoot::new(&me.index_root).write_lease(&me.lease_holder, &version)
         })
         .await;
-        match written {
-            Ok(Ok(())) => self.written = Some((served.to_string(), Instant::now())),
-            Ok(Err(e)) if !self.warned => {
+        if let Ok(Err(e)) = written {
+            if !self.warned {
                 tracing::warn!(error = %e, "cannot write this server's lease on its index version; garbage collection may remove it while served");
                 self.warned = true;
-                self.written = Some((served.to_string(), Instant::now()));
             }
-            _ => self.written = Some((served.to_string(), Instant::now())),
         }
+        // Tried: the next attempt waits for the renewal period either way.
+        self.written = Some((served.to_string(), Instant::now()));
     }
 }

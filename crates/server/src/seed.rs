@@ -7,8 +7,10 @@ use std::path::Path;
 use features::layout::DataLayout;
 use features::{Event, TableReader, User};
 
+use crate::dedup::DedupWindow;
 use crate::error::Result;
 use crate::history::{HistoryStore, StoredEvent};
+use crate::logrecord::Record;
 
 /// Interaction counts per item id.
 pub type Counts = HashMap<u64, u64>;
@@ -19,6 +21,37 @@ pub fn apply(store: &HistoryStore, counts: &mut Counts, e: &Event) {
         *counts.entry(id).or_default() += 1;
     }
     store.record(e.user_id, StoredEvent::from_event(e));
+}
+
+/// Applies one event-log record to the store, the counts and the idempotency window: what a
+/// replay does at start-up and what compaction does to build the state it writes back.
+pub fn apply_record(
+    store: &HistoryStore,
+    counts: &mut Counts,
+    dedup: &mut DedupWindow,
+    record: Record,
+) {
+    match record {
+        Record::Batch { events, key } => {
+            if let Some(k) = key {
+                dedup.insert(&k, events.len() as u64);
+            }
+            for e in &events {
+                apply(store, counts, e);
+            }
+        }
+        Record::Seen { user_id, items } => store.add_seen(user_id, &items),
+        Record::Counts(c) => {
+            for (id, n) in c {
+                *counts.entry(id).or_default() += n;
+            }
+        }
+        Record::Keys(keys) => {
+            for (k, n) in keys {
+                dedup.insert(&k, n);
+            }
+        }
+    }
 }
 
 /// Streams `events.parquet` and `users.parquet` of `DATA_DIR` into the store.

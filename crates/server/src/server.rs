@@ -25,7 +25,6 @@ use crate::error::{Error, Result};
 use crate::eventlog::EventLog;
 use crate::gate::Gate;
 use crate::history::HistoryStore;
-use crate::logrecord::Record;
 use crate::metrics::{self, Metrics};
 use crate::proto::recommender_server::RecommenderServer;
 use crate::reload::Reloader;
@@ -138,26 +137,8 @@ fn load(opts: &ServeOptions) -> Result<Loaded> {
     ));
     let mut counts = seed::seed(&store, &opts.data_dir)?;
     let mut dedup = DedupWindow::new(opts.config.idempotency_window);
-    let (mut log, replay) = EventLog::open(&opts.event_log, &mut |record| match record {
-        Record::Batch { events, key } => {
-            if let Some(k) = key {
-                dedup.insert(&k, events.len() as u64);
-            }
-            for e in &events {
-                seed::apply(&store, &mut counts, e);
-            }
-        }
-        Record::Seen { user_id, items } => store.add_seen(user_id, &items),
-        Record::Counts(c) => {
-            for (id, n) in c {
-                *counts.entry(id).or_default() += n;
-            }
-        }
-        Record::Keys(keys) => {
-            for (k, n) in keys {
-                dedup.insert(&k, n);
-            }
-        }
+    let (mut log, replay) = EventLog::open(&opts.event_log, &mut |record| {
+        seed::apply_record(&store, &mut counts, &mut dedup, record)
     })?;
     // Compact before serving when the log is large and mostly events a compaction would drop
     // (more than twice what it keeps); a freshly compacted log is left alone.

@@ -150,11 +150,6 @@ pub fn short(checksum: &str) -> &str {
     &checksum[..checksum.len().min(12)]
 }
 
-/// Writes JSON atomically.
-pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    features::fsutil::write_json(path, value).map_err(Error::from)
-}
-
 /// Copies a vocabulary directory to `dest`, replacing what is there: files go to a hidden
 /// sibling first, which is then renamed into place.
 pub fn copy_vocab(src: &Path, dest: &Path) -> Result<()> {

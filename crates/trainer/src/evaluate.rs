@@ -16,8 +16,7 @@ use towers::TwoTower;
 
 /// One split's metrics for the model and the three baselines, on the same examples with the same
 /// masking: what `train` reports for the test split and `eval` for any split. Also returns the
-/// catalog's item vectors, which callers reuse.
-#[allow(clippy::too_many_arguments)]
+/// catalog's item vectors, which callers reuse. Everything runs on the model's device.
 pub fn split_report(
     model: &TwoTower,
     data: &Dataset,
@@ -26,12 +25,11 @@ pub fn split_report(
     split: Split,
     ks: &[usize],
     batch: usize,
-    device: Device,
 ) -> Result<(SplitMetrics, Tensor)> {
     let set = data.examples(split, &model.config)?;
     let full_history = data.examples_with_history(split, usize::MAX)?;
     let vecs = ranking::catalog_vectors(model, &data.catalog, batch);
-    let baselines = Baselines::fit(data, train, device)?;
+    let baselines = Baselines::fit(data, train, model.device())?;
     let inputs = EvalInputs {
         set: &set,
         full_history: &full_history,
@@ -60,7 +58,7 @@ pub fn evaluate_model(
         .unwrap_or_else(|_| crate::TrainConfig::default().eval_batch_size);
     let train = data.examples(Split::Train, &model.config)?;
     let seen = SeenItems::load(&data.layout().events(), &data.catalog)?;
-    let (m, _) = split_report(model, &data, &train, &seen, split, ks, batch, device)?;
+    let (m, _) = split_report(model, &data, &train, &seen, split, ks, batch)?;
     let mut out = json!({
         split.as_str(): m.model,
         "baseline_popularity": m.popularity,

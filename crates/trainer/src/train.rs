@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 use crate::optim::AdamW;
 use crate::ranking::{self, Metrics, Scorer, DEFAULT_KS};
 use crate::session::Session;
-use towers::artifact::{short, write_json, ModelInfo, ModelLayout, MODEL_FORMAT};
+use features::fsutil::write_json;
+use towers::artifact::{short, ModelInfo, ModelLayout, MODEL_FORMAT};
 use towers::dataset::{Dataset, SeenItems};
 
 /// What to train, where, and how.
@@ -242,7 +243,6 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         Split::Test,
         &DEFAULT_KS,
         cfg.eval_batch_size,
-        opts.device,
     )?;
     let batch = cfg.eval_batch_size;
     let scorer = Scorer::Model {
