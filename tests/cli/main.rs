@@ -7,5 +7,6 @@ mod index;
 mod pipeline;
 mod prepare;
 mod serve;
+mod stack;
 mod subcommands;
 mod train;

@@ -35,7 +35,7 @@ pub use build::{build_index, embed_shard, merge_shards, BuildOptions, MergeOptio
 pub use embed::Shard;
 pub use error::{Error, Result};
 pub use manifest::Manifest;
-pub use publish::PublishSettings;
+pub use publish::{PublishSettings, DEFAULT_TRAIN_PER_CENTROID};
 pub use rerank::Searcher;
 pub use root::{IndexRoot, VersionLayout};
 pub use vector_index::{Hits, VectorIndex};

@@ -30,12 +30,19 @@ pub struct PublishSettings {
     pub keep: usize,
     /// Seed of the training sample.
     pub seed: u64,
+    /// Vectors per IVF list the quantizer's k-means trains on (a uniform sample of the catalog;
+    /// all of it when smaller). FAISS's guidance is 39 to 256; k-means time grows linearly with
+    /// it, and 64 kept recall@100 ≥ 0.95 at 1M items (docs/benchmarks.md).
+    pub train_per_centroid: usize,
     /// Queries used to measure recall.
     pub recall_queries: usize,
     /// Test hook: fail with [`Error::Injected`] right after this stage (`embed`, `train`,
     /// `add`, `write`), to prove that a crash leaves `CURRENT` intact.
     pub fail_after: Option<&'static str>,
 }
+
+/// Default of [`PublishSettings::train_per_centroid`].
+pub const DEFAULT_TRAIN_PER_CENTROID: usize = 64;
 
 impl Default for PublishSettings {
     fn default() -> Self {
@@ -45,6 +52,7 @@ impl Default for PublishSettings {
             rerank: None,
             keep: 3,
             seed: 0,
+            train_per_centroid: DEFAULT_TRAIN_PER_CENTROID,
             recall_queries: 1000,
             fail_after: None,
         }
@@ -155,7 +163,12 @@ pub fn publish_version(
             let start = Instant::now();
             let mut used = 0;
             if index.needs_training() {
-                let sample = training_sample(emb, factory_nlist(&factory), settings.seed);
+                let sample = training_sample(
+                    emb,
+                    factory_nlist(&factory),
+                    settings.train_per_centroid,
+                    settings.seed,
+                );
                 used = sample.len() / emb.dim;
                 tracing::info!(vectors = used, factory = %factory, "training the index");
                 index.train(&sample)?;
@@ -292,8 +305,13 @@ fn parent_manifest(staged: &Staged<'_>) -> Result<Manifest> {
 
 /// A uniform sample of at most 256·nlist vectors (all of them when the catalog is smaller):
 /// FAISS's k-means gains nothing from more, and training time grows with the sample.
-fn training_sample(emb: &Embeddings, nlist: Option<usize>, seed: u64) -> Vec<f32> {
-    let cap = 256 * nlist.unwrap_or(256).max(1);
+fn training_sample(
+    emb: &Embeddings,
+    nlist: Option<usize>,
+    per_centroid: usize,
+    seed: u64,
+) -> Vec<f32> {
+    let cap = per_centroid.max(1) * nlist.unwrap_or(256).max(1);
     if emb.len() <= cap {
         return emb.vectors.clone();
     }

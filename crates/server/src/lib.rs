@@ -8,6 +8,7 @@
 //! Data flow: features → towers → indexer → **server** → gRPC clients.
 
 pub mod bench;
+pub mod bus;
 pub mod catalog;
 pub mod client;
 pub mod commit;
@@ -24,6 +25,7 @@ pub mod history;
 pub mod logrecord;
 pub mod metrics;
 pub mod proto;
+pub mod recorder;
 pub mod reload;
 pub mod retrieve;
 pub mod seed;
@@ -32,8 +34,10 @@ pub mod service;
 pub mod snapshot;
 pub mod userinput;
 
+pub use bus::BusSettings;
 pub use config::ServeConfig;
 pub use error::{Error, Result};
+pub use recorder::EventStore;
 pub use server::{shutdown_signal, start, Running, ServeOptions, TlsFiles, SERVICE_NAME};
 
 #[cfg(test)]

@@ -43,6 +43,15 @@ pub struct Metrics {
     /// 1 while the server serves an older index version because the one `CURRENT` named at
     /// start-up was broken (see `--strict`).
     pub fallback_version: IntGauge,
+    /// Events replayed at start-up (from the event log or the event bus's stream).
+    pub events_replayed: IntGauge,
+    /// Events applied from the event bus (this replica's and every other one's).
+    pub bus_events_applied: IntCounter,
+    /// Event-bus messages that were not event batches (skipped).
+    pub bus_malformed: IntCounter,
+    /// 1 while the server takes requests: start-up is done and shutdown has not begun. What
+    /// `GET /ready` answers, for load balancers that cannot speak gRPC health.
+    pub ready: IntGauge,
 }
 
 fn histogram(name: &str, help: &str, start: f64, count: usize) -> Histogram {
@@ -140,9 +149,29 @@ impl Metrics {
                 "1 while serving an older index version because the one CURRENT named at start-up was broken",
             )
             .expect("valid metric"),
+            events_replayed: IntGauge::new(
+                "twotower_events_replayed",
+                "events replayed at start-up from the event log or the event bus",
+            )
+            .expect("valid metric"),
+            bus_events_applied: IntCounter::new(
+                "twotower_bus_events_applied_total",
+                "events applied from the event bus, this replica's and every other one's",
+            )
+            .expect("valid metric"),
+            bus_malformed: IntCounter::new(
+                "twotower_bus_malformed_messages_total",
+                "event-bus messages that were not event batches (skipped)",
+            )
+            .expect("valid metric"),
+            ready: IntGauge::new(
+                "twotower_ready",
+                "1 while the server takes requests (what GET /ready answers)",
+            )
+            .expect("valid metric"),
         };
         let r = &m.registry;
-        let all: [Box<dyn prometheus::core::Collector>; 14] = [
+        let all: [Box<dyn prometheus::core::Collector>; 18] = [
             Box::new(m.requests.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.user_tower.clone()),
@@ -157,6 +186,10 @@ impl Metrics {
             Box::new(m.event_log_truncated_bytes.clone()),
             Box::new(m.current_unreadable.clone()),
             Box::new(m.fallback_version.clone()),
+            Box::new(m.events_replayed.clone()),
+            Box::new(m.bus_events_applied.clone()),
+            Box::new(m.bus_malformed.clone()),
+            Box::new(m.ready.clone()),
         ];
         for c in all {
             r.register(c).expect("metric names are unique");
@@ -186,27 +219,43 @@ impl Default for Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+/// Serves `GET /metrics`, and `GET /ready` (200 while the server takes requests, 503 before
+/// and during shutdown: an HTTP health check for load balancers), until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let m = metrics.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4",
-                    )],
-                    m.render(),
-                )
-            }
-        }),
-    );
+    let for_ready = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/ready",
+            axum::routing::get(move || {
+                let ready = for_ready.ready.get() == 1;
+                async move {
+                    if ready {
+                        (axum::http::StatusCode::OK, "ready\n")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

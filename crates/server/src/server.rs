@@ -27,6 +27,7 @@ use crate::gate::Gate;
 use crate::history::HistoryStore;
 use crate::metrics::{self, Metrics};
 use crate::proto::recommender_server::RecommenderServer;
+use crate::recorder::{EventStore, Recorder};
 use crate::reload::Reloader;
 use crate::seed;
 use crate::service::{RecommenderService, Shared};
@@ -49,8 +50,8 @@ pub struct ServeOptions {
     pub model_dir: PathBuf,
     pub index_root: PathBuf,
     pub data_dir: PathBuf,
-    /// The event log file (created if missing).
-    pub event_log: PathBuf,
+    /// Where recorded events are kept: the local event log or the event bus.
+    pub events: EventStore,
     pub addr: SocketAddr,
     /// Where `/metrics` is served; `None` for no metrics endpoint.
     pub metrics_addr: Option<SocketAddr>,
@@ -105,19 +106,22 @@ impl Running {
     }
 }
 
-/// Everything loaded before the first request.
+/// History loaded before the first request.
 struct Loaded {
-    snapshot: Snapshot,
+    model: ModelSlot,
     store: Arc<HistoryStore>,
-    counts: Arc<seed::Counts>,
-    log: EventLog,
+    counts: seed::Counts,
+    /// The event log, replayed (none when events go through the bus).
+    log: Option<EventLog>,
     dedup: DedupWindow,
+    /// Events replayed from the event log.
+    replayed: u64,
     /// Bytes of a torn event-log tail cut off while replaying.
     truncated_bytes: u64,
-    /// Whether the snapshot is a fallback (the version `CURRENT` named did not load).
-    fallback: bool,
 }
 
+/// Loads the model and the prepared data's histories, then replays the event log when events
+/// are kept in one (the bus is replayed afterwards, asynchronously).
 fn load(opts: &ServeOptions) -> Result<Loaded> {
     let cfg = &opts.config;
     let model = ModelSlot::load(&opts.model_dir, cfg.encoder_workers, opts.device)?;
@@ -137,7 +141,18 @@ fn load(opts: &ServeOptions) -> Result<Loaded> {
     ));
     let mut counts = seed::seed(&store, &opts.data_dir)?;
     let mut dedup = DedupWindow::new(opts.config.idempotency_window);
-    let (mut log, replay) = EventLog::open(&opts.event_log, &mut |record| {
+    let EventStore::Log(path) = &opts.events else {
+        return Ok(Loaded {
+            model,
+            store,
+            counts,
+            log: None,
+            dedup,
+            replayed: 0,
+            truncated_bytes: 0,
+        });
+    };
+    let (mut log, replay) = EventLog::open(path, &mut |record| {
         seed::apply_record(&store, &mut counts, &mut dedup, record)
     })?;
     // Compact before serving when the log is large and mostly events a compaction would drop
@@ -153,19 +168,17 @@ fn load(opts: &ServeOptions) -> Result<Loaded> {
     tracing::info!(
         users = store.user_count(),
         replayed_events = replay.events,
-        log = %opts.event_log.display(),
+        log = %path.display(),
         "history loaded"
     );
-    let (snapshot, fallback) =
-        start_snapshot(&opts.index_root, Arc::new(model), &counts, opts.strict)?;
     Ok(Loaded {
-        snapshot,
+        model,
         store,
-        counts: Arc::new(counts),
-        log,
+        counts,
+        log: Some(log),
         dedup,
+        replayed: replay.events,
         truncated_bytes: replay.truncated_bytes,
-        fallback,
     })
 }
 
@@ -234,16 +247,62 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
     tch::set_num_threads(cfg.torch_threads as i32);
     let metrics = Arc::new(Metrics::new());
     let Loaded {
-        snapshot,
+        model,
         store,
-        counts,
+        mut counts,
         log,
         dedup,
+        replayed,
         truncated_bytes,
-        fallback,
     } = {
         let opts = opts.clone();
         tokio::task::spawn_blocking(move || load(&opts))
+            .await
+            .map_err(|e| Error::Transport(format!("start-up task failed: {e}")))??
+    };
+    let (down_tx, down_rx) = watch::channel(false);
+    // The bus is followed until requests have drained, so that they still see their own events.
+    let (bus_down_tx, bus_down_rx) = watch::channel(false);
+    let mut committer = None;
+    let mut bus_task = None;
+    let recorder = match (&opts.events, log) {
+        (EventStore::Bus(settings), _) => {
+            let bus = crate::bus::start(
+                settings,
+                store.clone(),
+                &mut counts,
+                dedup,
+                metrics.clone(),
+                bus_down_rx,
+            )
+            .await?;
+            metrics.events_replayed.set(bus.replayed_events as i64);
+            bus_task = Some(bus.consumer);
+            Recorder::Bus(bus.handle)
+        }
+        (EventStore::Log(_), Some(log)) => {
+            metrics.events_replayed.set(replayed as i64);
+            let compaction = (cfg.compact_log_bytes > 0).then(|| AutoCompaction {
+                settings: compact_settings(&store, &cfg),
+                threshold: cfg.compact_log_bytes,
+            });
+            let c = Committer::start(log, store.clone(), metrics.clone(), dedup, compaction);
+            let handle = c.handle();
+            committer = Some(c);
+            Recorder::Log(handle)
+        }
+        (EventStore::Log(p), None) => {
+            return Err(Error::Transport(format!(
+                "event log {} was not opened",
+                p.display()
+            )))
+        }
+    };
+    let counts = Arc::new(counts);
+    let (snapshot, fallback) = {
+        let (root, strict, counts) = (opts.index_root.clone(), opts.strict, counts.clone());
+        let model = Arc::new(model);
+        tokio::task::spawn_blocking(move || start_snapshot(&root, model, &counts, strict))
             .await
             .map_err(|e| Error::Transport(format!("start-up task failed: {e}")))??
     };
@@ -254,20 +313,17 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         index_version = snapshot.index_version(),
         model_version = snapshot.model_version(),
         items = snapshot.index.version.embeddings.len(),
+        users = store.user_count(),
+        events = %opts.events,
         "serving"
     );
     let current = Arc::new(ArcSwap::from_pointee(snapshot));
-    let compaction = (cfg.compact_log_bytes > 0).then(|| AutoCompaction {
-        settings: compact_settings(&store, &cfg),
-        threshold: cfg.compact_log_bytes,
-    });
-    let committer = Committer::start(log, store.clone(), metrics.clone(), dedup, compaction);
     let encoder = Encoder::start(cfg.encoder_workers, cfg.max_encoder_batch, metrics.clone());
     let shared = Arc::new(Shared {
         snapshot: current.clone(),
         store,
         encoder: encoder.handle(),
-        commits: committer.handle(),
+        events: recorder,
         metrics: metrics.clone(),
         config: cfg.clone(),
         admission: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight)),
@@ -327,7 +383,6 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         .add_service(recommender);
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let (down_tx, down_rx) = watch::channel(false);
     let reloader = Reloader {
         model_dir: opts.model_dir.clone(),
         index_root: opts.index_root.clone(),
@@ -347,10 +402,13 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         }))
     });
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+    metrics.ready.set(1);
+    let ready = metrics.clone();
     let task = tokio::spawn(async move {
         let signal = async move {
             let _ = stop_rx.await;
             tracing::info!("shutting down: no new requests; draining");
+            ready.ready.set(0);
             reporter
                 .set_not_serving::<RecommenderServer<RecommenderService>>()
                 .await;
@@ -373,9 +431,15 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
             }
         };
         encoder.close();
-        tokio::task::spawn_blocking(move || committer.close())
-            .await
-            .map_err(|e| Error::Transport(format!("closing the event log: {e}")))?;
+        if let Some(committer) = committer {
+            tokio::task::spawn_blocking(move || committer.close())
+                .await
+                .map_err(|e| Error::Transport(format!("closing the event log: {e}")))?;
+        }
+        if let Some(t) = bus_task {
+            let _ = bus_down_tx.send(true);
+            let _ = t.await;
+        }
         let _ = reload_task.await;
         if let Some(t) = metrics_task {
             let _ = t.await;

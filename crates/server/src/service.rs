@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tonic::{Code, Request, Response, Status};
 
-use crate::commit::CommitHandle;
 use crate::config::ServeConfig;
 use crate::convert::{self, FilterSpec, RecommendQuery};
 use crate::encoder::EncoderHandle;
@@ -17,6 +16,7 @@ use crate::gate::{self, Arrival};
 use crate::history::HistoryStore;
 use crate::metrics::Metrics;
 use crate::proto::{self, recommender_server::Recommender};
+use crate::recorder::Recorder;
 use crate::retrieve::{self, Scored, SearchParams};
 use crate::snapshot::Snapshot;
 use crate::userinput::{merge_history, user_input};
@@ -26,7 +26,7 @@ pub struct Shared {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub store: Arc<HistoryStore>,
     pub encoder: EncoderHandle,
-    pub commits: CommitHandle,
+    pub events: Recorder,
     pub metrics: Arc<Metrics>,
     pub config: ServeConfig,
     /// Admission control: one permit per request in flight (`max_in_flight`). Without it an
@@ -268,7 +268,7 @@ async fn record_events(
         .count();
     shared.metrics.events_unknown_item.inc_by(unknown as u64);
     let recorded = shared
-        .commits
+        .events
         .record(batch.events, batch.key)
         .await
         .map_err(Status::unavailable)?;

@@ -49,6 +49,10 @@ struct PublishArgs {
     /// Seed of the quantizer's training sample.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Vectors per IVF list the quantizer trains on (a sample of the catalog; FAISS advises 39
+    /// to 256). Training time grows linearly with it.
+    #[arg(long, default_value_t = indexer::DEFAULT_TRAIN_PER_CENTROID)]
+    train_per_centroid: usize,
     /// auto (CUDA when libtorch sees a GPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -62,7 +66,11 @@ impl PublishArgs {
         if self.rerank == Some(0) {
             anyhow::bail!("--rerank must be at least 1");
         }
+        if self.train_per_centroid == 0 {
+            anyhow::bail!("--train-per-centroid must be at least 1");
+        }
         Ok(PublishSettings {
+            train_per_centroid: self.train_per_centroid,
             factory: self.factory.clone(),
             nprobe: self.nprobe,
             rerank: self.rerank,

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use server::bench::{BenchOptions, Load};
 use server::client::ClientOptions;
-use server::{ServeConfig, ServeOptions, TlsFiles};
+use server::{BusSettings, EventStore, ServeConfig, ServeOptions, TlsFiles};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -38,8 +38,20 @@ pub struct ServeArgs {
     config: Option<PathBuf>,
     /// Where recorded events are logged (default: next to INDEX_ROOT, `<INDEX_ROOT>.events.log`).
     /// Keep it: it is replayed at start-up.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "events")]
     event_log: Option<PathBuf>,
+    /// Record events to a NATS JetStream stream instead of a local log, e.g.
+    /// `nats://nats:4222`: every replica on the same stream serves every replica's events.
+    #[arg(long, value_name = "URL")]
+    events: Option<String>,
+    /// The JetStream stream events go to (created if missing; its subject is
+    /// `<stream, lower-cased>.batches`). Replicas that share history share the stream.
+    #[arg(long, default_value = "TWOTOWER_EVENTS", requires = "events")]
+    events_stream: String,
+    /// Oldest event the stream keeps when this server creates it, in hours (0: no limit). It
+    /// bounds what a starting replica replays.
+    #[arg(long, default_value_t = 0, requires = "events")]
+    events_max_age_hours: u64,
     /// TLS certificate chain (PEM); needs --tls-key.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -68,6 +80,25 @@ fn default_event_log(index: &Path) -> PathBuf {
     index.with_file_name(name)
 }
 
+/// Bus settings from the flags, with a stream name JetStream accepts.
+fn bus_settings(url: String, stream: &str, max_age_hours: u64) -> anyhow::Result<BusSettings> {
+    if !url.starts_with("nats://") && !url.starts_with("tls://") {
+        anyhow::bail!("--events {url}: expected a NATS URL such as nats://localhost:4222");
+    }
+    if stream.is_empty()
+        || !stream
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        anyhow::bail!(
+            "--events-stream {stream:?}: a stream name is letters, digits, '_' and '-' only"
+        );
+    }
+    let mut s = BusSettings::new(url, stream);
+    s.max_age = std::time::Duration::from_secs(max_age_hours * 3600);
+    Ok(s)
+}
+
 fn options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
     let config = match &args.config {
         Some(p) => ServeConfig::from_toml_file(p)
@@ -82,10 +113,19 @@ fn options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
         _ => None,
     };
+    let events = match args.events {
+        Some(url) => EventStore::Bus(bus_settings(
+            url,
+            &args.events_stream,
+            args.events_max_age_hours,
+        )?),
+        None => EventStore::Log(
+            args.event_log
+                .unwrap_or_else(|| default_event_log(&args.index)),
+        ),
+    };
     Ok(ServeOptions {
-        event_log: args
-            .event_log
-            .unwrap_or_else(|| default_event_log(&args.index)),
+        events,
         model_dir: args.model,
         index_root: args.index,
         data_dir: args.data,
@@ -118,7 +158,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(
             addr = %running.addr,
             metrics = ?running.metrics_addr,
-            event_log = %opts.event_log.display(),
+            events = %opts.events,
             "listening; SIGTERM or Ctrl-C stops gracefully"
         );
         running.run_until(server::shutdown_signal()).await?;

@@ -157,7 +157,7 @@ pub fn options(state: &Path) -> ServeOptions {
         model_dir: f.model.clone(),
         index_root: shared_index().to_path_buf(),
         data_dir: f.data.clone(),
-        event_log: state.join("events.log"),
+        events: server::EventStore::Log(state.join("events.log")),
         addr: "127.0.0.1:0".parse().unwrap(),
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
         tls: None,
@@ -207,5 +207,86 @@ pub fn view(item: u64, ts_ms: i64) -> server::proto::Event {
         query: None,
         ts_ms,
         value: None,
+    }
+}
+
+/// A real NATS server with JetStream, on a free loopback port, with its store in a temporary
+/// directory; killed on drop. `scripts/setup.sh` installs `nats-server` (Debian's package).
+pub struct Nats {
+    child: std::process::Child,
+    pub url: String,
+    _store: tempfile::TempDir,
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        let store = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("nats-server")
+            .args(["--jetstream", "--addr", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .arg("--store_dir")
+            .arg(store.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("starting nats-server ({e}): run scripts/setup.sh, which installs it")
+            });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not listen on {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Nats {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            _store: store,
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where a test server keeps recorded events. The tests of recording run on both.
+pub enum Events {
+    Log,
+    Bus(Nats),
+}
+
+impl Events {
+    pub fn bus() -> Events {
+        Events::Bus(Nats::start())
+    }
+
+    /// Options for a server over the fixture: the event log in `state`, or the bus's stream.
+    pub fn options(&self, state: &Path) -> ServeOptions {
+        let mut opts = options(state);
+        if let Events::Bus(nats) = self {
+            opts.events = server::EventStore::Bus(server::BusSettings::new(&nats.url, "TEST"));
+        }
+        opts
+    }
+
+    pub async fn start(&self) -> TestServer {
+        let state = tempfile::tempdir().unwrap();
+        start_with(self.options(state.path()), state).await
+    }
+
+    /// Restarts a stopped server on the same state.
+    pub async fn restart(&self, state: tempfile::TempDir) -> TestServer {
+        start_with(self.options(state.path()), state).await
     }
 }

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 
 use server::proto::{RecommendRequest, RecordEventsRequest, UserEvents};
 
-use crate::fixture::{fixture, options, start, start_with, view};
+use crate::fixture::{fixture, options, start_with, view, Events};
 
 fn record(user: u64, items: &[u64], ts: i64) -> RecordEventsRequest {
     RecordEventsRequest {
@@ -30,9 +30,18 @@ fn rec(user: u64, k: u32) -> RecommendRequest {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recorded_events_change_the_next_result_and_survive_a_restart() {
+async fn recorded_events_change_the_next_result_and_survive_a_restart_on_the_log() {
+    recorded_events_change_the_next_result_and_survive_a_restart(Events::Log).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_events_change_the_next_result_and_survive_a_restart_on_the_bus() {
+    recorded_events_change_the_next_result_and_survive_a_restart(Events::bus()).await
+}
+
+async fn recorded_events_change_the_next_result_and_survive_a_restart(events: Events) {
     let f = fixture();
-    let mut s = start().await;
+    let mut s = events.start().await;
     let user = 55_555_555u64;
     let before = s
         .client
@@ -86,13 +95,13 @@ async fn recorded_events_change_the_next_result_and_survive_a_restart() {
     assert!(r2.items.iter().all(|i| !new.contains(&i.item_id)));
 
     s.running.stop().await.unwrap();
-    // A crash while appending leaves a torn record; start-up truncates it and keeps the rest.
-    let log = s.state.path().join("events.log");
-    let mut torn = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-    torn.write_all(&[40, 0, 0, 0, 1, 2, 3]).unwrap();
-    drop(torn);
-    let state = s.state;
-    let mut s = start_with(options(state.path()), state).await;
+    if let Events::Log = events {
+        // A crash while appending leaves a torn record; start-up truncates it and keeps the rest.
+        let log = s.state.path().join("events.log");
+        let mut torn = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        torn.write_all(&[40, 0, 0, 0, 1, 2, 3]).unwrap();
+    }
+    let mut s = events.restart(s.state).await;
     let again = s.client.recommend(at(10)).await.unwrap().into_inner();
     assert!(!again.fallback);
     assert_eq!(
@@ -110,8 +119,17 @@ async fn recorded_events_change_the_next_result_and_survive_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_records_are_all_durable_and_metrics_report_them() {
-    let s = start().await;
+async fn concurrent_records_are_all_durable_and_metrics_report_them_on_the_log() {
+    concurrent_records_are_all_durable_and_metrics_report_them(Events::Log).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_records_are_all_durable_and_metrics_report_them_on_the_bus() {
+    concurrent_records_are_all_durable_and_metrics_report_them(Events::bus()).await
+}
+
+async fn concurrent_records_are_all_durable_and_metrics_report_them(events: Events) {
+    let s = events.start().await;
     let mut tasks = Vec::new();
     for t in 0..8u64 {
         let mut c = s.client.clone();
@@ -161,11 +179,9 @@ async fn concurrent_records_are_all_durable_and_metrics_report_them() {
         metrics.contains("twotower_request_seconds_bucket"),
         "{metrics}"
     );
-    let state = s.state;
     s.running.stop().await.unwrap();
-    // Every acknowledged event is in the log.
-    let replayed = replayed_events(&state.path().join("events.log"));
-    assert_eq!(replayed, 160);
+    // Every acknowledged event is replayed by the next start.
+    assert_eq!(replayed_on_restart(&events, s.state).await, 160);
 }
 
 /// A minimal HTTP/1.1 GET.
@@ -183,8 +199,17 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retried_record_events_batch_is_recorded_once_even_after_a_restart() {
-    let s = start().await;
+async fn a_retried_record_events_batch_is_recorded_once_even_after_a_restart_on_the_log() {
+    a_retried_record_events_batch_is_recorded_once_even_after_a_restart(Events::Log).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_record_events_batch_is_recorded_once_even_after_a_restart_on_the_bus() {
+    a_retried_record_events_batch_is_recorded_once_even_after_a_restart(Events::bus()).await
+}
+
+async fn a_retried_record_events_batch_is_recorded_once_even_after_a_restart(events: Events) {
+    let s = events.start().await;
     let keyed = |key: &str, items: &[u64]| RecordEventsRequest {
         idempotency_key: key.to_string(),
         ..record(2_000_000, items, 1_700_000_000_000)
@@ -220,8 +245,8 @@ async fn a_retried_record_events_batch_is_recorded_once_even_after_a_restart() {
     let state = s.state;
     s.running.stop().await.unwrap();
 
-    // The window is rebuilt from the log: a retry after a restart is still a repeat.
-    let mut s = start_with(options(state.path()), state).await;
+    // The window is rebuilt from the log or stream: a retry after a restart is still a repeat.
+    let mut s = events.restart(state).await;
     let again = s
         .client
         .record_events(keyed("order-1", &[11, 12, 13]))
@@ -240,10 +265,8 @@ async fn a_retried_record_events_batch_is_recorded_once_even_after_a_restart() {
         "{}",
         long.message()
     );
-    let state = s.state;
     s.running.stop().await.unwrap();
-    let replayed = replayed_events(&state.path().join("events.log"));
-    assert_eq!(replayed, 4);
+    assert_eq!(replayed_on_restart(&events, s.state).await, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,14 +307,17 @@ async fn record_events_for_users_beyond_max_users_are_refused_and_unknown_items_
     s.running.stop().await.unwrap();
 }
 
-/// Events in the batch records of an event log (what a restart replays).
-fn replayed_events(log: &std::path::Path) -> usize {
-    let mut replayed = 0;
-    server::eventlog::EventLog::open(log, &mut |r| {
-        if let server::logrecord::Record::Batch { events, .. } = r {
-            replayed += events.len()
-        }
-    })
-    .unwrap();
-    replayed
+/// Events a restarted server replays (from its event log or the stream), as its metrics say.
+async fn replayed_on_restart(events: &Events, state: tempfile::TempDir) -> u64 {
+    let s = events.restart(state).await;
+    let metrics = http_get(s.running.metrics_addr.unwrap(), "/metrics");
+    s.running.stop().await.unwrap();
+    metric(&metrics, "twotower_events_replayed")
+}
+
+/// The value of an unlabelled metric.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
 }
