@@ -59,14 +59,14 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(file: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(file: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             file: file.into(),
             source,
         }
     }
 
-    pub(crate) fn bad_value(
+    pub fn bad_value(
         file: impl Into<PathBuf>,
         row: usize,
         column: &str,
@@ -80,11 +80,7 @@ impl Error {
         }
     }
 
-    pub(crate) fn bad_column(
-        file: impl Into<PathBuf>,
-        column: &str,
-        reason: impl Into<String>,
-    ) -> Self {
+    pub fn bad_column(file: impl Into<PathBuf>, column: &str, reason: impl Into<String>) -> Self {
         Error::BadColumn {
             file: file.into(),
             column: column.to_string(),
@@ -92,21 +88,21 @@ impl Error {
         }
     }
 
-    pub(crate) fn bad_file(file: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+    pub fn bad_file(file: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         Error::BadFile {
             file: file.into(),
             reason: reason.into(),
         }
     }
 
-    pub(crate) fn setting(setting: &str, reason: impl Into<String>) -> Self {
+    pub fn setting(setting: &str, reason: impl Into<String>) -> Self {
         Error::Setting {
             setting: setting.to_string(),
             reason: reason.into(),
         }
     }
 
-    pub(crate) fn fetch(dataset: &str, reason: impl Into<String>) -> Self {
+    pub fn fetch(dataset: &str, reason: impl Into<String>) -> Self {
         Error::Fetch {
             dataset: dataset.to_string(),
             reason: reason.into(),

@@ -1,24 +1,21 @@
-//! # features: the one place that defines data
+//! # features: the data contract every stage shares
 //!
-//! Every stage of twotower reads what this crate writes. It owns the Arrow/Parquet schemas of
-//! items, users, events and training examples, the ingestion of public datasets and of a user's
-//! own files, the tokenizer and vocabularies, the leak-free splits and the synthetic e-commerce
-//! generator. No other crate knows a file format.
+//! The Arrow/Parquet schemas and records of items, users, events and training examples, the
+//! data directory's layout (`DataLayout`, `DatasetInfo`), the tokenizer and vocabularies, the
+//! history window and splits, and pretrained embeddings. No other crate knows a file format;
+//! `ingest` writes a data directory through this crate and every later stage reads it.
 //!
-//! Data flow: raw files → **features** (`DATA_DIR`) → towers → trainer / indexer → server.
+//! Data flow: raw files → ingest → **features** (`DATA_DIR`) → towers → trainer / indexer →
+//! server.
 
 pub mod embeddings;
 pub mod error;
 pub mod fsutil;
 pub mod layout;
-pub mod prepare;
 pub mod progress;
-pub mod raw;
 pub mod records;
 pub mod schema;
-pub mod sources;
 pub mod splits;
-pub mod synthetic;
 pub mod table;
 pub mod tokenizer;
 
@@ -26,7 +23,6 @@ pub use embeddings::Embeddings;
 pub use error::{Error, Result};
 pub use layout::{DataLayout, DatasetInfo, PrepareConfig};
 pub use progress::{NoProgress, Progress};
-pub use raw::RawData;
 pub use records::{Event, EventType, Example, HistoryEvent, Item, User};
 pub use table::{read_table, write_table, Table, TableReader, TableWriter};
 pub use tokenizer::{ItemTokens, Vocab, Vocabularies};

@@ -5,14 +5,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use features::prepare::{prepare_raw, PrepareConfig, Provenance};
-use features::sources::files::BadRows;
-use features::sources::Source;
 use features::{Item, NoProgress};
 use indexer::quality::user_queries;
 use indexer::{
     add_items, build_index, AddOptions, BuildOptions, IndexRoot, IndexVersion, PublishSettings,
 };
+use ingest::prepare::{prepare_raw, PrepareConfig, Provenance};
+use ingest::sources::files::BadRows;
+use ingest::sources::Source;
 use tch::Device;
 
 /// ml-100k prepared and a small model trained on it for one epoch, shared by every test.

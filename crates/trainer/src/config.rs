@@ -67,19 +67,26 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Reads a TOML file of `TrainConfig` fields — either at the top level, or in the `[train]`
-    /// table of a pipeline file (`pipelines/*.toml`). Missing fields keep their defaults.
+    /// Reads a TOML file of `TrainConfig` fields at its top level. Missing fields keep their
+    /// defaults.
     pub fn from_toml_file(path: &Path) -> Result<TrainConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let bad = |e: toml::de::Error| Error::Config {
+        let table: toml::Table = toml::from_str(&text).map_err(|e| Error::Config {
             field: path.display().to_string(),
             reason: e.to_string(),
-        };
-        let value: toml::Table = toml::from_str(&text).map_err(bad)?;
-        match value.get("train") {
-            Some(toml::Value::Table(train)) => train.clone().try_into().map_err(bad),
-            _ => value.try_into().map_err(bad),
-        }
+        })?;
+        TrainConfig::from_toml_table(table, &path.display().to_string())
+    }
+
+    /// A config from a parsed TOML table of its fields (`source` names it in errors). Missing
+    /// fields keep their defaults.
+    pub fn from_toml_table(table: toml::Table, source: &str) -> Result<TrainConfig> {
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config {
+                field: source.to_string(),
+                reason: e.to_string(),
+            })
     }
 
     /// Checks the values that the towers' own validation does not cover.

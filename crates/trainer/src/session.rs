@@ -2,9 +2,12 @@
 //! schedule, set up once and stepped one batch at a time. `train` and `bench train` both run
 //! through it, so they measure and train exactly the same step.
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
-use tch::{Device, Tensor};
+use features::Progress;
+use tch::{Device, Kind, Tensor};
 use towers::dataset::{Dataset, ExampleSet};
 use towers::TwoTower;
 
@@ -13,6 +16,17 @@ use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::loss::{in_batch_softmax_loss, DeviceBatch};
 use crate::optim::{learning_rate, AdamW};
+
+/// What one epoch of training did.
+#[derive(Debug, Clone, Copy)]
+pub struct EpochRun {
+    /// Mean training loss over the epoch's steps.
+    pub loss: f64,
+    /// The learning rate of the last step.
+    pub lr: f64,
+    pub examples: usize,
+    pub seconds: f64,
+}
 
 /// A model being trained on one dataset's training examples.
 pub struct Session {
@@ -94,5 +108,60 @@ impl Session {
         loss.backward();
         self.opt.step(lr, self.cfg.grad_clip);
         (loss.detach(), batch)
+    }
+
+    /// One pass over the training examples (epoch `epoch`, 0-based, shuffled by the seed and the
+    /// epoch), with progress; fails when the loss is no longer finite.
+    pub fn epoch(&mut self, epoch: usize, progress: &dyn Progress) -> Result<EpochRun> {
+        let cfg = self.cfg.clone();
+        tch::manual_seed((cfg.seed as i64).wrapping_add(1 + epoch as i64));
+        let start = Instant::now();
+        let (batches, n_batches) = self.source.epoch(cfg.seed, epoch);
+        progress.start(
+            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
+            Some((n_batches * cfg.batch_size).min(self.source.train.len()) as u64),
+        );
+        let loss_sum = Tensor::zeros([], (Kind::Float, self.device));
+        let (mut examples, mut steps) = (0usize, 0u64);
+        let mut lr = cfg.lr;
+        for host in batches {
+            lr = self.lr();
+            let (loss, _) = self.step(&host, lr);
+            let _ = tch::no_grad(|| loss_sum.shallow_clone().g_add_(&loss));
+            examples += host.size;
+            steps += 1;
+            progress.advance(host.size as u64);
+            // Reading the loss forces a device sync, so the display updates only now and then.
+            if steps % 50 == 0 {
+                progress.message(&format!(
+                    "loss {:.4}",
+                    loss_sum.double_value(&[]) / steps as f64
+                ));
+            }
+        }
+        progress.finish();
+        let loss = loss_sum.double_value(&[]) / steps.max(1) as f64;
+        if !loss.is_finite() {
+            return Err(Error::Mismatch(format!(
+                "epoch {}: training loss is {loss}; lower --lr",
+                epoch + 1
+            )));
+        }
+        Ok(EpochRun {
+            loss,
+            lr,
+            examples,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Ends the session with the weights saved at `best` (the best epoch's checkpoint).
+    pub fn finish(self, best: &Path) -> Result<TwoTower> {
+        let mut model = self.model;
+        model.vs.load(best).map_err(|e| Error::BadFile {
+            path: best.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Ok(model)
     }
 }

@@ -9,7 +9,7 @@ use features::layout::DataLayout;
 use features::splits::Split;
 use features::Progress;
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 use towers::TwoTower;
 
 use crate::config::TrainConfig;
@@ -153,40 +153,7 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
             );
             break;
         }
-        tch::manual_seed((cfg.seed as i64).wrapping_add(1 + epoch as i64));
-        let epoch_start = Instant::now();
-        let (batches, n_batches) = session.source.epoch(cfg.seed, epoch);
-        progress.start(
-            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
-            Some((n_batches * cfg.batch_size).min(train_set.len()) as u64),
-        );
-        let loss_sum = Tensor::zeros([], (Kind::Float, opts.device));
-        let (mut examples, mut steps) = (0usize, 0u64);
-        let mut lr = cfg.lr;
-        for host in batches {
-            lr = session.lr();
-            let (loss, _) = session.step(&host, lr);
-            let _ = tch::no_grad(|| loss_sum.shallow_clone().g_add_(&loss));
-            examples += host.size;
-            steps += 1;
-            progress.advance(host.size as u64);
-            // Reading the loss forces a device sync, so the display updates only now and then.
-            if steps % 50 == 0 {
-                progress.message(&format!(
-                    "loss {:.4}",
-                    loss_sum.double_value(&[]) / steps as f64
-                ));
-            }
-        }
-        progress.finish();
-        let seconds = epoch_start.elapsed().as_secs_f64();
-        let train_loss = loss_sum.double_value(&[]) / steps.max(1) as f64;
-        if !train_loss.is_finite() {
-            return Err(Error::Mismatch(format!(
-                "epoch {}: training loss is {train_loss}; lower --lr",
-                epoch + 1
-            )));
-        }
+        let run = session.epoch(epoch, progress)?;
         let valid = evaluate_split(
             &session.model,
             &valid_set,
@@ -196,17 +163,17 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         );
         let log = EpochLog {
             epoch: epoch + 1,
-            train_loss,
-            lr,
+            train_loss: run.loss,
+            lr: run.lr,
             temperature: session.model.temperature().double_value(&[]),
-            examples_per_sec: examples as f64 / seconds,
-            seconds,
+            examples_per_sec: run.examples as f64 / run.seconds,
+            seconds: run.seconds,
             valid,
         };
         let ndcg = log.valid.get("ndcg@10").copied().unwrap_or(0.0);
         tracing::info!(
             epoch = epoch + 1,
-            loss = format!("{train_loss:.4}"),
+            loss = format!("{:.4}", run.loss),
             valid_recall_at_10 =
                 format!("{:.4}", log.valid.get("recall@10").copied().unwrap_or(0.0)),
             valid_ndcg_at_10 = format!("{ndcg:.4}"),
@@ -226,13 +193,7 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         save_checkpoint(&layout, &session.model, &session.opt, &state, improved)?;
     }
 
-    // Restore the best epoch's weights.
-    let mut model = session.model;
-    let best = layout.checkpoint().join("best.safetensors");
-    model.vs.load(&best).map_err(|e| Error::BadFile {
-        path: best.clone(),
-        reason: e.to_string(),
-    })?;
+    let model = session.finish(&layout.checkpoint().join("best.safetensors"))?;
 
     progress.start("evaluating", None);
     let (on_test, catalog_vecs) = crate::evaluate::split_report(

@@ -41,9 +41,9 @@ struct RunArgs {
     /// Where data, model and index go.
     #[arg(long)]
     workdir: PathBuf,
-    /// Rerun this stage (prepare, train or index) and every later one, even if up to date.
-    #[arg(long)]
-    force: Option<String>,
+    /// Rerun this stage and every later one, even if up to date.
+    #[arg(long, value_enum)]
+    force: Option<pipeline::Stage>,
     /// Device for training and embedding: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -58,7 +58,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         }
     };
     let file = PipelineFile::load(&a.file)?;
-    let outcomes = pipeline::run(&file, &a.workdir, a.force.as_deref(), &a.device)?;
+    let outcomes = pipeline::run(&file, &a.workdir, a.force, &a.device)?;
     let dirs = Workdir(a.workdir.clone());
     println!();
     println!("pipeline {} in {}", a.file.display(), a.workdir.display());

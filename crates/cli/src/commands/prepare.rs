@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use features::prepare::{self, PrepareConfig, Provenance};
 use features::records::parse_time_ms;
-use features::sources::{BadRows, Source};
 use features::splits::{HistoryProtocol, SplitConfig, SplitStrategy, TieOrder};
-use features::synthetic::{SyntheticConfig, SyntheticGenerator};
 use features::tokenizer::VocabConfig;
+use ingest::prepare::{self, PrepareConfig, Provenance};
+use ingest::sources::{BadRows, Source};
+use ingest::synthetic::{SyntheticConfig, SyntheticGenerator};
 
 use crate::progress::Bars;
 

@@ -44,7 +44,7 @@ pub fn config(
     seed: Option<u64>,
 ) -> anyhow::Result<TrainConfig> {
     let mut cfg = match file {
-        Some(path) => TrainConfig::from_toml_file(path)?,
+        Some(path) => crate::pipeline::file::train_config_file(path)?,
         None => TrainConfig::default(),
     };
     cfg.epochs = epochs.unwrap_or(cfg.epochs);
@@ -64,18 +64,21 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         args.seed,
     )?;
     let device = super::device(&args.device)?;
-    let report = trainer::train(
-        TrainOptions {
-            data: args.data.clone(),
-            out: args.out.clone(),
-            config: cfg,
-            device,
-            resume: args.resume,
-        },
-        &Bars::new(),
-    )
-    .with_context(|| format!("training on {}", args.data.display()))?;
-    println!("model written to {}", args.out.display());
+    train(TrainOptions {
+        data: args.data,
+        out: args.out,
+        config: cfg,
+        device,
+        resume: args.resume,
+    })
+}
+
+/// Trains with progress bars and prints the report: `twotower train` and the pipeline's stage.
+pub fn train(opts: TrainOptions) -> anyhow::Result<()> {
+    let (data, out) = (opts.data.clone(), opts.out.clone());
+    let report = trainer::train(opts, &Bars::new())
+        .with_context(|| format!("training on {}", data.display()))?;
+    println!("model written to {}", out.display());
     print_metrics(&report);
     println!(
         "{} epochs (best {}), {:.0} examples/s on {}, {:.1} s, peak RSS {:.0} MiB",

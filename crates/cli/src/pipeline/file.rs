@@ -3,7 +3,8 @@
 //! `[prepare]`, `[index]` and `[serve]` hold the flags of `twotower prepare`, `twotower index`
 //! and `twotower serve` (`cold_items = 0.1` is `--cold-items 0.1`), so a pipeline file can say
 //! nothing the CLI could not, and the CLI validates both the same way. `[train]` is the training
-//! config (`trainer::TrainConfig`), as `twotower train --config` reads it.
+//! config (`trainer::TrainConfig`), handed to the train stage as it is; `twotower train --config`
+//! reads it from a pipeline file too.
 
 use std::path::{Path, PathBuf};
 
@@ -49,6 +50,30 @@ impl PipelineFile {
             }
         }
         Ok(file)
+    }
+}
+
+impl PipelineFile {
+    /// The training config of the `[train]` table.
+    pub fn train_config(&self) -> anyhow::Result<trainer::TrainConfig> {
+        let source = format!("{} [train]", self.path.display());
+        Ok(trainer::TrainConfig::from_toml_table(
+            self.train.clone(),
+            &source,
+        )?)
+    }
+}
+
+/// The training config in a `--config` file: a pipeline file's `[train]` table, or a file of
+/// training settings at its top level.
+pub fn train_config_file(path: &Path) -> anyhow::Result<trainer::TrainConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+    match table.get("train") {
+        Some(toml::Value::Table(_)) => PipelineFile::load(path)?.train_config(),
+        _ => Ok(trainer::TrainConfig::from_toml_file(path)?),
     }
 }
 
@@ -121,7 +146,8 @@ mod tests {
                 flags(&file.prepare).unwrap();
                 flags(&file.index).unwrap();
                 flags(&file.serve).unwrap();
-                trainer::TrainConfig::from_toml_file(&path).unwrap();
+                file.train_config().unwrap();
+                train_config_file(&path).unwrap();
                 seen += 1;
             }
         }

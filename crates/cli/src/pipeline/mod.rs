@@ -16,12 +16,39 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser};
+use features::DataLayout;
+use towers::artifact::ModelLayout;
 
 use file::{flags, PipelineFile};
 use record::{Inputs, StageRecord};
 
-/// The batch stages, in order.
-pub const STAGES: [&str; 3] = ["prepare", "train", "index"];
+/// A batch stage. Declared in run order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Stage {
+    Prepare,
+    Train,
+    Index,
+}
+
+impl Stage {
+    /// Every stage, in run order.
+    pub const ALL: [Stage; 3] = [Stage::Prepare, Stage::Train, Stage::Index];
+
+    /// The stage's name (its record file, its log lines, `--force`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Prepare => "prepare",
+            Stage::Train => "train",
+            Stage::Index => "index",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Paths of a pipeline's outputs.
 pub struct Workdir(pub PathBuf);
@@ -40,7 +67,7 @@ impl Workdir {
 
 /// What a run did.
 pub struct StageOutcome {
-    pub stage: &'static str,
+    pub stage: Stage,
     pub ran: bool,
     pub seconds: f64,
 }
@@ -49,24 +76,18 @@ pub struct StageOutcome {
 pub fn run(
     file: &PipelineFile,
     workdir: &Path,
-    force: Option<&str>,
+    force: Option<Stage>,
     device: &str,
 ) -> anyhow::Result<Vec<StageOutcome>> {
-    if let Some(f) = force {
-        if !STAGES.contains(&f) {
-            bail!("--force `{f}`: expected one of {}", STAGES.join(", "));
-        }
-    }
     std::fs::create_dir_all(workdir).with_context(|| format!("creating {}", workdir.display()))?;
     let dirs = Workdir(workdir.to_path_buf());
-    let forced_from = force.and_then(|f| STAGES.iter().position(|s| *s == f));
     let mut upstream_ran = false;
     let mut outcomes = Vec::new();
-    for (i, &stage) in STAGES.iter().enumerate() {
+    for stage in Stage::ALL {
         let inputs = stage_inputs(stage, file, &dirs)?;
-        let done = record::load(workdir, stage)
+        let done = record::load(workdir, stage.name())
             .is_some_and(|r| r.inputs == inputs && outputs_exist(stage, &dirs));
-        let forced = forced_from.is_some_and(|f| i >= f);
+        let forced = force.is_some_and(|f| stage >= f);
         if done && !forced && !upstream_ran {
             eprintln!("[pipeline] {stage}: up to date, skipped");
             outcomes.push(StageOutcome {
@@ -77,7 +98,7 @@ pub fn run(
             continue;
         }
         eprintln!("[pipeline] {stage}: running");
-        record::remove(workdir, stage);
+        record::remove(workdir, stage.name());
         let start = Instant::now();
         run_stage(stage, file, &dirs, device)
             .with_context(|| format!("pipeline stage `{stage}`"))?;
@@ -87,7 +108,7 @@ pub fn run(
         record::save(
             workdir,
             &StageRecord {
-                stage: stage.into(),
+                stage: stage.name().into(),
                 inputs,
                 finished_at: chrono_now(),
                 seconds,
@@ -108,16 +129,18 @@ fn chrono_now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-fn outputs_exist(stage: &str, dirs: &Workdir) -> bool {
+fn outputs_exist(stage: Stage, dirs: &Workdir) -> bool {
     match stage {
-        "prepare" => dirs.data().join("dataset.json").is_file(),
-        "train" => dirs.model().join("model.json").is_file(),
-        _ => dirs.index().join("CURRENT").is_file(),
+        Stage::Prepare => DataLayout(dirs.data()).info().is_file(),
+        Stage::Train => ModelLayout(dirs.model()).info().is_file(),
+        Stage::Index => indexer::IndexRoot::new(dirs.index())
+            .current_path()
+            .is_file(),
     }
 }
 
 /// Checksum of what a stage reads: its settings and the outputs of the stages before it.
-fn stage_inputs(stage: &str, file: &PipelineFile, dirs: &Workdir) -> anyhow::Result<String> {
+fn stage_inputs(stage: Stage, file: &PipelineFile, dirs: &Workdir) -> anyhow::Result<String> {
     let version = env!("CARGO_PKG_VERSION");
     let json = |t: &toml::Table| serde_json::to_string(t).expect("serializable");
     let optional = |inputs: Inputs, name: &str, path: &Path| -> anyhow::Result<Inputs> {
@@ -128,8 +151,9 @@ fn stage_inputs(stage: &str, file: &PipelineFile, dirs: &Workdir) -> anyhow::Res
         }
     };
     let inputs = Inputs::default().value("twotower", version);
+    let dataset_json = DataLayout(dirs.data()).info();
     Ok(match stage {
-        "prepare" => {
+        Stage::Prepare => {
             let mut inputs = inputs.value("prepare", &json(&file.prepare));
             // Your own files are inputs too.
             for key in ["items", "events", "users"] {
@@ -139,50 +163,53 @@ fn stage_inputs(stage: &str, file: &PipelineFile, dirs: &Workdir) -> anyhow::Res
             }
             inputs.finish()
         }
-        "train" => optional(
+        Stage::Train => optional(
             inputs.value("train", &json(&file.train)),
             "dataset",
-            &dirs.data().join("dataset.json"),
+            &dataset_json,
         )?
         .finish(),
-        _ => {
+        Stage::Index => {
             let inputs = optional(
                 inputs.value("index", &json(&file.index)),
                 "dataset",
-                &dirs.data().join("dataset.json"),
+                &dataset_json,
             )?;
-            optional(inputs, "model", &dirs.model().join("model.json"))?.finish()
+            optional(inputs, "model", &ModelLayout(dirs.model()).info())?.finish()
         }
     })
 }
 
-fn run_stage(stage: &str, file: &PipelineFile, dirs: &Workdir, device: &str) -> anyhow::Result<()> {
+fn run_stage(
+    stage: Stage,
+    file: &PipelineFile,
+    dirs: &Workdir,
+    device: &str,
+) -> anyhow::Result<()> {
     let path = |p: PathBuf| p.display().to_string();
     match stage {
-        "prepare" => {
+        Stage::Prepare => {
             let mut argv = flags(&file.prepare)?;
             argv.extend(["--out".into(), path(dirs.data())]);
             crate::commands::prepare::run(parse("prepare", argv)?)
         }
-        "train" => {
+        Stage::Train => {
             // A rerun starts from scratch, not from an old run's checkpoint.
             if dirs.model().exists() {
                 std::fs::remove_dir_all(dirs.model())
                     .with_context(|| format!("removing {}", dirs.model().display()))?;
             }
-            let argv = vec![
-                "--data".into(),
-                path(dirs.data()),
-                "--out".into(),
-                path(dirs.model()),
-                "--config".into(),
-                path(file.path.clone()),
-                "--device".into(),
-                device.into(),
-            ];
-            crate::commands::train::run(parse("train", argv)?)
+            let config = file.train_config()?;
+            config.validate()?;
+            crate::commands::train::train(trainer::TrainOptions {
+                data: dirs.data(),
+                out: dirs.model(),
+                config,
+                device: crate::commands::device(device)?,
+                resume: false,
+            })
         }
-        _ => {
+        Stage::Index => {
             let mut argv = flags(&file.index)?;
             if !file.index.contains_key("device") {
                 argv.extend(["--device".into(), device.into()]);
@@ -204,7 +231,7 @@ fn run_stage(stage: &str, file: &PipelineFile, dirs: &Workdir, device: &str) -> 
 /// (plus `extra` flags, which come later and so override them).
 pub fn serve(file: &PipelineFile, workdir: &Path, extra: &[String]) -> anyhow::Result<()> {
     let dirs = Workdir(workdir.to_path_buf());
-    if !outputs_exist("index", &dirs) {
+    if !outputs_exist(Stage::Index, &dirs) {
         bail!(
             "{}: no index yet; run `twotower pipeline run {} --workdir {}` first",
             workdir.display(),

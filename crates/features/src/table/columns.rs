@@ -15,14 +15,14 @@ use crate::schema;
 
 /// Looks up columns of one batch, coercing them to the expected type and naming file, row and
 /// column in every error.
-pub(crate) struct Columns<'a> {
+pub struct Columns<'a> {
     batch: &'a RecordBatch,
     pub(super) file: &'a Path,
     first_row: usize,
 }
 
 impl<'a> Columns<'a> {
-    pub(crate) fn new(batch: &'a RecordBatch, file: &'a Path, first_row: usize) -> Self {
+    pub fn new(batch: &'a RecordBatch, file: &'a Path, first_row: usize) -> Self {
         Columns {
             batch,
             file,
@@ -31,21 +31,16 @@ impl<'a> Columns<'a> {
     }
 
     /// 1-based file row of batch row `i`.
-    pub(crate) fn row(&self, i: usize) -> usize {
+    pub fn row(&self, i: usize) -> usize {
         self.first_row + i
     }
 
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.batch.num_rows()
     }
 
     /// The column cast to `ty`; `None` when absent and optional.
-    pub(crate) fn get(
-        &self,
-        name: &str,
-        ty: &DataType,
-        required: bool,
-    ) -> Result<Option<ArrayRef>> {
+    pub fn get(&self, name: &str, ty: &DataType, required: bool) -> Result<Option<ArrayRef>> {
         let Some(col) = self.batch.column_by_name(name) else {
             return if required {
                 Err(Error::bad_column(
@@ -111,12 +106,12 @@ impl<'a> Columns<'a> {
         }
     }
 
-    pub(crate) fn required(&self, name: &str, ty: &DataType) -> Result<ArrayRef> {
+    pub fn required(&self, name: &str, ty: &DataType) -> Result<ArrayRef> {
         Ok(self.get(name, ty, true)?.expect("required column"))
     }
 
     /// Fails on the first null in `col`.
-    pub(crate) fn no_nulls(&self, name: &str, col: &dyn Array) -> Result<()> {
+    pub fn no_nulls(&self, name: &str, col: &dyn Array) -> Result<()> {
         match (0..col.len()).find(|&i| col.is_null(i)) {
             Some(i) => Err(Error::bad_value(
                 self.file,
@@ -128,20 +123,20 @@ impl<'a> Columns<'a> {
         }
     }
 
-    pub(crate) fn u64s(&self, name: &str) -> Result<Vec<u64>> {
+    pub fn u64s(&self, name: &str) -> Result<Vec<u64>> {
         let col = self.required(name, &DataType::UInt64)?;
         self.no_nulls(name, &col)?;
         Ok(col.as_primitive::<UInt64Type>().values().to_vec())
     }
 
-    pub(crate) fn opt_u64s(&self, name: &str) -> Result<Vec<Option<u64>>> {
+    pub fn opt_u64s(&self, name: &str) -> Result<Vec<Option<u64>>> {
         Ok(match self.get(name, &DataType::UInt64, false)? {
             Some(col) => col.as_primitive::<UInt64Type>().iter().collect(),
             None => vec![None; self.len()],
         })
     }
 
-    pub(crate) fn timestamps(&self, name: &str, required: bool) -> Result<Vec<Option<i64>>> {
+    pub fn timestamps(&self, name: &str, required: bool) -> Result<Vec<Option<i64>>> {
         let Some(col) = self.get(name, &schema::timestamp_ms(), required)? else {
             return Ok(vec![None; self.len()]);
         };
@@ -160,19 +155,19 @@ impl<'a> Columns<'a> {
         Ok(ts.iter().collect())
     }
 
-    pub(crate) fn strings(&self, name: &str) -> Result<StringArray> {
+    pub fn strings(&self, name: &str) -> Result<StringArray> {
         let col = self.required(name, &DataType::Utf8)?;
         self.no_nulls(name, &col)?;
         Ok(col.as_string::<i32>().clone())
     }
 
-    pub(crate) fn opt_strings(&self, name: &str) -> Result<Option<StringArray>> {
+    pub fn opt_strings(&self, name: &str) -> Result<Option<StringArray>> {
         Ok(self
             .get(name, &DataType::Utf8, false)?
             .map(|c| c.as_string::<i32>().clone()))
     }
 
-    pub(crate) fn opt_f32s(&self, name: &str) -> Result<Vec<Option<f32>>> {
+    pub fn opt_f32s(&self, name: &str) -> Result<Vec<Option<f32>>> {
         Ok(match self.get(name, &DataType::Float32, false)? {
             Some(col) => col.as_primitive::<Float32Type>().iter().collect(),
             None => vec![None; self.len()],
@@ -180,7 +175,7 @@ impl<'a> Columns<'a> {
     }
 
     /// A `List<Utf8>` column as one `Vec<String>` per row; absent or null lists are empty.
-    pub(crate) fn string_lists(&self, name: &str, required: bool) -> Result<Vec<Vec<String>>> {
+    pub fn string_lists(&self, name: &str, required: bool) -> Result<Vec<Vec<String>>> {
         let Some(col) = self.get(name, &schema::utf8_list(), required)? else {
             return Ok(vec![Vec::new(); self.len()]);
         };

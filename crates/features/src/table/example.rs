@@ -150,4 +150,4 @@ fn read_histories(list: &ListArray, c: &Columns<'_>) -> Result<Vec<Vec<HistoryEv
 }
 
 // ------------------------------------------------------------------------------------------------
-// Lenient reading of events (used by `sources::files` with `--on-bad-rows skip`)
+// Lenient reading of events (used by `ingest::sources::files` with `--on-bad-rows skip`)

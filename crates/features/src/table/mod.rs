@@ -20,7 +20,7 @@ mod reader;
 mod user;
 mod writer;
 
-pub(crate) use columns::Columns;
+pub use columns::Columns;
 pub use event::{read_events_lenient, validate_event};
 pub(crate) use reader::open_parquet;
 pub use reader::{read_table, row_group_count, TableReader};

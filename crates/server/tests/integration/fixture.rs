@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use features::prepare::{prepare_streaming, DataLayout, PrepareConfig, Provenance};
-use features::synthetic::{SyntheticConfig, SyntheticGenerator};
 use features::{Event, Item, NoProgress};
 use indexer::{build_index, BuildOptions, PublishSettings};
+use ingest::prepare::{prepare_streaming, DataLayout, PrepareConfig, Provenance};
+use ingest::synthetic::{SyntheticConfig, SyntheticGenerator};
 use server::proto::recommender_client::RecommenderClient;
 use server::{ServeConfig, ServeOptions};
 use tch::Device;

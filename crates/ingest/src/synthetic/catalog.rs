@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::sample::{capitalize, mix, unit, zipf_rank, Shuffle, Weighted, WordMaker};
 use super::SyntheticConfig;
-use crate::records::Item;
+use features::records::Item;
 
 /// Real names for the first top-level categories and their sub-categories; further ones get
 /// made-up names.

@@ -15,9 +15,9 @@ use std::str::FromStr;
 
 pub use files::BadRows;
 
-use crate::error::{Error, Result};
-use crate::progress::Progress;
 use crate::raw::RawData;
+use features::error::{Error, Result};
+use features::progress::Progress;
 
 /// One source of raw data.
 #[derive(Debug, Clone, PartialEq, Eq)]

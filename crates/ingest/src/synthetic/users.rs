@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use super::catalog::Catalog;
 use super::sample::{exponential, mix, normal, pick, zipf_rank, Shuffle, Weighted};
 use super::SyntheticConfig;
-use crate::records::{Event, EventType, User};
+use features::records::{Event, EventType, User};
 
 const GENDERS: [&str; 2] = ["f", "m"];
 const AGES: [&str; 6] = ["18-24", "25-34", "35-44", "45-54", "55-64", "65+"];

@@ -11,15 +11,15 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
-pub use crate::layout::{Counts, DataLayout, DatasetInfo, PrepareConfig, Provenance};
-use crate::progress::Progress;
 use crate::raw::RawData;
-use crate::records::{Event, EventType, Example, Item, User};
 use crate::sources::BadRows;
-use crate::splits::{self, Split, SplitConfig, SplitStrategy};
-use crate::table::{TableWriter, ROW_GROUP_ROWS};
-use crate::tokenizer::{words, Counter, Vocabularies};
+use features::error::{Error, Result};
+pub use features::layout::{Counts, DataLayout, DatasetInfo, PrepareConfig, Provenance};
+use features::progress::Progress;
+use features::records::{Event, EventType, Example, Item, User};
+use features::splits::{self, Split, SplitConfig, SplitStrategy};
+use features::table::{TableWriter, ROW_GROUP_ROWS};
+use features::tokenizer::{words, Counter, Vocabularies};
 
 /// Prepares a dataset held in memory (every source but the synthetic generator).
 pub fn prepare_raw(
@@ -183,7 +183,7 @@ fn validate_items(items: &[Item], label: &Path) -> Result<HashSet<u64>> {
 }
 
 fn check_event_item(e: &Event, ids: &HashSet<u64>, label: &Path, row: usize) -> Result<()> {
-    if let Err((column, reason)) = crate::table::validate_event(e) {
+    if let Err((column, reason)) = features::table::validate_event(e) {
         return Err(Error::bad_value(label, row, column, reason));
     }
     match e.item_id {
@@ -287,7 +287,7 @@ struct DatasetWriter {
 
 impl DatasetWriter {
     fn create(out: &Path, cfg: PrepareConfig, provenance: Provenance) -> Result<Self> {
-        let tmp = crate::fsutil::hidden_sibling(out, "tmp");
+        let tmp = features::fsutil::hidden_sibling(out, "tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(tmp.join("splits")).map_err(|e| Error::io(&tmp, e))?;
         let layout = DataLayout(tmp.clone());
@@ -405,7 +405,7 @@ impl DatasetWriter {
         self.users.finish()?;
         self.events.finish()?;
         let info = DatasetInfo {
-            schema_version: crate::schema::SCHEMA_VERSION.to_string(),
+            schema_version: features::schema::SCHEMA_VERSION.to_string(),
             provenance: self.provenance,
             counts: self.counts,
             min_ts_ms: self.min_ts,
@@ -414,7 +414,7 @@ impl DatasetWriter {
             vocab_checksum,
             prepare_seconds: started.elapsed().as_secs_f64(),
         };
-        crate::fsutil::write_json(&DataLayout(self.tmp.clone()).info(), &info)?;
+        features::fsutil::write_json(&DataLayout(self.tmp.clone()).info(), &info)?;
         publish_dir(&self.tmp, &self.out)?;
         Ok(info)
     }
@@ -451,13 +451,13 @@ impl DatasetWriter {
 /// Replaces `out` with the complete directory `tmp`: the old one (if any) is moved aside first
 /// and removed only after the new one is in place.
 fn publish_dir(tmp: &Path, out: &Path) -> Result<()> {
-    let old = crate::fsutil::hidden_sibling(out, "old");
+    let old = features::fsutil::hidden_sibling(out, "old");
     let had_old = out.exists();
     if had_old {
         std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
     }
     std::fs::rename(tmp, out).map_err(|e| Error::io(out, e))?;
-    crate::fsutil::sync_parent(out)?;
+    features::fsutil::sync_parent(out)?;
     if had_old {
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
     }
@@ -469,9 +469,9 @@ mod tests {
     use std::collections::{HashMap, HashSet};
 
     use super::*;
-    use crate::progress::NoProgress;
     use crate::synthetic::{SyntheticConfig, SyntheticGenerator};
-    use crate::table::read_table;
+    use features::progress::NoProgress;
+    use features::table::read_table;
 
     fn provenance() -> Provenance {
         Provenance {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::error::{Error, Result};
+use features::error::{Error, Result};
 
 /// Marker file written last into a finished cache directory.
 const COMPLETE: &str = ".complete";

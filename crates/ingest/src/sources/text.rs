@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use crate::error::{Error, Result};
+use features::error::{Error, Result};
 
 /// The dialect of a text table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,7 +202,7 @@ impl Row<'_> {
         let Some(s) = self.opt(col)? else {
             return Ok(None);
         };
-        match crate::records::parse_time_ms(s) {
+        match features::records::parse_time_ms(s) {
             Some(ms) if ms < 0 => Err(self.error(col, format!("negative timestamp `{s}`"))),
             Some(ms) => Ok(Some(ms)),
             None => Err(self.error(

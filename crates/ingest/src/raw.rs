@@ -1,6 +1,6 @@
 //! A dataset as loaded from its source, before validation and splitting.
 
-use crate::records::{Event, Item, User};
+use features::records::{Event, Item, User};
 
 /// Items, users and events of one source, in no particular order.
 #[derive(Debug, Default, Clone)]

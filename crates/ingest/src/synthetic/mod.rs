@@ -17,8 +17,8 @@ mod users;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
-use crate::records::{Event, Item, User};
+use features::error::{Error, Result};
+use features::records::{Event, Item, User};
 
 /// Sizes and tunables of a synthetic dataset. Missing fields take their defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -240,7 +240,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::records::EventType;
+    use features::records::EventType;
 
     fn small() -> SyntheticConfig {
         SyntheticConfig {
@@ -284,7 +284,7 @@ mod tests {
             let brand = &item.aspects[0]["brand:".len()..];
             assert!(item.title.to_lowercase().starts_with(brand), "{item:?}");
             assert!(
-                crate::tokenizer::words(&item.title).count() >= 3,
+                features::tokenizer::words(&item.title).count() >= 3,
                 "{item:?}"
             );
         }
