@@ -102,7 +102,11 @@ fn stages_run_once_then_skip_until_inputs_change() {
             "deploy",
         ])
         .fails();
-    assert!(err.contains("--force `deploy`"), "{err}");
+    assert!(
+        err.contains("invalid value 'deploy' for '--force")
+            && err.contains("prepare, train, index"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -4,22 +4,15 @@
 
 use std::time::{Duration, Instant};
 
-use server::proto::{RecommendRequest, RecordEventsRequest, UserEvents};
+use server::proto::{RecommendRequest, RecordEventsRequest};
 
-use crate::fixture::{view, Events, Nats, TestServer};
+use crate::fixture::{Events, Nats, TestServer};
 use crate::state::{http_get, metric};
 
 fn record(user: u64, items: &[u64], key: &str) -> RecordEventsRequest {
     RecordEventsRequest {
-        users: vec![UserEvents {
-            user_id: user,
-            events: items
-                .iter()
-                .enumerate()
-                .map(|(i, &id)| view(id, 1_700_000_000_000 + i as i64))
-                .collect(),
-        }],
         idempotency_key: key.to_string(),
+        ..crate::state::record(user, items, 1_700_000_000_000)
     }
 }
 

@@ -7,7 +7,8 @@ use server::proto::{RecommendRequest, RecordEventsRequest, UserEvents};
 
 use crate::fixture::{fixture, options, start_with, view, Events};
 
-fn record(user: u64, items: &[u64], ts: i64) -> RecordEventsRequest {
+/// A request recording views of `items` by `user`, one millisecond apart from `ts`.
+pub fn record(user: u64, items: &[u64], ts: i64) -> RecordEventsRequest {
     RecordEventsRequest {
         users: vec![UserEvents {
             user_id: user,
