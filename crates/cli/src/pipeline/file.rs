@@ -146,8 +146,11 @@ mod tests {
                 flags(&file.prepare).unwrap();
                 flags(&file.index).unwrap();
                 flags(&file.serve).unwrap();
-                file.train_config().unwrap();
-                train_config_file(&path).unwrap();
+                file.train_config().unwrap().validate().unwrap();
+                assert_eq!(
+                    train_config_file(&path).unwrap().epochs,
+                    file.train_config().unwrap().epochs
+                );
                 seen += 1;
             }
         }
