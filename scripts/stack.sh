@@ -126,6 +126,8 @@ case "${1:-}" in
     ;;
   down)
     ensure_docker
+    # compose reads the build context even to stop; a fresh clone has none staged.
+    [ -d deploy/context ] || export TWOTOWER_BUILD_CONTEXT=${TWOTOWER_BUILD_CONTEXT:-.}
     compose down -v --remove-orphans
     ;;
   images)
@@ -138,6 +140,7 @@ case "${1:-}" in
     shift
     ensure_docker
     export TWOTOWER_DATA_CACHE=${TWOTOWER_DATA_CACHE:-$HOME/.cache/twotower/data}
+    [ -d deploy/context ] || export TWOTOWER_BUILD_CONTEXT=${TWOTOWER_BUILD_CONTEXT:-.}
     compose "$@"
     ;;
   *)

@@ -273,6 +273,34 @@ async fn the_compose_stack_serves_shares_history_and_loses_no_request() {
         .into_inner();
     assert!(info.item_count > 1000, "{info:?}");
 
+    // Balanced per request, not per connection: calls over one connection reach both replicas.
+    let served = || -> Vec<u64> {
+        REPLICAS
+            .iter()
+            .map(|(_, _, metrics)| {
+                let text = http_get(metrics, "/metrics").unwrap_or_default();
+                text.lines()
+                    .find(|l| {
+                        l.starts_with("twotower_requests_total")
+                            && l.contains(r#"code="OK""#)
+                            && l.contains(r#"rpc="Recommend""#)
+                    })
+                    .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    let before = served();
+    for user in 1..=20 {
+        lb.recommend(recommend(user)).await.unwrap();
+    }
+    let after = served();
+    eprintln!("[stack] 20 calls over one connection: {before:?} -> {after:?} per replica");
+    assert!(
+        after.iter().zip(&before).all(|(a, b)| a > b),
+        "one connection's calls all went to one replica: {before:?} -> {after:?}"
+    );
+
     // An event recorded through the balancer is excluded by every replica within 1 s.
     let user = 2;
     let item = top(&mut lb, user).await[0];
