@@ -93,17 +93,12 @@ pub fn read_ml_100k(dir: &Path) -> Result<RawData> {
         Ok(())
     })?;
 
-    let t = TextTable::open(&dir.join("ml-100k.inter"), Dialect::RecBole)?;
-    let cols = (
-        t.column("user_id")?,
-        t.column("item_id")?,
-        t.column("rating")?,
-        t.column("timestamp")?,
-    );
-    t.for_each_row(|row| {
-        data.events.push(rating(&row?, cols)?);
-        Ok(())
-    })?;
+    read_ratings(
+        &dir.join("ml-100k.inter"),
+        Dialect::RecBole,
+        ["user_id", "item_id", "rating", "timestamp"],
+        &mut data.events,
+    )?;
     Ok(data)
 }
 
@@ -126,17 +121,12 @@ pub fn read_ml_latest_small(dir: &Path) -> Result<RawData> {
         Ok(())
     })?;
 
-    let t = TextTable::open(&dir.join("ratings.csv"), Dialect::Csv)?;
-    let cols = (
-        t.column("userId")?,
-        t.column("movieId")?,
-        t.column("rating")?,
-        t.column("timestamp")?,
-    );
-    t.for_each_row(|row| {
-        data.events.push(rating(&row?, cols)?);
-        Ok(())
-    })?;
+    read_ratings(
+        &dir.join("ratings.csv"),
+        Dialect::Csv,
+        ["userId", "movieId", "rating", "timestamp"],
+        &mut data.events,
+    )?;
     let users: BTreeSet<u64> = data.events.iter().map(|e| e.user_id).collect();
     data.users = users
         .into_iter()
@@ -178,6 +168,27 @@ fn movie<'a>(
 }
 
 /// One rating row: user, item, rating, Unix seconds.
+/// Appends the ratings in `file`, whose user, item, rating and timestamp columns are `names`.
+fn read_ratings(
+    file: &Path,
+    dialect: Dialect,
+    names: [&str; 4],
+    events: &mut Vec<Event>,
+) -> Result<()> {
+    let t = TextTable::open(file, dialect)?;
+    let cols = (
+        t.column(names[0])?,
+        t.column(names[1])?,
+        t.column(names[2])?,
+        t.column(names[3])?,
+    );
+    t.for_each_row(|row| {
+        events.push(rating(&row?, cols)?);
+        Ok(())
+    })?;
+    Ok(())
+}
+
 fn rating(row: &Row<'_>, (user, item, value, ts): (usize, usize, usize, usize)) -> Result<Event> {
     let value = row
         .opt_number::<f32>(value)?
