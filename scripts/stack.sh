@@ -33,6 +33,9 @@ ensure_docker() {
 }
 
 compose() {
+  # compose reads the build context even to stop; before one is staged, point it at the
+  # repository's own.
+  [ -d "$repo_root/deploy/context" ] || export TWOTOWER_BUILD_CONTEXT=${TWOTOWER_BUILD_CONTEXT:-.}
   if docker compose version >/dev/null 2>&1; then
     docker compose "$@"
   elif command -v docker-compose >/dev/null; then
@@ -126,8 +129,6 @@ case "${1:-}" in
     ;;
   down)
     ensure_docker
-    # compose reads the build context even to stop; a fresh clone has none staged.
-    [ -d deploy/context ] || export TWOTOWER_BUILD_CONTEXT=${TWOTOWER_BUILD_CONTEXT:-.}
     compose down -v --remove-orphans
     ;;
   images)
@@ -140,7 +141,6 @@ case "${1:-}" in
     shift
     ensure_docker
     export TWOTOWER_DATA_CACHE=${TWOTOWER_DATA_CACHE:-$HOME/.cache/twotower/data}
-    [ -d deploy/context ] || export TWOTOWER_BUILD_CONTEXT=${TWOTOWER_BUILD_CONTEXT:-.}
     compose "$@"
     ;;
   *)

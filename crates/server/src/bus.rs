@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use crate::commit::Recorded;
 use crate::dedup::DedupWindow;
 use crate::error::{Error, Result};
-use crate::history::{HistoryStore, StoredEvent};
+use crate::history::HistoryStore;
 use crate::logrecord::{self, Record};
 use crate::metrics::Metrics;
 use crate::seed::{self, Counts};
@@ -286,19 +286,7 @@ impl Applier {
             self.metrics.bus_events_applied.inc_by(events.len() as u64);
         }
         let mut dedup = self.dedup.lock().expect("dedup lock");
-        match counts {
-            Some(counts) => seed::apply_record(&self.store, counts, &mut dedup, record),
-            None => {
-                if let Record::Batch { events, key } = record {
-                    if let Some(k) = key {
-                        dedup.insert(&k, events.len() as u64);
-                    }
-                    for e in &events {
-                        self.store.record(e.user_id, StoredEvent::from_event(e));
-                    }
-                }
-            }
-        }
+        seed::apply_record(&self.store, counts, &mut dedup, record);
     }
 }
 

@@ -90,7 +90,7 @@ struct State {
 impl State {
     /// Applies a record exactly as a replay at start-up would.
     fn apply(&mut self, record: Record) {
-        seed::apply_record(&self.store, &mut self.counts, &mut self.dedup, record)
+        seed::apply_record(&self.store, Some(&mut self.counts), &mut self.dedup, record)
     }
 }
 

@@ -24,10 +24,12 @@ pub fn apply(store: &HistoryStore, counts: &mut Counts, e: &Event) {
 }
 
 /// Applies one event-log record to the store, the counts and the idempotency window: what a
-/// replay does at start-up and what compaction does to build the state it writes back.
+/// replay does at start-up, what compaction does to build the state it writes back, and what a
+/// replica does with each event-bus message. `counts` is `None` once serving: item popularity
+/// is fixed at start-up.
 pub fn apply_record(
     store: &HistoryStore,
-    counts: &mut Counts,
+    mut counts: Option<&mut Counts>,
     dedup: &mut DedupWindow,
     record: Record,
 ) {
@@ -37,13 +39,18 @@ pub fn apply_record(
                 dedup.insert(&k, events.len() as u64);
             }
             for e in &events {
-                apply(store, counts, e);
+                match counts.as_deref_mut() {
+                    Some(counts) => apply(store, counts, e),
+                    None => store.record(e.user_id, StoredEvent::from_event(e)),
+                }
             }
         }
         Record::Seen { user_id, items } => store.add_seen(user_id, &items),
         Record::Counts(c) => {
-            for (id, n) in c {
-                *counts.entry(id).or_default() += n;
+            if let Some(counts) = counts {
+                for (id, n) in c {
+                    *counts.entry(id).or_default() += n;
+                }
             }
         }
         Record::Keys(keys) => {

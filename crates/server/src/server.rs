@@ -16,6 +16,7 @@ use tokio::sync::{oneshot, watch};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
+use crate::bus::BusSettings;
 use crate::commit::{AutoCompaction, Committer};
 use crate::compact::{self, CompactSettings};
 use crate::config::ServeConfig;
@@ -111,13 +112,22 @@ struct Loaded {
     model: ModelSlot,
     store: Arc<HistoryStore>,
     counts: seed::Counts,
-    /// The event log, replayed (none when events go through the bus).
-    log: Option<EventLog>,
     dedup: DedupWindow,
-    /// Events replayed from the event log.
-    replayed: u64,
-    /// Bytes of a torn event-log tail cut off while replaying.
-    truncated_bytes: u64,
+    events: Opened,
+}
+
+/// Where events are kept, after the synchronous part of start-up.
+enum Opened {
+    /// The event log, replayed.
+    Log {
+        log: EventLog,
+        /// Events it held.
+        replayed: u64,
+        /// Bytes of a torn tail cut off while replaying.
+        truncated_bytes: u64,
+    },
+    /// The event bus, replayed afterwards (asynchronously).
+    Bus(BusSettings),
 }
 
 /// Loads the model and the prepared data's histories, then replays the event log when events
@@ -141,19 +151,20 @@ fn load(opts: &ServeOptions) -> Result<Loaded> {
     ));
     let mut counts = seed::seed(&store, &opts.data_dir)?;
     let mut dedup = DedupWindow::new(opts.config.idempotency_window);
-    let EventStore::Log(path) = &opts.events else {
-        return Ok(Loaded {
-            model,
-            store,
-            counts,
-            log: None,
-            dedup,
-            replayed: 0,
-            truncated_bytes: 0,
-        });
+    let path = match &opts.events {
+        EventStore::Log(path) => path,
+        EventStore::Bus(settings) => {
+            return Ok(Loaded {
+                model,
+                store,
+                counts,
+                dedup,
+                events: Opened::Bus(settings.clone()),
+            })
+        }
     };
     let (mut log, replay) = EventLog::open(path, &mut |record| {
-        seed::apply_record(&store, &mut counts, &mut dedup, record)
+        seed::apply_record(&store, Some(&mut counts), &mut dedup, record)
     })?;
     // Compact before serving when the log is large and mostly events a compaction would drop
     // (more than twice what it keeps); a freshly compacted log is left alone.
@@ -175,10 +186,12 @@ fn load(opts: &ServeOptions) -> Result<Loaded> {
         model,
         store,
         counts,
-        log: Some(log),
         dedup,
-        replayed: replay.events,
-        truncated_bytes: replay.truncated_bytes,
+        events: Opened::Log {
+            log,
+            replayed: replay.events,
+            truncated_bytes: replay.truncated_bytes,
+        },
     })
 }
 
@@ -250,10 +263,8 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         model,
         store,
         mut counts,
-        log,
         dedup,
-        replayed,
-        truncated_bytes,
+        events,
     } = {
         let opts = opts.clone();
         tokio::task::spawn_blocking(move || load(&opts))
@@ -265,10 +276,10 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
     let (bus_down_tx, bus_down_rx) = watch::channel(false);
     let mut committer = None;
     let mut bus_task = None;
-    let recorder = match (&opts.events, log) {
-        (EventStore::Bus(settings), _) => {
+    let recorder = match events {
+        Opened::Bus(settings) => {
             let bus = crate::bus::start(
-                settings,
+                &settings,
                 store.clone(),
                 &mut counts,
                 dedup,
@@ -280,8 +291,13 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
             bus_task = Some(bus.consumer);
             Recorder::Bus(bus.handle)
         }
-        (EventStore::Log(_), Some(log)) => {
+        Opened::Log {
+            log,
+            replayed,
+            truncated_bytes,
+        } => {
             metrics.events_replayed.set(replayed as i64);
+            metrics.event_log_truncated_bytes.inc_by(truncated_bytes);
             let compaction = (cfg.compact_log_bytes > 0).then(|| AutoCompaction {
                 settings: compact_settings(&store, &cfg),
                 threshold: cfg.compact_log_bytes,
@@ -290,12 +306,6 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
             let handle = c.handle();
             committer = Some(c);
             Recorder::Log(handle)
-        }
-        (EventStore::Log(p), None) => {
-            return Err(Error::Transport(format!(
-                "event log {} was not opened",
-                p.display()
-            )))
         }
     };
     let counts = Arc::new(counts);
@@ -307,7 +317,6 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
             .map_err(|e| Error::Transport(format!("start-up task failed: {e}")))??
     };
     metrics.set_version(snapshot.index_version(), snapshot.model_version());
-    metrics.event_log_truncated_bytes.inc_by(truncated_bytes);
     metrics.fallback_version.set(fallback as i64);
     tracing::info!(
         index_version = snapshot.index_version(),

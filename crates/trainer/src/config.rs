@@ -1,7 +1,5 @@
-//! Training settings: one serde struct with defaults, loadable from a TOML file
-//! (`twotower train --config FILE`, or the `[train]` table of a pipeline file).
-
-use std::path::Path;
+//! Training settings: one serde struct with defaults, built from a TOML table (the CLI finds it
+//! in `twotower train --config FILE` or a pipeline file's `[train]` table).
 
 use serde::{Deserialize, Serialize};
 use towers::TowerConfig;
@@ -67,17 +65,6 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Reads a TOML file of `TrainConfig` fields at its top level. Missing fields keep their
-    /// defaults.
-    pub fn from_toml_file(path: &Path) -> Result<TrainConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let table: toml::Table = toml::from_str(&text).map_err(|e| Error::Config {
-            field: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        TrainConfig::from_toml_table(table, &path.display().to_string())
-    }
-
     /// A config from a parsed TOML table of its fields (`source` names it in errors). Missing
     /// fields keep their defaults.
     pub fn from_toml_table(table: toml::Table, source: &str) -> Result<TrainConfig> {

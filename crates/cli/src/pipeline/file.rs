@@ -51,9 +51,7 @@ impl PipelineFile {
         }
         Ok(file)
     }
-}
 
-impl PipelineFile {
     /// The training config of the `[train]` table.
     pub fn train_config(&self) -> anyhow::Result<trainer::TrainConfig> {
         let source = format!("{} [train]", self.path.display());
@@ -72,8 +70,12 @@ pub fn train_config_file(path: &Path) -> anyhow::Result<trainer::TrainConfig> {
     let table: toml::Table =
         toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
     match table.get("train") {
+        // A pipeline file: loaded as one, so its other tables are checked too.
         Some(toml::Value::Table(_)) => PipelineFile::load(path)?.train_config(),
-        _ => Ok(trainer::TrainConfig::from_toml_file(path)?),
+        _ => Ok(trainer::TrainConfig::from_toml_table(
+            table,
+            &path.display().to_string(),
+        )?),
     }
 }
 

@@ -199,12 +199,11 @@ fn run_stage(
                 std::fs::remove_dir_all(dirs.model())
                     .with_context(|| format!("removing {}", dirs.model().display()))?;
             }
-            let config = file.train_config()?;
-            config.validate()?;
+            // `trainer::train` validates the config.
             crate::commands::train::train(trainer::TrainOptions {
                 data: dirs.data(),
                 out: dirs.model(),
-                config,
+                config: file.train_config()?,
                 device: crate::commands::device(device)?,
                 resume: false,
             })

@@ -185,8 +185,7 @@ pub struct TestServer {
 }
 
 pub async fn start() -> TestServer {
-    let state = tempfile::tempdir().unwrap();
-    start_with(options(state.path()), state).await
+    Events::Log.start().await
 }
 
 pub async fn start_with(opts: ServeOptions, state: tempfile::TempDir) -> TestServer {
