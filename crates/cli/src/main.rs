@@ -17,6 +17,7 @@ mod omp;
 mod pipeline;
 mod progress;
 mod rss;
+mod settings;
 
 /// Personalized two-tower recommendations: prepare data, train, index, serve.
 ///

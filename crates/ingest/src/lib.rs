@@ -8,6 +8,7 @@
 //! Data flow: raw files → **ingest** → `DATA_DIR` (features' schemas) → towers → trainer /
 //! indexer → server.
 
+mod dataset_writer;
 pub mod prepare;
 pub mod raw;
 pub mod sources;

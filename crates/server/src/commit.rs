@@ -97,7 +97,15 @@ impl Committer {
     }
 
     /// Commits (fsyncs) everything queued and stops the writer. Blocks until it has.
-    pub fn close(mut self) {
+    pub fn close(self) {
+        drop(self)
+    }
+}
+
+/// A committer dropped without `close` (a start-up that failed after the log was opened) still
+/// stops its writer before returning, so the log's lock is free for the next server at once.
+impl Drop for Committer {
+    fn drop(&mut self) {
         let _ = self.tx.send(Msg::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -289,4 +297,36 @@ fn split_repeats(
         }
     }
     (fresh, repeats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eventlog::EventLog;
+    use crate::logrecord::Record;
+    use features::splits::{HistoryProtocol, TieOrder};
+
+    #[test]
+    fn a_dropped_committer_releases_the_event_log_lock_before_returning() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        for _ in 0..20 {
+            let (log, _) = EventLog::open(&path, &mut |_: Record| {}).unwrap();
+            let committer = Committer::start(
+                log,
+                Arc::new(HistoryStore::new(
+                    8,
+                    TieOrder::ItemId,
+                    HistoryProtocol::Strict,
+                )),
+                Arc::new(Metrics::new()),
+                DedupWindow::new(16),
+                None,
+            );
+            let _handle = committer.handle();
+            drop(committer);
+            // The next server opens (and locks) the same log straight away.
+            EventLog::open(&path, &mut |_: Record| {}).unwrap();
+        }
+    }
 }

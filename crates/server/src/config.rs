@@ -102,27 +102,15 @@ fn default_encoder_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 8))
 }
 
-/// Top-level tables that mark a pipeline file (`pipelines/*.toml`).
-const PIPELINE_TABLES: [&str; 5] = ["prepare", "train", "index", "serve", "pipeline"];
-
 impl ServeConfig {
-    /// Reads a TOML file of these settings at the top level. Unknown keys are rejected.
-    ///
-    /// A pipeline file's `[serve]` table holds the *flags* of `twotower serve` (the pipeline
-    /// runner turns them into arguments), not these settings: given a pipeline file, the settings
-    /// are the defaults. Put settings in their own file and name it with `config = "..."` there.
+    /// Reads a TOML file of these settings at the top level. Unknown keys are rejected by name.
     pub fn from_toml_file(path: &Path) -> Result<ServeConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let bad = |e: toml::de::Error| Error::BadFile {
             path: path.to_path_buf(),
             reason: e.to_string(),
         };
-        let value: toml::Table = toml::from_str(&text).map_err(bad)?;
-        let cfg: ServeConfig = if PIPELINE_TABLES.iter().any(|t| value.contains_key(*t)) {
-            ServeConfig::default()
-        } else {
-            value.try_into().map_err(bad)?
-        };
+        let cfg: ServeConfig = toml::from_str(&text).map_err(bad)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -166,20 +154,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_valid_and_every_pipeline_file_parses() {
+    fn defaults_are_valid() {
         ServeConfig::default().validate().unwrap();
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines");
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                ServeConfig::from_toml_file(&path)
-                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            }
-        }
     }
 
     #[test]
-    fn top_level_fields_parse_pipeline_files_give_defaults_and_unknown_keys_fail() {
+    fn top_level_fields_parse_and_unknown_keys_fail() {
         let tmp = tempfile::tempdir().unwrap();
         let write = |name: &str, text: &str| {
             let p = tmp.path().join(name);
@@ -188,14 +168,6 @@ mod tests {
         };
         let top = ServeConfig::from_toml_file(&write("a.toml", "encoder_workers = 3\n")).unwrap();
         assert_eq!(top.encoder_workers, 3);
-        let pipe = write(
-            "b.toml",
-            "[train]\nepochs = 1\n[serve]\naddr = \"127.0.0.1:1\"\n",
-        );
-        assert_eq!(
-            ServeConfig::from_toml_file(&pipe).unwrap(),
-            ServeConfig::default()
-        );
         let err = ServeConfig::from_toml_file(&write("c.toml", "nope = 1\n")).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
         let err = ServeConfig::from_toml_file(&write("d.toml", "torch_threads = 0\n")).unwrap_err();

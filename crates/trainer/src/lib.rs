@@ -11,6 +11,7 @@
 pub mod baselines;
 pub mod batches;
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod evaluate;

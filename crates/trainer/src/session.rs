@@ -1,13 +1,14 @@
 //! One training session: the model, its optimizer, the batch source and the learning-rate
-//! schedule, set up once and stepped one batch at a time. `train` and `bench train` both run
-//! through it, so they measure and train exactly the same step.
+//! schedule, set up once and stepped one batch at a time: open, step, epoch, checkpoint and
+//! restore (`checkpoint.rs`), finish. `train` and `bench train` both run through it, so they
+//! measure and train exactly the same step.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use features::Progress;
 use tch::{Device, Kind, Tensor};
+use towers::artifact::ModelLayout;
 use towers::dataset::{Dataset, ExampleSet};
 use towers::TwoTower;
 
@@ -155,11 +156,12 @@ impl Session {
         })
     }
 
-    /// Ends the session with the weights saved at `best` (the best epoch's checkpoint).
-    pub fn finish(self, best: &Path) -> Result<TwoTower> {
+    /// Ends the session with the best epoch's weights from `layout`'s checkpoint.
+    pub fn finish(self, layout: &ModelLayout) -> Result<TwoTower> {
+        let best = layout.checkpoint().join(crate::checkpoint::BEST_WEIGHTS);
         let mut model = self.model;
-        model.vs.load(best).map_err(|e| Error::BadFile {
-            path: best.to_path_buf(),
+        model.vs.load(&best).map_err(|e| Error::BadFile {
+            path: best.clone(),
             reason: e.to_string(),
         })?;
         Ok(model)

@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use tch::Device;
 use towers::TwoTower;
 
+use crate::checkpoint::RunState;
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
-use crate::optim::AdamW;
 use crate::ranking::{self, Metrics, Scorer, DEFAULT_KS};
 use crate::session::Session;
 use features::fsutil::write_json;
@@ -41,18 +41,6 @@ pub struct EpochLog {
     pub examples_per_sec: f64,
     pub seconds: f64,
     pub valid: Metrics,
-}
-
-/// Progress of a run, saved in every checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct RunState {
-    /// Epochs completed (the next epoch to run).
-    epochs_done: usize,
-    best_epoch: usize,
-    best_ndcg: f64,
-    log: Vec<EpochLog>,
-    /// The settings the run started with; `--resume` refuses different ones.
-    config: TrainConfig,
 }
 
 /// `metrics.json`.
@@ -111,17 +99,10 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         config: cfg.clone(),
     };
     if opts.resume {
-        match load_checkpoint(&layout, &mut session.model, &mut session.opt)? {
+        match session.restore(&layout)? {
             Some(saved) => {
-                if !same_run(&saved.config, &cfg) {
-                    return Err(Error::Mismatch(format!(
-                        "{}: the checkpoint was made with different settings; train into a new directory or drop --resume",
-                        layout.checkpoint().display()
-                    )));
-                }
                 tracing::info!(epochs_done = saved.epochs_done, "resuming from checkpoint");
                 state = saved;
-                state.config.epochs = cfg.epochs;
             }
             None => tracing::warn!(
                 "--resume: no checkpoint in {}, starting from scratch",
@@ -190,10 +171,10 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         }
         state.log.push(log);
         state.epochs_done = epoch + 1;
-        save_checkpoint(&layout, &session.model, &session.opt, &state, improved)?;
+        session.checkpoint(&layout, &state, improved)?;
     }
 
-    let model = session.finish(&layout.checkpoint().join("best.safetensors"))?;
+    let model = session.finish(&layout)?;
 
     progress.start("evaluating", None);
     let (on_test, catalog_vecs) = crate::evaluate::split_report(
@@ -274,79 +255,6 @@ fn evaluate_split(
         batch,
         |_| true,
     )
-}
-
-/// Two configs describe the same run if they differ at most in the number of epochs.
-fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
-    TrainConfig {
-        epochs: 0,
-        ..a.clone()
-    } == TrainConfig {
-        epochs: 0,
-        ..b.clone()
-    }
-}
-
-fn save_checkpoint(
-    layout: &ModelLayout,
-    model: &TwoTower,
-    opt: &AdamW,
-    state: &RunState,
-    improved: bool,
-) -> Result<()> {
-    let dir = layout.checkpoint();
-    let tmp = layout.0.join(".checkpoint.tmp");
-    let old = layout.0.join(".checkpoint.old");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    model.save(&tmp.join("weights.safetensors"))?;
-    opt.save(&tmp.join("optimizer.safetensors"))?;
-    let best = tmp.join("best.safetensors");
-    if improved {
-        model.save(&best)?;
-    } else {
-        std::fs::copy(dir.join("best.safetensors"), &best).map_err(|e| Error::io(&best, e))?;
-    }
-    write_json(&tmp.join("state.json"), state)?;
-    // Swap directories so that either the previous or the new checkpoint is complete at any time.
-    let _ = std::fs::remove_dir_all(&old);
-    if dir.exists() {
-        std::fs::rename(&dir, &old).map_err(|e| Error::io(&dir, e))?;
-    }
-    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
-    features::fsutil::sync_parent(&dir)?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
-}
-
-fn load_checkpoint(
-    layout: &ModelLayout,
-    model: &mut TwoTower,
-    opt: &mut AdamW,
-) -> Result<Option<RunState>> {
-    let dir = layout.checkpoint();
-    if !dir.exists() {
-        // A crash between the two renames of `save_checkpoint` leaves the previous one here:
-        // put it back where the rest of the run expects it.
-        let old = layout.0.join(".checkpoint.old");
-        if !old.exists() {
-            return Ok(None);
-        }
-        std::fs::rename(&old, &dir).map_err(|e| Error::io(&dir, e))?;
-    }
-    let state_path = dir.join("state.json");
-    let bytes = std::fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
-    let state: RunState = serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
-        path: state_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let weights = dir.join("weights.safetensors");
-    model.vs.load(&weights).map_err(|e| Error::BadFile {
-        path: weights,
-        reason: e.to_string(),
-    })?;
-    opt.load(&dir.join("optimizer.safetensors"))?;
-    Ok(Some(state))
 }
 
 /// What a finished run writes into its model directory.

@@ -28,8 +28,9 @@ enum IndexCommand {
 }
 
 /// Settings of the published index.
-#[derive(Debug, Args)]
-struct PublishArgs {
+#[derive(Debug, Clone, Args, serde::Deserialize)]
+#[serde(default)]
+pub struct PublishArgs {
     /// FAISS factory string, e.g. `IVF4096,Flat`, `IVF4096,SQ8`, `IVF4096,PQ32np`, `HNSW32`.
     /// Default: `IVF{nlist},Flat` with nlist ≈ 4·√(items).
     #[arg(long)]
@@ -55,7 +56,13 @@ struct PublishArgs {
     train_per_centroid: usize,
     /// auto (CUDA when libtorch sees a GPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
-    device: String,
+    pub device: String,
+}
+
+impl Default for PublishArgs {
+    fn default() -> Self {
+        crate::settings::defaults()
+    }
 }
 
 impl PublishArgs {
@@ -92,14 +99,29 @@ struct BuildArgs {
     /// INDEX_ROOT; with --shard, the shard's own output directory.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Items per item-tower batch.
-    #[arg(long, default_value_t = 4096)]
-    batch_size: usize,
     /// Embed only row groups g with g % n == i (writes embeddings, not an index; see `index merge`).
     #[arg(long)]
     shard: Option<String>,
     #[command(flatten)]
-    publish: PublishArgs,
+    settings: IndexSettings,
+}
+
+/// How to build an index: the flags of `twotower index`, or a pipeline's `[index]` table.
+#[derive(Debug, Clone, Args, serde::Deserialize)]
+#[serde(default)]
+pub struct IndexSettings {
+    /// Items per item-tower batch.
+    #[arg(long, default_value_t = 4096)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub publish: PublishArgs,
+}
+
+impl Default for IndexSettings {
+    fn default() -> Self {
+        crate::settings::defaults()
+    }
 }
 
 #[derive(Debug, Args)]
@@ -182,25 +204,52 @@ pub fn execute(args: IndexArgs) -> anyhow::Result<Option<indexer::Manifest>> {
             let need = |v: Option<PathBuf>, flag: &str| {
                 v.with_context(|| format!("`twotower index` needs --{flag}"))
             };
-            let opts = BuildOptions {
-                data: need(b.data, "data")?,
-                model: need(b.model, "model")?,
-                out: need(b.out, "out")?,
-                batch_size: b.batch_size,
-                device: super::device(&b.publish.device)?,
-                shard: b.shard.as_deref().map(str::parse::<Shard>).transpose()?,
-                settings: b.publish.settings()?,
-            };
+            let mut opts = build_options(
+                &b.settings,
+                need(b.data, "data")?,
+                need(b.model, "model")?,
+                need(b.out, "out")?,
+            )?;
+            opts.shard = b.shard.as_deref().map(str::parse::<Shard>).transpose()?;
             if opts.shard.is_some() {
                 let info = indexer::embed_shard(&opts, &Bars::new())
                     .with_context(|| format!("embedding shard into {}", opts.out.display()))?;
                 println!("{}", serde_json::to_string_pretty(&info)?);
                 return Ok(None);
             }
-            indexer::build_index(&opts, &Bars::new())
-                .with_context(|| format!("building the index in {}", opts.out.display()))?
+            build(&opts)?
         }
     };
+    report(&manifest);
+    Ok(Some(manifest))
+}
+
+/// The job that builds one index of the whole catalog into `out`.
+pub fn build_options(
+    settings: &IndexSettings,
+    data: PathBuf,
+    model: PathBuf,
+    out: PathBuf,
+) -> anyhow::Result<BuildOptions> {
+    Ok(BuildOptions {
+        data,
+        model,
+        out,
+        batch_size: settings.batch_size,
+        device: super::device(&settings.publish.device)?,
+        shard: None,
+        settings: settings.publish.settings()?,
+    })
+}
+
+/// Embeds the catalog and publishes a version.
+pub fn build(opts: &BuildOptions) -> anyhow::Result<indexer::Manifest> {
+    indexer::build_index(opts, &Bars::new())
+        .with_context(|| format!("building the index in {}", opts.out.display()))
+}
+
+/// The one-line summary of a published version, on stderr.
+pub fn report(manifest: &indexer::Manifest) {
     eprintln!(
         "published index version {} ({} items, {}, nprobe {}, recall@10 {:.3} and recall@100 {:.3} vs exact; peak RSS {:.0} MiB)",
         manifest.version,
@@ -211,5 +260,4 @@ pub fn execute(args: IndexArgs) -> anyhow::Result<Option<indexer::Manifest>> {
         manifest.recall_at_100_vs_exact,
         crate::rss::peak_rss_mib().unwrap_or(f64::NAN)
     );
-    Ok(Some(manifest))
 }

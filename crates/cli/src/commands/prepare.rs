@@ -1,6 +1,6 @@
 //! `twotower prepare`: a dataset into `DATA_DIR`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
@@ -12,8 +12,10 @@ use ingest::sources::{BadRows, Source};
 use ingest::synthetic::{SyntheticConfig, SyntheticGenerator};
 
 use crate::progress::Bars;
+use crate::settings::optional_text;
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum SplitKind {
     /// Per user: last interaction tests, second-last validates, the rest trains.
     LeaveLastOut,
@@ -21,7 +23,8 @@ pub enum SplitKind {
     Time,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum TieKind {
     /// Searches first, then ascending item id: independent of the source's row order.
     ItemId,
@@ -29,7 +32,8 @@ pub enum TieKind {
     Source,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum HistoryKind {
     /// Events strictly before the target's timestamp (its own second stays out).
     Strict,
@@ -39,55 +43,74 @@ pub enum HistoryKind {
 
 #[derive(Debug, Args)]
 pub struct PrepareArgs {
-    /// ml-100k (default data), ml-latest-small, complete-journey, synthetic, or files (your own).
-    #[arg(long, default_value = "ml-100k")]
-    dataset: String,
     /// Where to write the prepared dataset (replaced atomically if it exists).
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    settings: PrepareSettings,
+}
+
+/// What to prepare and how: the flags of `twotower prepare`, or a pipeline's `[prepare]` table.
+#[derive(Debug, Clone, Args, serde::Deserialize)]
+#[serde(default)]
+pub struct PrepareSettings {
+    /// ml-100k (default data), ml-latest-small, complete-journey, synthetic, or files (your own).
+    #[arg(long, default_value = "ml-100k")]
+    pub dataset: String,
     /// files: items file (.parquet or .csv). synthetic: number of items.
     #[arg(long)]
-    items: Option<String>,
+    #[serde(deserialize_with = "optional_text")]
+    pub items: Option<String>,
     /// files: events file (.parquet or .csv). synthetic: number of events.
     #[arg(long)]
-    events: Option<String>,
+    #[serde(deserialize_with = "optional_text")]
+    pub events: Option<String>,
     /// files: optional users file (.parquet or .csv). synthetic: number of users.
     #[arg(long)]
-    users: Option<String>,
+    #[serde(deserialize_with = "optional_text")]
+    pub users: Option<String>,
     /// Seed of the synthetic generator and of the cold-item draw.
     #[arg(long, default_value_t = 42)]
-    seed: u64,
+    pub seed: u64,
     /// What to do with a bad event row: fail (naming it) or skip (and count it).
     #[arg(long, default_value = "fail")]
-    on_bad_rows: String,
+    pub on_bad_rows: String,
     #[arg(long, value_enum, default_value = "leave-last-out")]
-    split: SplitKind,
+    pub split: SplitKind,
     /// Time split: first time of the validation period (ms since the epoch, or RFC 3339 / YYYY-MM-DD).
     #[arg(long)]
-    cutoff: Option<String>,
+    #[serde(deserialize_with = "optional_text")]
+    pub cutoff: Option<String>,
     /// Time split: first time of the test period (default: halfway from --cutoff to the end).
     #[arg(long)]
-    test_cutoff: Option<String>,
+    #[serde(deserialize_with = "optional_text")]
+    pub test_cutoff: Option<String>,
     /// Order of one user's events within the same timestamp; leave-last-out holds out the last.
     #[arg(long, value_enum, default_value = "item-id")]
-    ties: TieKind,
+    pub ties: TieKind,
     /// Which earlier events form a target's history: `strict`, those strictly before its
     /// timestamp; `positional`, every event ordered before it (RecBole's protocol; pair it with
     /// `--ties source`).
     #[arg(long, value_enum, default_value = "strict")]
-    history: HistoryKind,
+    pub history: HistoryKind,
     /// Events kept in each example's history (L).
     #[arg(long, default_value_t = 50)]
-    history_len: usize,
+    pub history_len: usize,
     /// Fraction of items held out entirely, to measure cold-start retrieval.
     #[arg(long, default_value_t = 0.0)]
-    cold_items: f64,
+    pub cold_items: f64,
     /// Minimum count of a title word to get its own embedding (rarer words are hashed).
     #[arg(long, default_value_t = VocabConfig::default().min_count)]
-    min_count: u32,
+    pub min_count: u32,
     /// Hash buckets for title and query words outside the vocabulary.
     #[arg(long, default_value_t = VocabConfig::default().title_buckets)]
-    title_buckets: u32,
+    pub title_buckets: u32,
+}
+
+impl Default for PrepareSettings {
+    fn default() -> Self {
+        crate::settings::defaults()
+    }
 }
 
 fn time_arg(flag: &str, value: &Option<String>) -> anyhow::Result<Option<i64>> {
@@ -111,6 +134,11 @@ fn count_arg(flag: &str, value: &Option<String>, default: u64) -> anyhow::Result
 }
 
 pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
+    prepare_dataset(&args.settings, &args.out)
+}
+
+/// Prepares the dataset `args` describe into `out`.
+pub fn prepare_dataset(args: &PrepareSettings, out: &Path) -> anyhow::Result<()> {
     if !(0.0..1.0).contains(&args.cold_items) {
         bail!("--cold-items {}: must be in [0, 1)", args.cold_items);
     }
@@ -174,7 +202,7 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
             || generator.items(),
             generator.users(),
             provenance,
-            &args.out,
+            out,
             &cfg,
             &bars,
         )?
@@ -216,13 +244,13 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
             items_label,
             events_label,
         };
-        prepare::prepare_raw(raw, provenance, &args.out, &cfg, on_bad_rows, &bars)?
+        prepare::prepare_raw(raw, provenance, out, &cfg, on_bad_rows, &bars)?
     };
     let c = &info.counts;
     println!(
         "prepared {} into {}: {} items, {} users, {} events; examples: {} train, {} valid, {} test{}{} ({:.1} s, {:.0} events/s, peak RSS {:.0} MiB)",
         info.provenance.source,
-        args.out.display(),
+        out.display(),
         c.items,
         c.users,
         c.events,

@@ -24,51 +24,78 @@ pub struct ServeArgs {
     /// events.parquet and users.parquet.
     #[arg(long)]
     data: PathBuf,
+    #[command(flatten)]
+    settings: ServeSettings,
+}
+
+/// How to serve: the flags of `twotower serve` besides its inputs, or a pipeline's `[serve]`
+/// table.
+#[derive(Debug, Clone, Args, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ServeSettings {
     /// gRPC listen address.
     #[arg(long, default_value = "127.0.0.1:50051")]
-    addr: SocketAddr,
+    pub addr: SocketAddr,
     /// Prometheus `/metrics` listen address.
     #[arg(long, default_value = "127.0.0.1:9464")]
-    metrics_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     /// Do not serve metrics.
     #[arg(long)]
-    no_metrics: bool,
+    pub no_metrics: bool,
     /// Serving settings (TOML): reload interval, limits, worker threads (docs/operations.md).
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Where recorded events are logged (default: next to INDEX_ROOT, `<INDEX_ROOT>.events.log`).
     /// Keep it: it is replayed at start-up.
     #[arg(long, conflicts_with = "events")]
-    event_log: Option<PathBuf>,
+    pub event_log: Option<PathBuf>,
     /// Record events to a NATS JetStream stream instead of a local log, e.g.
     /// `nats://nats:4222`: every replica on the same stream serves every replica's events.
     #[arg(long, value_name = "URL")]
-    events: Option<String>,
+    pub events: Option<String>,
     /// The JetStream stream events go to (created if missing; its subject is
     /// `<stream, lower-cased>.batches`). Replicas that share history share the stream.
     #[arg(long, default_value = "TWOTOWER_EVENTS", requires = "events")]
-    events_stream: String,
+    pub events_stream: String,
     /// Oldest event the stream keeps when this server creates it, in hours (0: no limit). It
     /// bounds what a starting replica replays.
     #[arg(long, default_value_t = 0, requires = "events")]
-    events_max_age_hours: u64,
+    pub events_max_age_hours: u64,
     /// TLS certificate chain (PEM); needs --tls-key.
     #[arg(long, requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM); needs --tls-cert.
     #[arg(long, requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     /// File holding a bearer token every Recommender call must carry (health stays open).
     #[arg(long)]
-    auth_token_file: Option<PathBuf>,
+    pub auth_token_file: Option<PathBuf>,
     /// Where the user tower runs: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub device: String,
     /// Refuse to start when the index version CURRENT names is broken. By default the server
     /// starts on the newest complete version that loads, with a loud warning and the metric
     /// `twotower_serving_fallback_version`.
     #[arg(long)]
-    strict: bool,
+    pub strict: bool,
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        crate::settings::defaults()
+    }
+}
+
+impl ServeArgs {
+    /// Serve `model`, `index` and `data` with `settings`.
+    pub fn new(model: PathBuf, index: PathBuf, data: PathBuf, settings: ServeSettings) -> Self {
+        ServeArgs {
+            model,
+            index,
+            data,
+            settings,
+        }
+    }
 }
 
 fn default_event_log(index: &Path) -> PathBuf {
@@ -100,27 +127,34 @@ fn bus_settings(url: String, stream: &str, max_age_hours: u64) -> anyhow::Result
 }
 
 fn options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
-    let config = match &args.config {
-        Some(p) => ServeConfig::from_toml_file(p)
-            .with_context(|| format!("reading serving settings from {}", p.display()))?,
+    let s = args.settings;
+    // The command line checks these relations itself; a pipeline table does not.
+    if s.events.is_some() && s.event_log.is_some() {
+        anyhow::bail!("--event-log and --events exclude each other: events go to one store");
+    }
+    let defaults = ServeSettings::default();
+    if s.events.is_none()
+        && (s.events_stream != defaults.events_stream || s.events_max_age_hours != 0)
+    {
+        anyhow::bail!("--events-stream and --events-max-age-hours need --events");
+    }
+    let config = match &s.config {
+        Some(p) => serving_config(p)?,
         None => ServeConfig::default(),
     };
-    let auth_token = match &args.auth_token_file {
+    let auth_token = match &s.auth_token_file {
         Some(p) => Some(server::client::read_token(p).context("reading --auth-token-file")?),
         None => None,
     };
-    let tls = match (args.tls_cert, args.tls_key) {
+    let tls = match (s.tls_cert, s.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
-        _ => None,
+        (None, None) => None,
+        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
     };
-    let events = match args.events {
-        Some(url) => EventStore::Bus(bus_settings(
-            url,
-            &args.events_stream,
-            args.events_max_age_hours,
-        )?),
+    let events = match s.events {
+        Some(url) => EventStore::Bus(bus_settings(url, &s.events_stream, s.events_max_age_hours)?),
         None => EventStore::Log(
-            args.event_log
+            s.event_log
                 .unwrap_or_else(|| default_event_log(&args.index)),
         ),
     };
@@ -129,14 +163,27 @@ fn options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
         model_dir: args.model,
         index_root: args.index,
         data_dir: args.data,
-        addr: args.addr,
-        metrics_addr: (!args.no_metrics).then_some(args.metrics_addr),
+        addr: s.addr,
+        metrics_addr: (!s.no_metrics).then_some(s.metrics_addr),
         tls,
         auth_token,
-        device: super::device(&args.device)?,
+        device: super::device(&s.device)?,
         config,
-        strict: args.strict,
+        strict: s.strict,
     })
+}
+
+/// The serving settings file of `--config`. A pipeline file is refused by name: its `[serve]`
+/// table holds these flags, not the settings.
+fn serving_config(path: &Path) -> anyhow::Result<ServeConfig> {
+    let context = || format!("reading serving settings from {}", path.display());
+    if crate::pipeline::file::is_pipeline_file(path) {
+        anyhow::bail!(
+            "{}: a pipeline file is not a serving settings file; put the settings (docs/operations.md) in their own file and name it with `config = \"...\"` in its [serve] table",
+            path.display()
+        );
+    }
+    ServeConfig::from_toml_file(path).with_context(context)
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {

@@ -1,29 +1,33 @@
 //! A pipeline file (`pipelines/*.toml`): the settings of every stage for one dataset.
 //!
-//! `[prepare]`, `[index]` and `[serve]` hold the flags of `twotower prepare`, `twotower index`
-//! and `twotower serve` (`cold_items = 0.1` is `--cold-items 0.1`), so a pipeline file can say
-//! nothing the CLI could not, and the CLI validates both the same way. `[train]` is the training
-//! config (`trainer::TrainConfig`), handed to the train stage as it is; `twotower train --config`
-//! reads it from a pipeline file too.
+//! `[prepare]`, `[index]` and `[serve]` hold the settings of `twotower prepare`, `twotower
+//! index` and `twotower serve` under their flags' names (`cold_items = 0.1` is `--cold-items
+//! 0.1`), read into the same typed structs the command line fills (`crate::settings`), so a
+//! pipeline file can say nothing the CLI could not. `[train]` is the training config
+//! (`trainer::TrainConfig`); `twotower train --config` reads it from a pipeline file too. Every
+//! table is checked when the file is loaded, before any stage runs.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+use crate::commands::{index::IndexSettings, prepare::PrepareSettings, serve::ServeSettings};
+use crate::settings::from_table;
+
 /// The parsed file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineFile {
-    /// Flags of `twotower prepare` (without `--out`).
+    /// Settings of `twotower prepare` (without `--out`).
     pub prepare: toml::Table,
     /// The training config.
     #[serde(default)]
     pub train: toml::Table,
-    /// Flags of `twotower index` (without `--data`, `--model`, `--out`).
+    /// Settings of `twotower index` (without `--data`, `--model`, `--out`, `--shard`).
     #[serde(default)]
     pub index: toml::Table,
-    /// Flags of `twotower serve` (without `--model`, `--index`, `--data`).
+    /// Settings of `twotower serve` (without `--model`, `--index`, `--data`).
     #[serde(default)]
     pub serve: toml::Table,
     #[serde(skip)]
@@ -49,7 +53,27 @@ impl PipelineFile {
                 );
             }
         }
+        let check = |r: anyhow::Result<()>| r.with_context(|| format!("{}", path.display()));
+        check(file.prepare_settings().map(drop))?;
+        check(file.train_config().map(drop))?;
+        check(file.index_settings().map(drop))?;
+        check(file.serve_settings().map(drop))?;
         Ok(file)
+    }
+
+    /// The `[prepare]` settings.
+    pub fn prepare_settings(&self) -> anyhow::Result<PrepareSettings> {
+        from_table(&self.prepare, "prepare")
+    }
+
+    /// The `[index]` settings.
+    pub fn index_settings(&self) -> anyhow::Result<IndexSettings> {
+        from_table(&self.index, "index")
+    }
+
+    /// The `[serve]` settings.
+    pub fn serve_settings(&self) -> anyhow::Result<ServeSettings> {
+        from_table(&self.serve, "serve")
     }
 
     /// The training config of the `[train]` table.
@@ -79,37 +103,12 @@ pub fn train_config_file(path: &Path) -> anyhow::Result<trainer::TrainConfig> {
     }
 }
 
-/// A table of flags as command-line arguments: `key = v` → `--key v` (underscores become
-/// dashes), `flag = true` → `--flag`, `flag = false` → nothing, arrays → one value each.
-pub fn flags(table: &toml::Table) -> anyhow::Result<Vec<String>> {
-    let mut args = Vec::new();
-    for (key, value) in table {
-        let flag = format!("--{}", key.replace('_', "-"));
-        let scalar = |v: &toml::Value| -> anyhow::Result<String> {
-            Ok(match v {
-                toml::Value::String(s) => s.clone(),
-                toml::Value::Integer(i) => i.to_string(),
-                toml::Value::Float(f) => f.to_string(),
-                toml::Value::Datetime(d) => d.to_string(),
-                other => bail!("`{key}`: {other} cannot be a command-line value"),
-            })
-        };
-        match value {
-            toml::Value::Boolean(true) => args.push(flag),
-            toml::Value::Boolean(false) => {}
-            toml::Value::Array(items) => {
-                args.push(flag);
-                for v in items {
-                    args.push(scalar(v)?);
-                }
-            }
-            v => {
-                args.push(flag);
-                args.push(scalar(v)?);
-            }
-        }
-    }
-    Ok(args)
+/// Whether `path` reads as a pipeline file (a TOML file with a `[prepare]` table).
+pub fn is_pipeline_file(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| toml::from_str::<toml::Table>(&text).ok())
+        .is_some_and(|t| matches!(t.get("prepare"), Some(toml::Value::Table(_))))
 }
 
 #[cfg(test)]
@@ -117,24 +116,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tables_become_flags() {
-        let t: toml::Table =
-            toml::from_str("dataset = 'synthetic'\ncold_items = 0.1\nitems = 400\nverbose = true\nquiet = false\nk = [10, 50]").unwrap();
-        assert_eq!(
-            flags(&t).unwrap(),
-            [
-                "--cold-items",
-                "0.1",
-                "--dataset",
-                "synthetic",
-                "--items",
-                "400",
-                "--k",
-                "10",
-                "50",
-                "--verbose"
-            ]
+    fn a_misspelt_setting_fails_at_load_naming_file_table_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "[prepare]\ndataset = 'ml-100k'\n[index]\nnprobe = 8\nkeeep = 2\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", PipelineFile::load(&path).unwrap_err());
+        assert!(
+            err.contains("p.toml") && err.contains("[index] `keeep`"),
+            "{err}"
         );
+        assert!(is_pipeline_file(&path));
     }
 
     #[test]
@@ -145,9 +140,6 @@ mod tests {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
                 let file = PipelineFile::load(&path).unwrap();
-                flags(&file.prepare).unwrap();
-                flags(&file.index).unwrap();
-                flags(&file.serve).unwrap();
                 file.train_config().unwrap().validate().unwrap();
                 assert_eq!(
                     train_config_file(&path).unwrap().epochs,

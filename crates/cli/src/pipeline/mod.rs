@@ -15,11 +15,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser};
 use features::DataLayout;
 use towers::artifact::ModelLayout;
 
-use file::{flags, PipelineFile};
+use crate::commands::serve::{ServeArgs, ServeSettings};
+use crate::settings;
+use file::PipelineFile;
 use record::{Inputs, StageRecord};
 
 /// A batch stage. Declared in run order.
@@ -156,8 +157,13 @@ fn stage_inputs(stage: Stage, file: &PipelineFile, dirs: &Workdir) -> anyhow::Re
         Stage::Prepare => {
             let mut inputs = inputs.value("prepare", &json(&file.prepare));
             // Your own files are inputs too.
-            for key in ["items", "events", "users"] {
-                if let Some(toml::Value::String(p)) = file.prepare.get(key) {
+            let s = file.prepare_settings()?;
+            for (key, value) in [
+                ("items", &s.items),
+                ("events", &s.events),
+                ("users", &s.users),
+            ] {
+                if let Some(p) = value {
                     inputs = optional(inputs, key, Path::new(p))?;
                 }
             }
@@ -186,13 +192,9 @@ fn run_stage(
     dirs: &Workdir,
     device: &str,
 ) -> anyhow::Result<()> {
-    let path = |p: PathBuf| p.display().to_string();
+    use crate::commands::{index, prepare, train};
     match stage {
-        Stage::Prepare => {
-            let mut argv = flags(&file.prepare)?;
-            argv.extend(["--out".into(), path(dirs.data())]);
-            crate::commands::prepare::run(parse("prepare", argv)?)
-        }
+        Stage::Prepare => prepare::prepare_dataset(&file.prepare_settings()?, &dirs.data()),
         Stage::Train => {
             // A rerun starts from scratch, not from an old run's checkpoint.
             if dirs.model().exists() {
@@ -200,7 +202,7 @@ fn run_stage(
                     .with_context(|| format!("removing {}", dirs.model().display()))?;
             }
             // `trainer::train` validates the config.
-            crate::commands::train::train(trainer::TrainOptions {
+            train::train(trainer::TrainOptions {
                 data: dirs.data(),
                 out: dirs.model(),
                 config: file.train_config()?,
@@ -209,25 +211,19 @@ fn run_stage(
             })
         }
         Stage::Index => {
-            let mut argv = flags(&file.index)?;
+            let mut settings = file.index_settings()?;
             if !file.index.contains_key("device") {
-                argv.extend(["--device".into(), device.into()]);
+                settings.publish.device = device.into();
             }
-            argv.extend([
-                "--data".into(),
-                path(dirs.data()),
-                "--model".into(),
-                path(dirs.model()),
-                "--out".into(),
-                path(dirs.index()),
-            ]);
-            crate::commands::index::execute(parse("index", argv)?).map(|_| ())
+            let opts = index::build_options(&settings, dirs.data(), dirs.model(), dirs.index())?;
+            index::report(&index::build(&opts)?);
+            Ok(())
         }
     }
 }
 
-/// Starts `twotower serve` on the pipeline's outputs with the flags of its `[serve]` table
-/// (plus `extra` flags, which come later and so override them).
+/// Starts `twotower serve` on the pipeline's outputs with its `[serve]` settings, overridden by
+/// the `extra` flags given on the command line.
 pub fn serve(file: &PipelineFile, workdir: &Path, extra: &[String]) -> anyhow::Result<()> {
     let dirs = Workdir(workdir.to_path_buf());
     if !outputs_exist(Stage::Index, &dirs) {
@@ -238,32 +234,12 @@ pub fn serve(file: &PipelineFile, workdir: &Path, extra: &[String]) -> anyhow::R
             workdir.display()
         );
     }
-    // Flags given here replace the table's.
-    let mut table = file.serve.clone();
-    for flag in extra.iter().filter_map(|a| a.strip_prefix("--")) {
-        table.remove(&flag.split('=').next().unwrap_or(flag).replace('-', "_"));
-    }
-    let mut argv = flags(&table)?;
-    for (flag, dir) in [
-        ("--model", dirs.model()),
-        ("--index", dirs.index()),
-        ("--data", dirs.data()),
-    ] {
-        argv.extend([flag.to_string(), dir.display().to_string()]);
-    }
-    argv.extend(extra.iter().cloned());
-    crate::commands::serve::run(parse("serve", argv)?)
-}
-
-/// Parses a stage's arguments exactly as the CLI would.
-fn parse<T: Args>(name: &str, argv: Vec<String>) -> anyhow::Result<T> {
-    #[derive(Parser)]
-    struct Wrap<T: Args> {
-        #[command(flatten)]
-        inner: T,
-    }
-    let argv = std::iter::once(format!("twotower {name}")).chain(argv);
-    Ok(Wrap::<T>::try_parse_from(argv)
-        .map_err(|e| anyhow::anyhow!("[{name}] settings: {e}"))?
-        .inner)
+    let (cli, matches) = settings::parse::<ServeSettings>("serve", extra.iter().cloned())?;
+    let settings = settings::overlay(&file.serve_settings()?, &cli, &matches)?;
+    crate::commands::serve::run(ServeArgs::new(
+        dirs.model(),
+        dirs.index(),
+        dirs.data(),
+        settings,
+    ))
 }

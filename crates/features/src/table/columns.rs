@@ -39,6 +39,10 @@ impl<'a> Columns<'a> {
         self.batch.num_rows()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.batch.num_rows() == 0
+    }
+
     /// The column cast to `ty`; `None` when absent and optional.
     pub fn get(&self, name: &str, ty: &DataType, required: bool) -> Result<Option<ArrayRef>> {
         let Some(col) = self.batch.column_by_name(name) else {
