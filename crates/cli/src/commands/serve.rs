@@ -173,17 +173,18 @@ fn options(args: ServeArgs) -> anyhow::Result<ServeOptions> {
     })
 }
 
-/// The serving settings file of `--config`. A pipeline file is refused by name: its `[serve]`
-/// table holds these flags, not the settings.
+/// The serving settings file of `--config`. A pipeline file (whose tables `ServeConfig` rejects
+/// as unknown keys) is refused by name: its `[serve]` table holds these flags, not the settings.
 fn serving_config(path: &Path) -> anyhow::Result<ServeConfig> {
-    let context = || format!("reading serving settings from {}", path.display());
-    if crate::pipeline::file::is_pipeline_file(path) {
-        anyhow::bail!(
-            "{}: a pipeline file is not a serving settings file; put the settings (docs/operations.md) in their own file and name it with `config = \"...\"` in its [serve] table",
-            path.display()
-        );
-    }
-    ServeConfig::from_toml_file(path).with_context(context)
+    ServeConfig::from_toml_file(path).or_else(|e| {
+        if crate::pipeline::file::is_pipeline_file(path) {
+            anyhow::bail!(
+                "{}: a pipeline file is not a serving settings file; put the settings (docs/operations.md) in their own file and name it with `config = \"...\"` in its [serve] table",
+                path.display()
+            );
+        }
+        Err(e).with_context(|| format!("reading serving settings from {}", path.display()))
+    })
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -319,6 +320,31 @@ pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pipeline_file_given_as_serving_settings_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = dir.path().join("p.toml");
+        std::fs::write(
+            &pipeline,
+            "[prepare]\ndataset = 'ml-100k'\n[serve]\nstrict = true\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", serving_config(&pipeline).unwrap_err());
+        assert!(
+            err.contains("a pipeline file is not a serving settings file"),
+            "{err}"
+        );
+        let settings = dir.path().join("s.toml");
+        std::fs::write(&settings, "encoder_workers = 3\n").unwrap();
+        assert_eq!(serving_config(&settings).unwrap().encoder_workers, 3);
+        std::fs::write(&settings, "nope = 1\n").unwrap();
+        let err = format!("{:#}", serving_config(&settings).unwrap_err());
+        assert!(
+            err.contains("reading serving settings") && err.contains("nope"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn the_event_log_defaults_next_to_the_index_root() {
