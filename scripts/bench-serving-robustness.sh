@@ -6,7 +6,9 @@
 # Environment: SOAK_S (default 600), EVENTS (total recorded events for the restart test,
 # default 10000000), SKIP_SOAK=1, SKIP_RESTART=1; SERVER_CPUS and LOAD_CPUS (taskset lists, e.g.
 # 0 and 1) pin the server and the load generator apart, so that the generator's own scheduling
-# does not count as server latency; NORMAL_RATE (default 2000) is the "normal" open-loop rate.
+# does not count as server latency; NORMAL_RATE (default 2000) is the "normal" open-loop rate;
+# MAX_IN_FLIGHT and ADMISSION_TARGET_MS set the server's admission control (docs/operations.md)
+# for every run but the unlimited one.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bin=${TWOTOWER_BIN:-target/release/twotower}
@@ -60,7 +62,9 @@ default_cfg=$out/serve-default.toml
 unlimited_cfg=$out/serve-unlimited.toml
 nocompact_cfg=$out/serve-nocompact.toml
 : >"$default_cfg"
-echo "max_in_flight = 1000000" >"$unlimited_cfg"
+[ -n "${MAX_IN_FLIGHT:-}" ] && echo "max_in_flight = $MAX_IN_FLIGHT" >>"$default_cfg"
+[ -n "${ADMISSION_TARGET_MS:-}" ] && echo "admission_target_ms = $ADMISSION_TARGET_MS" >>"$default_cfg"
+printf 'max_in_flight = 1000000\nadmission_target_ms = 0\n' >"$unlimited_cfg"
 echo "compact_log_bytes = 0" >"$nocompact_cfg"
 
 # --- soak: Recommend at 1,000/s and 5,000 events/s, RSS every 10 s -----------------------------
@@ -119,19 +123,22 @@ EOF
 fi
 
 # --- overload ----------------------------------------------------------------------------------
+# Capacity is the closed loop of a server without an admission limit: with a limit below the
+# callers, a closed loop measures the limit's refusals, not what the server can answer.
+rm -f "$work/events.log"
+start_server "$unlimited_cfg" "$out/serve-unlimited.log"
+bench warmup-unlimited --concurrency 32 --duration 20 --recorders 0
+bench closed --concurrency 32 --duration 20 --recorders 0
+capacity=$(python3 -c "import json; print(int(json.load(open('$out/closed.json'))['qps']))")
+bench overload-3x-unlimited --rate $((3 * capacity)) --duration 20 --recorders 0
+unlimited_rss=$(rss_mib "$server_pid" VmHWM)
+stop_server
 rm -f "$work/events.log"
 start_server "$default_cfg" "$out/serve-overload.log"
 bench warmup --concurrency 32 --duration 20 --recorders 0
-bench closed --concurrency 32 --duration 20 --recorders 0
-capacity=$(python3 -c "import json; print(int(json.load(open('$out/closed.json'))['qps']))")
 bench normal --rate "${NORMAL_RATE:-2000}" --duration 20 --recorders 0
 bench overload-3x --rate $((3 * capacity)) --duration 20 --recorders 0
 overload_rss=$(rss_mib "$server_pid" VmHWM)
-stop_server
-start_server "$unlimited_cfg" "$out/serve-unlimited.log"
-bench warmup-unlimited --concurrency 32 --duration 20 --recorders 0
-bench overload-3x-unlimited --rate $((3 * capacity)) --duration 20 --recorders 0
-unlimited_rss=$(rss_mib "$server_pid" VmHWM)
 stop_server
 rm -f "$work/events.log"
 
@@ -142,9 +149,9 @@ r = lambda n: json.load(open(os.path.join(out, n + ".json")))
 normal, closed, lim, unl = r("normal"), r("closed"), r("overload-3x"), r("overload-3x-unlimited")
 print("| run | offered | admitted/s | p50 ms | p99 ms | refused | errors | server peak RSS MiB |")
 print("|---|---|---|---|---|---|---|---|")
-print(f"| closed loop, 32 callers | | {closed['qps']:.0f} | {closed['p50_ms']:.2f} | {closed['p99_ms']:.2f} | {closed['refused']} | {closed['errors']} | |")
+print(f"| closed loop, 32 callers, no limit (capacity) | | {closed['qps']:.0f} | {closed['p50_ms']:.2f} | {closed['p99_ms']:.2f} | {closed['refused']} | {closed['errors']} | |")
 print(f"| normal: open loop | {normal['mode'].split(', ')[1]} | {normal['qps']:.0f} | {normal['p50_ms']:.2f} | {normal['p99_ms']:.2f} | {normal['refused']} | {normal['errors']} | |")
-for name, x, rss in [("3x capacity, max_in_flight 64 (default)", lim, rss_limited), ("3x capacity, no limit (as before)", unl, rss_unlimited)]:
+for name, x, rss in [(f"3x capacity, max_in_flight {os.environ.get('MAX_IN_FLIGHT', '64 (default)')}, admission_target_ms {os.environ.get('ADMISSION_TARGET_MS', '0 (default: off)')}", lim, rss_limited), ("3x capacity, no limit (as before)", unl, rss_unlimited)]:
     print(f"| {name} | {lim['mode'].split(', ')[1]} | {x['qps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['refused']} | {x['errors']} | {rss} |")
 print(f"\nadmitted p99 under 3x overload / normal p99: {lim['p99_ms'] / normal['p99_ms']:.2f}x (goal <= 2x)")
 soak = os.path.join(out, "soak.json")

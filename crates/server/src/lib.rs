@@ -7,6 +7,7 @@
 //!
 //! Data flow: features → towers → indexer → **server** → gRPC clients.
 
+pub mod admission;
 pub mod bench;
 pub mod bus;
 pub mod catalog;

@@ -52,6 +52,9 @@ pub struct Metrics {
     /// 1 while the server takes requests: start-up is done and shutdown has not begun. What
     /// `GET /ready` answers, for load balancers that cannot speak gRPC health.
     pub ready: IntGauge,
+    /// Requests the server takes at once right now: `max_in_flight`, or less while requests wait
+    /// longer than `admission_target_ms` (`admission.rs`).
+    pub admission_limit: IntGauge,
 }
 
 fn histogram(name: &str, help: &str, start: f64, count: usize) -> Histogram {
@@ -169,9 +172,14 @@ impl Metrics {
                 "1 while the server takes requests (what GET /ready answers)",
             )
             .expect("valid metric"),
+            admission_limit: IntGauge::new(
+                "twotower_admission_limit",
+                "requests taken at once now: max_in_flight, or less while requests wait longer than admission_target_ms",
+            )
+            .expect("valid metric"),
         };
         let r = &m.registry;
-        let all: [Box<dyn prometheus::core::Collector>; 18] = [
+        let all: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(m.requests.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.user_tower.clone()),
@@ -190,6 +198,7 @@ impl Metrics {
             Box::new(m.bus_events_applied.clone()),
             Box::new(m.bus_malformed.clone()),
             Box::new(m.ready.clone()),
+            Box::new(m.admission_limit.clone()),
         ];
         for c in all {
             r.register(c).expect("metric names are unique");

@@ -16,6 +16,7 @@ use tokio::sync::{oneshot, watch};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
+use crate::admission::Admission;
 use crate::bus::BusSettings;
 use crate::commit::{AutoCompaction, Committer};
 use crate::compact::{self, CompactSettings};
@@ -335,7 +336,10 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         events: recorder,
         metrics: metrics.clone(),
         config: cfg.clone(),
-        admission: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight)),
+        admission: Admission::new(
+            cfg.max_in_flight,
+            Duration::from_millis(cfg.admission_target_ms),
+        ),
     });
 
     let bind_err = |addr: SocketAddr| move |e| Error::Transport(format!("binding {addr}: {e}"));

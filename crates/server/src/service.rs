@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tonic::{Code, Request, Response, Status};
 
+use crate::admission::Admission;
 use crate::config::ServeConfig;
 use crate::convert::{self, FilterSpec, RecommendQuery};
 use crate::encoder::EncoderHandle;
@@ -29,10 +30,10 @@ pub struct Shared {
     pub events: Recorder,
     pub metrics: Arc<Metrics>,
     pub config: ServeConfig,
-    /// Admission control: one permit per request in flight (`max_in_flight`). Without it an
-    /// overload queues without limit in front of the user tower and the event log, and every
-    /// request's latency grows with the queue.
-    pub admission: Arc<tokio::sync::Semaphore>,
+    /// Admission control: one permit per request in flight, up to a limit that shrinks while
+    /// requests wait (`admission.rs`). Without it an overload queues without limit in front of
+    /// the user tower and the event log, and every request's latency grows with the queue.
+    pub admission: Arc<Admission>,
 }
 
 /// The gRPC service.
@@ -62,11 +63,17 @@ impl RecommenderService {
         let budget = Duration::from_millis(self.shared.config.request_timeout_ms);
         let deadline = gate::deadline(req.metadata(), arrival, budget);
         let msg = req.into_inner();
-        let permit = self.shared.admission.clone().try_acquire_owned();
-        let result = if permit.is_err() {
+        let admission = &self.shared.admission;
+        let permit = admission.try_admit();
+        let result = if permit.is_none() {
+            let (limit, max) = (admission.limit(), admission.max());
+            let lowered = if limit < max {
+                format!(", lowered from {max} while requests wait over admission_target_ms")
+            } else {
+                String::new()
+            };
             Err(Status::resource_exhausted(format!(
-                "{rpc}: the server is at its limit of {} requests in flight (max_in_flight); retry with backoff or add replicas",
-                self.shared.config.max_in_flight
+                "{rpc}: the server is at its limit of {limit} requests in flight (max_in_flight{lowered}); retry with backoff or add replicas"
             )))
         } else if Instant::now() >= deadline {
             Err(deadline_exceeded(rpc))
@@ -75,8 +82,11 @@ impl RecommenderService {
                 .await
                 .unwrap_or_else(|_| Err(deadline_exceeded(rpc)))
         };
-        drop(permit);
+        if let Some(permit) = permit {
+            permit.finish(started.elapsed());
+        }
         let m = &self.shared.metrics;
+        m.admission_limit.set(admission.limit() as i64);
         let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
         m.requests.with_label_values(&[rpc, code_name(code)]).inc();
         m.latency

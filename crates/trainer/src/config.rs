@@ -6,6 +6,17 @@ use towers::TowerConfig;
 
 use crate::error::{Error, Result};
 
+/// How the item-id embedding table starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ItemIdInit {
+    /// Normal noise (standard deviation 0.1).
+    #[default]
+    Random,
+    /// The training buyers' co-occurrence, projected to `item_id_dim` dimensions.
+    Cooccurrence,
+}
+
 /// Everything tunable about a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -38,6 +49,9 @@ pub struct TrainConfig {
     pub mixed_precision: bool,
     /// Seed of initialisation, shuffling, dropout and negative sampling.
     pub seed: u64,
+    /// How the item-id embedding starts (with `tower.item_id_dim > 0`): `random`, or
+    /// `cooccurrence`, a low-rank code of who bought each item in training (`cooccurrence.rs`).
+    pub item_id_init: ItemIdInit,
     /// The model architecture.
     pub tower: TowerConfig,
 }
@@ -59,6 +73,7 @@ impl Default for TrainConfig {
             eval_batch_size: 512,
             mixed_precision: false,
             seed: 42,
+            item_id_init: ItemIdInit::Random,
             tower: TowerConfig::default(),
         }
     }

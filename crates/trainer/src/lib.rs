@@ -13,6 +13,7 @@ pub mod batches;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod cooccurrence;
 pub mod error;
 pub mod evaluate;
 pub mod loss;

@@ -9,11 +9,11 @@ use std::time::Instant;
 use features::Progress;
 use tch::{Device, Kind, Tensor};
 use towers::artifact::ModelLayout;
-use towers::dataset::{Dataset, ExampleSet};
+use towers::dataset::{Catalog, Dataset, ExampleSet};
 use towers::TwoTower;
 
 use crate::batches::{BatchSource, HostBatch, TargetFrequency};
-use crate::config::TrainConfig;
+use crate::config::{ItemIdInit, TrainConfig};
 use crate::error::{Error, Result};
 use crate::loss::{in_batch_softmax_loss, DeviceBatch};
 use crate::optim::{learning_rate, AdamW};
@@ -27,6 +27,26 @@ pub struct EpochRun {
     pub lr: f64,
     pub examples: usize,
     pub seconds: f64,
+}
+
+/// Overwrites the model's item-id table (if it has one) with [`cooccurrence_embeddings`] of
+/// the training examples.
+///
+/// [`cooccurrence_embeddings`]: crate::cooccurrence::cooccurrence_embeddings
+fn start_ids_from_cooccurrence(model: &mut TwoTower, train: &ExampleSet, catalog: &Catalog) {
+    let Some(id_emb) = &mut model.item.id_emb else {
+        return;
+    };
+    let (rows, dim) = (model.config.vocab.item_ids, model.config.item_id_dim);
+    let started = Instant::now();
+    let code = crate::cooccurrence::cooccurrence_embeddings(train, catalog, rows, dim);
+    tch::no_grad(|| id_emb.ws.copy_(&code.to_device(id_emb.ws.device())));
+    tracing::info!(
+        rows,
+        dim,
+        seconds = started.elapsed().as_secs_f64(),
+        "item ids start from training co-occurrence"
+    );
 }
 
 /// A model being trained on one dataset's training examples.
@@ -59,7 +79,10 @@ impl Session {
             )));
         }
         tch::manual_seed(cfg.seed as i64);
-        let model = TwoTower::new(cfg.tower.clone(), device)?;
+        let mut model = TwoTower::new(cfg.tower.clone(), device)?;
+        if cfg.item_id_init == ItemIdInit::Cooccurrence {
+            start_ids_from_cooccurrence(&mut model, &train, &data.catalog);
+        }
         let opt = AdamW::new(&model.vs, cfg.weight_decay);
         let source = Arc::new(BatchSource {
             freq: Arc::new(TargetFrequency::new(&train, data.catalog.len())),
