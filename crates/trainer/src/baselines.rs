@@ -115,6 +115,25 @@ impl Baselines {
     }
 }
 
+/// Who bought what in training: per catalog row, the dense indices (numbered in order of first
+/// appearance) of the users it was a training target of, sorted and without repeats; and the
+/// number of users. What item-kNN and the co-occurrence start of item ids (`cooccurrence.rs`)
+/// both build on.
+pub fn training_buyers(train: &ExampleSet, catalog_len: usize) -> (Vec<Vec<u32>>, usize) {
+    let mut user_index: HashMap<u64, u32> = HashMap::new();
+    let mut users_of: Vec<Vec<u32>> = vec![Vec::new(); catalog_len];
+    for ex in &train.examples {
+        let next = user_index.len() as u32;
+        let u = *user_index.entry(ex.user_id).or_insert(next);
+        users_of[ex.target_row as usize].push(u);
+    }
+    for users in &mut users_of {
+        users.sort_unstable();
+        users.dedup();
+    }
+    (users_of, user_index.len())
+}
+
 /// Item-to-item co-occurrence: the cosine between two items' sets of training users,
 /// `|U_i ∩ U_j| / sqrt(|U_i| |U_j|)`, summed over the items of the user's history.
 ///
@@ -141,17 +160,7 @@ impl ItemKnn {
     pub fn fit(train: &ExampleSet, popularity: &Tensor) -> ItemKnn {
         let catalog_len = popularity.size()[0] as usize;
         let device = popularity.device();
-        let mut user_index: HashMap<u64, u32> = HashMap::new();
-        let mut users_of: Vec<Vec<u32>> = vec![Vec::new(); catalog_len];
-        for ex in &train.examples {
-            let next = user_index.len() as u32;
-            let u = *user_index.entry(ex.user_id).or_insert(next);
-            users_of[ex.target_row as usize].push(u);
-        }
-        for users in &mut users_of {
-            users.sort_unstable();
-            users.dedup();
-        }
+        let (users_of, users) = training_buyers(train, catalog_len);
         let inv_sqrt_n: Vec<f32> = users_of
             .iter()
             .map(|u| {
@@ -170,7 +179,7 @@ impl ItemKnn {
                 values.push(inv_sqrt_n[item]);
             }
         }
-        let users = user_index.len().max(1);
+        let users = users.max(1);
         let nnz = rows.len() as i64;
         let indices =
             Tensor::cat(&[Tensor::from_slice(&rows), Tensor::from_slice(&cols)], 0).view([2, nnz]);

@@ -13,10 +13,10 @@
 //! item × user matrix and QR factorisations of tall, thin matrices, never a dense item × user
 //! or item × item matrix.
 
-use std::collections::HashMap;
-
 use tch::{Device, Kind, Tensor};
 use towers::dataset::{Catalog, ExampleSet};
+
+use crate::baselines::training_buyers;
 
 /// Columns added to the random range finder beyond the rank asked for.
 const OVERSAMPLING: i64 = 16;
@@ -39,33 +39,26 @@ pub fn cooccurrence_embeddings(
     dim: i64,
 ) -> Tensor {
     let opts = (Kind::Float, Device::Cpu);
-    let mut user_index: HashMap<u64, i64> = HashMap::new();
-    let mut pairs: Vec<(i64, i64)> = Vec::with_capacity(train.examples.len());
-    for ex in &train.examples {
-        let id = catalog.tokens[ex.target_row as usize].id;
-        if id <= 0 || id >= id_rows {
+    // Item ids are one per catalog item (0 for items never a training target), so each id row
+    // takes its catalog row's buyers.
+    let (buyers_of, users) = training_buyers(train, catalog.len());
+    let (mut rows, mut cols, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    for (buyers, tokens) in buyers_of.iter().zip(&catalog.tokens) {
+        if tokens.id <= 0 || tokens.id >= id_rows || buyers.is_empty() {
             continue;
         }
-        let next = user_index.len() as i64;
-        pairs.push((id, *user_index.entry(ex.user_id).or_insert(next)));
+        let unit = 1.0 / (buyers.len() as f32).sqrt();
+        for &u in buyers {
+            rows.push(tokens.id);
+            cols.push(u as i64);
+            values.push(unit);
+        }
     }
-    pairs.sort_unstable();
-    pairs.dedup();
-    let users = user_index.len() as i64;
+    let users = users as i64;
     let rank = dim.min(users).min(id_rows);
-    if pairs.is_empty() || rank == 0 {
+    if rows.is_empty() || rank == 0 {
         return Tensor::zeros([id_rows, dim], opts);
     }
-    let mut buyers = vec![0f32; id_rows as usize];
-    for &(id, _) in &pairs {
-        buyers[id as usize] += 1.0;
-    }
-    let values: Vec<f32> = pairs
-        .iter()
-        .map(|&(id, _)| 1.0 / buyers[id as usize].sqrt())
-        .collect();
-    let rows: Vec<i64> = pairs.iter().map(|p| p.0).collect();
-    let cols: Vec<i64> = pairs.iter().map(|p| p.1).collect();
     let sparse = |a: &[i64], b: &[i64], size: [i64; 2]| {
         let n = a.len() as i64;
         let indices = Tensor::cat(&[Tensor::from_slice(a), Tensor::from_slice(b)], 0).view([2, n]);
