@@ -31,21 +31,61 @@ pub struct HostBatch {
 
 /// How often each item is a training target: the sampling distribution of in-batch negatives.
 pub struct TargetFrequency {
-    log_p: Vec<f32>,
+    /// Training-target share of each catalog row.
+    p: Vec<f64>,
 }
 
 impl TargetFrequency {
     pub fn new(train: &ExampleSet, catalog_len: usize) -> Self {
         let counts = crate::baselines::target_counts(train, catalog_len);
         let total = train.examples.len().max(1) as f64;
-        // Items never a target cannot be in-batch candidates; give them the smallest observed
-        // probability so the value is finite.
-        let log_p = counts
-            .iter()
-            .map(|&c| ((c.max(1) as f64) / total).ln() as f32)
-            .collect();
-        TargetFrequency { log_p }
+        TargetFrequency {
+            p: counts.iter().map(|&c| c as f64 / total).collect(),
+        }
     }
+
+    /// Log of `row`'s expected count among the candidates of a batch of `batch` targets plus
+    /// `extra` negatives drawn uniformly from a pool of `pool` items.
+    ///
+    /// With `mixture`, both samplers count for every candidate, wherever it was drawn from:
+    /// `B·p + E/|pool|`. A popular item drawn as a uniform negative is still mostly an in-batch
+    /// candidate, and a long-tail target still turns up among the uniform draws. Without it,
+    /// each candidate counts only the sampler that drew it (`B·p` for targets, `E/|pool|` for
+    /// extra negatives), which overstates the rarity of both: a long-tail target (fewer than
+    /// about `E·T / (B·|pool|)` training purchases) and every popular item drawn as an extra
+    /// negative get their logits raised by several nats too many. Every candidate is in the
+    /// pool (training targets are never held-out cold items), so the uniform term applies to
+    /// all.
+    pub fn log_expected_count(&self, c: Candidate, mixture: bool) -> f32 {
+        let in_batch = c.batch as f64 * self.p[c.row];
+        let sampled = if c.pool == 0 {
+            0.0
+        } else {
+            c.extra as f64 / c.pool as f64
+        };
+        let expected = match (mixture, c.drawn_in_batch) {
+            (true, _) => in_batch + sampled,
+            (false, true) => in_batch,
+            (false, false) => sampled,
+        };
+        // An item no sampler can draw is never a candidate; keep the value finite regardless.
+        expected.max(f64::MIN_POSITIVE).ln() as f32
+    }
+}
+
+/// One candidate of a batch, and the samplers that fill the batch's candidate set.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    /// Catalog row.
+    pub row: usize,
+    /// Whether it is one of the batch's targets (else an extra negative).
+    pub drawn_in_batch: bool,
+    /// Targets in the batch (B).
+    pub batch: usize,
+    /// Extra negatives drawn uniformly (E).
+    pub extra: usize,
+    /// Items they are drawn from.
+    pub pool: usize,
 }
 
 /// Everything the batch-building thread needs, shared read-only.
@@ -59,6 +99,8 @@ pub struct BatchSource {
     pub batch_size: usize,
     pub extra_negatives: usize,
     pub logq: bool,
+    /// Count both samplers in every candidate's logQ (`TargetFrequency::log_expected_count`).
+    pub logq_mixture: bool,
 }
 
 impl BatchSource {
@@ -94,6 +136,21 @@ impl BatchSource {
         (rx, n)
     }
 
+    /// The logQ correction of a candidate in a batch of `b` targets (0 without correction).
+    fn log_q(&self, row: u32, b: usize, drawn_in_batch: bool) -> f32 {
+        if !self.logq {
+            return 0.0;
+        }
+        let candidate = Candidate {
+            row: row as usize,
+            drawn_in_batch,
+            batch: b,
+            extra: self.extra_negatives,
+            pool: self.negative_pool.len(),
+        };
+        self.freq.log_expected_count(candidate, self.logq_mixture)
+    }
+
     fn build(&self, examples: &[u32], rng: &mut ChaCha8Rng) -> HostBatch {
         let mut local: HashMap<u32, i64> = HashMap::new();
         let mut rows: Vec<u32> = Vec::new();
@@ -112,12 +169,7 @@ impl BatchSource {
             let ex = &self.train.examples[i as usize];
             candidates.push(row_of(ex.target_row, &mut rows));
             candidate_catalog_rows.push(ex.target_row as i64);
-            // Expected count of this item among B in-batch candidates: B * p(item).
-            candidate_log_q.push(if self.logq {
-                self.freq.log_p[ex.target_row as usize] + (b as f32).ln()
-            } else {
-                0.0
-            });
+            candidate_log_q.push(self.log_q(ex.target_row, b, true));
             users.push(self.train.user_input(ex, |r| row_of(r, &mut rows)));
         }
         let pool = &self.negative_pool;
@@ -128,12 +180,7 @@ impl BatchSource {
             let r = pool[rng.random_range(0..pool.len())];
             candidates.push(row_of(r, &mut rows));
             candidate_catalog_rows.push(r as i64);
-            // Uniform sampling: each item's expected count is N / |pool|.
-            candidate_log_q.push(if self.logq {
-                (self.extra_negatives as f32 / pool.len() as f32).ln()
-            } else {
-                0.0
-            });
+            candidate_log_q.push(self.log_q(r, b, false));
         }
         let tokens: Vec<_> = rows
             .iter()
@@ -146,6 +193,104 @@ impl BatchSource {
             candidate_catalog_rows,
             candidate_log_q,
             size: b,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use features::ItemTokens;
+
+    /// A source over `items` catalog rows whose training targets are `targets`, drawing `extra`
+    /// uniform negatives from every row.
+    fn source(items: u32, targets: &[u32], extra: usize, mixture: bool) -> BatchSource {
+        let catalog = Catalog {
+            ids: (0..items as u64).collect(),
+            tokens: (0..items).map(|_| ItemTokens::default()).collect(),
+            row_of: (0..items as u64).map(|i| (i, i as u32)).collect(),
+        };
+        let pairs: Vec<(u64, u32)> = targets
+            .iter()
+            .enumerate()
+            .map(|(u, &t)| (u as u64, t))
+            .collect();
+        let train = crate::cooccurrence::tests::bought(&pairs);
+        BatchSource {
+            freq: Arc::new(TargetFrequency::new(&train, items as usize)),
+            train: Arc::new(train),
+            catalog: Arc::new(catalog),
+            negative_pool: Arc::new((0..items).collect()),
+            tower: TowerConfig::small(4),
+            batch_size: targets.len(),
+            extra_negatives: extra,
+            logq: true,
+            logq_mixture: mixture,
+        }
+    }
+
+    #[test]
+    fn a_candidate_gets_one_log_q_whether_drawn_in_batch_or_uniformly() {
+        // Item 0 is every other target; items 1..4 once each; items 4..8 never.
+        let targets = [0, 1, 0, 2, 0, 3, 0, 0];
+        let src = source(8, &targets, 64, true);
+        let examples: Vec<u32> = (0..targets.len() as u32).collect();
+        let batch = src.build(&examples, &mut ChaCha8Rng::seed_from_u64(7));
+        let (b, extra, pool) = (8.0f64, 64.0, 8.0);
+        let mut seen_as_negative = [false; 8];
+        for (c, (&row, &log_q)) in batch
+            .candidate_catalog_rows
+            .iter()
+            .zip(&batch.candidate_log_q)
+            .enumerate()
+        {
+            let p = targets.iter().filter(|&&t| t as i64 == row).count() as f64 / b;
+            let expected = (b * p + extra / pool).ln() as f32;
+            assert!(
+                (log_q - expected).abs() < 1e-5,
+                "candidate {c} (row {row}): {log_q}, expected {expected}"
+            );
+            if c >= targets.len() {
+                seen_as_negative[row as usize] = true;
+            }
+        }
+        // The draws covered popular, long-tail and never-bought items alike.
+        assert!(seen_as_negative[0] && seen_as_negative[1] && seen_as_negative[5]);
+    }
+
+    #[test]
+    fn without_extra_negatives_log_q_is_the_in_batch_count() {
+        for mixture in [false, true] {
+            let src = source(4, &[0, 0, 0, 1], 0, mixture);
+            let batch = src.build(&[0, 1, 2, 3], &mut ChaCha8Rng::seed_from_u64(1));
+            let expected = [3.0f32.ln(), 3.0f32.ln(), 3.0f32.ln(), 0.0];
+            for (got, want) in batch.candidate_log_q.iter().zip(expected) {
+                assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn per_sampler_log_q_counts_only_the_sampler_that_drew_the_candidate() {
+        let targets = [0, 1, 0, 0];
+        let src = source(4, &targets, 8, false);
+        let batch = src.build(&[0, 1, 2, 3], &mut ChaCha8Rng::seed_from_u64(3));
+        for (c, (&row, &log_q)) in batch
+            .candidate_catalog_rows
+            .iter()
+            .zip(&batch.candidate_log_q)
+            .enumerate()
+        {
+            let expected = if c < targets.len() {
+                let count = targets.iter().filter(|&&t| t as i64 == row).count();
+                (count as f32).ln() // B·p = the count in the batch
+            } else {
+                2.0f32.ln() // E / |pool| = 8 / 4
+            };
+            assert!(
+                (log_q - expected).abs() < 1e-6,
+                "candidate {c}: {log_q} vs {expected}"
+            );
         }
     }
 }

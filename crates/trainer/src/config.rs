@@ -37,6 +37,11 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     /// Subtract log of each candidate's sampling probability (logQ correction).
     pub logq_correction: bool,
+    /// With extra negatives, correct every candidate by its expected count under both samplers
+    /// (`B·p + E/|pool|`) instead of only the one that drew it: the estimate of the full softmax
+    /// that sampled softmax is meant to be. The Complete Journey pipeline uses it
+    /// (`docs/benchmarks.md`); off by default until ml-100k is measured with it.
+    pub logq_mixture: bool,
     /// Mask other rows' positives that are the same item as this row's positive.
     pub remove_accidental_hits: bool,
     /// Extra negatives per batch sampled uniformly from the catalog (mixed negative sampling).
@@ -67,6 +72,7 @@ impl Default for TrainConfig {
             final_lr_ratio: 0.05,
             grad_clip: 1.0,
             logq_correction: true,
+            logq_mixture: false,
             remove_accidental_hits: true,
             extra_negatives: 0,
             patience: 3,
@@ -126,6 +132,13 @@ impl TrainConfig {
         if self.patience == 0 {
             return bad("patience", "must be at least 1 epoch");
         }
+        if self.item_id_init == ItemIdInit::Cooccurrence && self.tower.item_id_dim == 0 {
+            return bad(
+                "item_id_init",
+                "\"cooccurrence\" starts the item-id table, which tower.item_id_dim = 0 turns off; \
+                 set tower.item_id_dim or item_id_init = \"random\"",
+            );
+        }
         Ok(())
     }
 }
@@ -155,5 +168,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("batch_size"));
+    }
+
+    #[test]
+    fn cooccurrence_start_without_item_ids_is_refused_not_ignored() {
+        let cfg: TrainConfig = toml::from_str("item_id_init = \"cooccurrence\"\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("item_id_init") && err.contains("item_id_dim"),
+            "{err}"
+        );
+        let cfg: TrainConfig =
+            toml::from_str("item_id_init = \"cooccurrence\"\n[tower]\nitem_id_dim = 8\n").unwrap();
+        cfg.validate().unwrap();
     }
 }

@@ -101,7 +101,7 @@ pub fn cooccurrence_embeddings(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use features::ItemTokens;
     use towers::dataset::EncodedExample;
@@ -120,7 +120,8 @@ mod tests {
         }
     }
 
-    fn bought(pairs: &[(u64, u32)]) -> ExampleSet {
+    /// Training examples of `(user, target row)` pairs without history: who bought what.
+    pub(crate) fn bought(pairs: &[(u64, u32)]) -> ExampleSet {
         ExampleSet {
             examples: pairs
                 .iter()

@@ -93,6 +93,7 @@ impl Session {
             batch_size: cfg.batch_size,
             extra_negatives: cfg.extra_negatives,
             logq: cfg.logq_correction,
+            logq_mixture: cfg.logq_mixture,
         });
         let steps_per_epoch = source.batches_per_epoch() as u64;
         Ok(Session {
