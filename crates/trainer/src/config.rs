@@ -40,7 +40,8 @@ pub struct TrainConfig {
     /// With extra negatives, correct every candidate by its expected count under both samplers
     /// (`B·p + E/|pool|`) instead of only the one that drew it: the estimate of the full softmax
     /// that sampled softmax is meant to be. The Complete Journey pipeline uses it
-    /// (`docs/benchmarks.md`); off by default until ml-100k is measured with it.
+    /// (`docs/benchmarks.md`); off by default, as on ml-100k it measured the same as the
+    /// per-sampler correction.
     pub logq_mixture: bool,
     /// Mask other rows' positives that are the same item as this row's positive.
     pub remove_accidental_hits: bool,
