@@ -44,48 +44,10 @@ impl TargetFrequency {
         }
     }
 
-    /// Log of `row`'s expected count among the candidates of a batch of `batch` targets plus
-    /// `extra` negatives drawn uniformly from a pool of `pool` items.
-    ///
-    /// With `mixture`, both samplers count for every candidate, wherever it was drawn from:
-    /// `B·p + E/|pool|`. A popular item drawn as a uniform negative is still mostly an in-batch
-    /// candidate, and a long-tail target still turns up among the uniform draws. Without it,
-    /// each candidate counts only the sampler that drew it (`B·p` for targets, `E/|pool|` for
-    /// extra negatives), which overstates the rarity of both: a long-tail target (fewer than
-    /// about `E·T / (B·|pool|)` training purchases) and every popular item drawn as an extra
-    /// negative get their logits raised by several nats too many. Every candidate is in the
-    /// pool (training targets are never held-out cold items), so the uniform term applies to
-    /// all.
-    pub fn log_expected_count(&self, c: Candidate, mixture: bool) -> f32 {
-        let in_batch = c.batch as f64 * self.p[c.row];
-        let sampled = if c.pool == 0 {
-            0.0
-        } else {
-            c.extra as f64 / c.pool as f64
-        };
-        let expected = match (mixture, c.drawn_in_batch) {
-            (true, _) => in_batch + sampled,
-            (false, true) => in_batch,
-            (false, false) => sampled,
-        };
-        // An item no sampler can draw is never a candidate; keep the value finite regardless.
-        expected.max(f64::MIN_POSITIVE).ln() as f32
+    /// The training-target share of catalog row `row`.
+    pub fn share(&self, row: usize) -> f64 {
+        self.p[row]
     }
-}
-
-/// One candidate of a batch, and the samplers that fill the batch's candidate set.
-#[derive(Debug, Clone, Copy)]
-pub struct Candidate {
-    /// Catalog row.
-    pub row: usize,
-    /// Whether it is one of the batch's targets (else an extra negative).
-    pub drawn_in_batch: bool,
-    /// Targets in the batch (B).
-    pub batch: usize,
-    /// Extra negatives drawn uniformly (E).
-    pub extra: usize,
-    /// Items they are drawn from.
-    pub pool: usize,
 }
 
 /// Everything the batch-building thread needs, shared read-only.
@@ -99,7 +61,7 @@ pub struct BatchSource {
     pub batch_size: usize,
     pub extra_negatives: usize,
     pub logq: bool,
-    /// Count both samplers in every candidate's logQ (`TargetFrequency::log_expected_count`).
+    /// Count both samplers in every candidate's logQ (`BatchSource::log_q`).
     pub logq_mixture: bool,
 }
 
@@ -136,19 +98,36 @@ impl BatchSource {
         (rx, n)
     }
 
-    /// The logQ correction of a candidate in a batch of `b` targets (0 without correction).
+    /// The logQ correction of a candidate in a batch of `b` targets (0 without correction):
+    /// the log of its expected count among the batch's candidates.
+    ///
+    /// With `logq_mixture`, both samplers count for every candidate, wherever it was drawn
+    /// from: `B·p + E/|pool|`. A popular item drawn as a uniform negative is still mostly an
+    /// in-batch candidate, and a long-tail target still turns up among the uniform draws.
+    /// Without it, each candidate counts only the sampler that drew it (`B·p` for targets,
+    /// `E/|pool|` for extra negatives), which overstates the rarity of both: a long-tail target
+    /// (fewer than about `E·T / (B·|pool|)` training purchases) and every popular item drawn as
+    /// an extra negative get their logits raised by several nats too many. Every candidate is
+    /// in the pool (training targets are never held-out cold items), so the uniform term
+    /// applies to all.
     fn log_q(&self, row: u32, b: usize, drawn_in_batch: bool) -> f32 {
         if !self.logq {
             return 0.0;
         }
-        let candidate = Candidate {
-            row: row as usize,
-            drawn_in_batch,
-            batch: b,
-            extra: self.extra_negatives,
-            pool: self.negative_pool.len(),
+        let in_batch = b as f64 * self.freq.share(row as usize);
+        let pool = self.negative_pool.len();
+        let uniform = if pool == 0 {
+            0.0
+        } else {
+            self.extra_negatives as f64 / pool as f64
         };
-        self.freq.log_expected_count(candidate, self.logq_mixture)
+        let expected = match (self.logq_mixture, drawn_in_batch) {
+            (true, _) => in_batch + uniform,
+            (false, true) => in_batch,
+            (false, false) => uniform,
+        };
+        // An item no sampler can draw is never a candidate; keep the value finite regardless.
+        expected.max(f64::MIN_POSITIVE).ln() as f32
     }
 
     fn build(&self, examples: &[u32], rng: &mut ChaCha8Rng) -> HostBatch {
