@@ -35,7 +35,8 @@ TOWER = dict(dim=64, token_dim=64, aspect_dim=32, category_dim=32, item_id_dim=0
              temperature=0.05, learn_temperature=True, max_title_tokens=16, max_aspects=16,
              max_categories=8, max_query_tokens=8, max_user_features=8, history_len=50, vocab={})
 TRAIN = dict(epochs=20, batch_size=256, lr=2e-3, weight_decay=1e-4, warmup_steps=200, final_lr_ratio=0.05,
-             grad_clip=1.0, logq_correction=True, remove_accidental_hits=True, extra_negatives=0, patience=3,
+             grad_clip=1.0, logq_correction=True, remove_accidental_hits=True, remove_seen_negatives=False,
+             extra_negatives=0, patience=3,
              eval_batch_size=512, mixed_precision=False, seed=42)
 EVENT_TYPES = ["view", "search", "add_to_cart", "watch", "purchase", "rate"]  # code = index + 1
 GAP_BUCKETS, M64 = 16, (1 << 64) - 1
@@ -142,6 +143,19 @@ class Data:
         self.hist_query[e[qi], pos[qi]] = np.arange(len(qi))
         c = np.bincount(self.target, minlength=len(items))
         self.log_p = np.log(np.maximum(c, 1) / max(n, 1)).astype(np.float32)
+        # What evaluation masks (towers/src/dataset.rs SeenItems::before): per user the catalog rows
+        # of events.parquet in file order; an example sees its user's events ahead of its target's first.
+        evs = pq.read_table(d / "events.parquet", columns=["user_id", "item_id"]).filter(pc.is_valid(pc.field("item_id")))
+        eu, ei = evs["user_id"].to_numpy(), evs["item_id"].to_numpy()
+        er = row_of(ei)
+        inside = self.ids[er] == ei
+        self.user_rows = {}
+        for u in np.unique(eu[inside]):
+            self.user_rows[u] = er[inside][eu[inside] == u]
+        users = ex["user_id"].to_numpy()
+        self.example_user = users
+        self.seen_end = np.array([int(np.argmax(self.user_rows[u] == t)) if u in self.user_rows and (self.user_rows[u] == t).any()
+                                  else 0 for u, t in zip(users, self.target)], np.int64)
 
 
 class Batches:
@@ -149,6 +163,7 @@ class Batches:
 
     def __init__(self, data, cfg):
         self.d, self.b, self.extra, self.logq = data, cfg["batch_size"], cfg["extra_negatives"], cfg["logq_correction"]
+        self.remove_seen = cfg["remove_seen_negatives"]
         self.build_seconds, self.built = 0.0, 0
 
     def per_epoch(self):
@@ -181,12 +196,20 @@ class Batches:
             query = torch.from_numpy(np.where((hq >= 0)[..., None], d.queries[np.maximum(hq, 0)], 0))
         T = torch.from_numpy
         candidates = np.concatenate([inv[:B], inv[len(inv) - len(neg):]])  # rows of the targets, then negatives
+        seen = None
+        if self.remove_seen:  # batches.rs seen_candidates: a user's earlier items are no negatives for it
+            earlier = [d.user_rows[d.example_user[i]][: d.seen_end[i]] if d.seen_end[i] else d.pool[:0] for i in idx]
+            n_items, lens = len(d.ids), np.array([len(e) for e in earlier])
+            seen_keys = np.repeat(np.arange(B), lens) * n_items + np.concatenate(earlier)  # (row, item) pairs
+            seen = np.isin(np.arange(B)[:, None] * n_items + cand_rows[None, :], seen_keys)
+            seen[np.arange(B), np.arange(B)] = False
+            seen = torch.from_numpy(seen)
         batch = dict(size=B, title=T(d.title[uniq]), aspects=T(d.aspects[uniq]), categories=T(d.cats[uniq]),
                      ids=T(d.item_id[uniq]), hist_item=T(hist_item), hist_is_item=T(real[..., None].astype(np.float32)),
                      hist_query=query, hist_type=T(d.hist_type[idx, :L]), hist_gap=T(d.hist_gap[idx, :L]),
                      hist_len=T(d.hist_len[idx]), hour=T(d.hour[idx]), weekday=T(d.weekday[idx]),
                      user_features=T(d.user_features[idx]), candidates=T(candidates), candidate_rows=T(cand_rows),
-                     log_q=T(log_q if self.logq else np.zeros_like(log_q)))
+                     log_q=T(log_q if self.logq else np.zeros_like(log_q)), seen=seen)
         self.build_seconds += time.perf_counter() - start
         self.built += 1
         return batch
@@ -305,6 +328,8 @@ class TwoTower(nn.Module):
         if remove_hits:  # another row's positive that is this row's item is no negative
             same = b["candidate_rows"][:B].unsqueeze(1) == b["candidate_rows"].unsqueeze(0)
             logits = logits.masked_fill(same & ~torch.eye(B, C, dtype=torch.bool), -1e9)
+        if b["seen"] is not None:
+            logits = logits.masked_fill(b["seen"], -1e9)
         return F.cross_entropy(logits, torch.arange(B))
 
 

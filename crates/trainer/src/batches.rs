@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use towers::{ItemBatchHost, TowerConfig, UserBatchHost};
 
-use towers::dataset::{Catalog, ExampleSet};
+use towers::dataset::{Catalog, ExampleSet, SeenItems};
 
 /// One batch on the host: item content, user inputs and the candidate layout.
 pub struct HostBatch {
@@ -25,6 +25,9 @@ pub struct HostBatch {
     pub candidate_catalog_rows: Vec<i64>,
     /// Log of each candidate's expected count in the candidate set (logQ correction).
     pub candidate_log_q: Vec<f32>,
+    /// `row · C + column` of every candidate that row's user interacted with before its target
+    /// (empty unless seen negatives are removed), ascending.
+    pub seen_candidates: Vec<i64>,
     /// Number of examples (B).
     pub size: usize,
 }
@@ -63,6 +66,8 @@ pub struct BatchSource {
     pub logq: bool,
     /// Count both samplers in every candidate's logQ (`BatchSource::log_q`).
     pub logq_mixture: bool,
+    /// Each user's earlier items, when they are not to be negatives (`remove_seen_negatives`).
+    pub seen: Option<Arc<SeenItems>>,
 }
 
 impl BatchSource {
@@ -161,6 +166,7 @@ impl BatchSource {
             candidate_catalog_rows.push(r as i64);
             candidate_log_q.push(self.log_q(r, b, false));
         }
+        let seen_candidates = self.seen_candidates(examples, &candidate_catalog_rows);
         let tokens: Vec<_> = rows
             .iter()
             .map(|&r| &self.catalog.tokens[r as usize])
@@ -171,8 +177,39 @@ impl BatchSource {
             candidates,
             candidate_catalog_rows,
             candidate_log_q,
+            seen_candidates,
             size: b,
         }
+    }
+
+    /// `row · C + column` of each candidate that row `row`'s user interacted with before the
+    /// target, the same items evaluation masks (`SeenItems::before`). A row's own positive is
+    /// never among them: a target is the user's first interaction with its item.
+    fn seen_candidates(&self, examples: &[u32], candidate_catalog_rows: &[i64]) -> Vec<i64> {
+        let Some(seen) = &self.seen else {
+            return Vec::new();
+        };
+        let c = candidate_catalog_rows.len();
+        let mut columns: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (col, &r) in candidate_catalog_rows.iter().enumerate() {
+            columns.entry(r as u32).or_default().push(col);
+        }
+        let mut flat = Vec::new();
+        for (row, &i) in examples.iter().enumerate() {
+            let ex = &self.train.examples[i as usize];
+            let target = self.catalog.ids[ex.target_row as usize];
+            for item in seen.before(ex.user_id, target) {
+                for &col in columns.get(&item).map(Vec::as_slice).unwrap_or(&[]) {
+                    if col != row {
+                        flat.push((row * c + col) as i64);
+                    }
+                }
+            }
+        }
+        // Repeat purchases list an item many times.
+        flat.sort_unstable();
+        flat.dedup();
+        flat
     }
 }
 
@@ -205,6 +242,7 @@ mod tests {
             extra_negatives: extra,
             logq: true,
             logq_mixture: mixture,
+            seen: None,
         }
     }
 
@@ -235,6 +273,51 @@ mod tests {
         }
         // The draws covered popular, long-tail and never-bought items alike.
         assert!(seen_as_negative[0] && seen_as_negative[1] && seen_as_negative[5]);
+    }
+
+    #[test]
+    fn history_items_are_not_negatives_for_their_own_user_when_seen_negatives_are_removed() {
+        // User 0 bought items 5 and 6, then its target 0; user 1 bought 6 after its target 1,
+        // so 6 is no earlier item of user 1's; user 2 has no events before its target 2.
+        let tmp = tempfile::tempdir().unwrap();
+        let events_path = tmp.path().join("events.parquet");
+        let ev = |user_id, ts_ms, item| features::Event {
+            user_id,
+            ts_ms,
+            event_type: features::EventType::Purchase,
+            item_id: Some(item),
+            query: None,
+            value: None,
+        };
+        let events = [
+            ev(0, 1, 5),
+            ev(0, 2, 6),
+            ev(0, 2, 5),
+            ev(0, 3, 0),
+            ev(1, 1, 1),
+            ev(1, 2, 6),
+            ev(2, 1, 2),
+        ];
+        features::write_table(&events_path, &events).unwrap();
+        let mut src = source(8, &[0, 1, 2], 64, false);
+        src.seen = Some(Arc::new(
+            SeenItems::load(&events_path, &src.catalog).unwrap(),
+        ));
+        let batch = src.build(&[0, 1, 2], &mut ChaCha8Rng::seed_from_u64(5));
+        let c = batch.candidate_catalog_rows.len();
+        let expected: Vec<i64> = (0..c)
+            .filter(|&col| matches!(batch.candidate_catalog_rows[col], 5 | 6))
+            .map(|col| col as i64)
+            .collect();
+        assert!(expected.len() >= 2, "the draws cover items 5 and 6");
+        assert_eq!(
+            batch.seen_candidates, expected,
+            "row 0's columns of 5 and 6 only"
+        );
+        // Without the setting nothing is masked.
+        src.seen = None;
+        let batch = src.build(&[0, 1, 2], &mut ChaCha8Rng::seed_from_u64(5));
+        assert!(batch.seen_candidates.is_empty());
     }
 
     #[test]

@@ -112,7 +112,8 @@ pub fn bench_train(
             train.len()
         )));
     }
-    let mut session = Session::open(&data, Arc::clone(&train), cfg.clone(), device)?;
+    let mut session = Session::open(&data, Arc::clone(&train), None, cfg.clone(), device)?;
+    session.start_item_ids();
     let (mut timed, mut examples, mut unique, mut history) = (0usize, 0usize, 0.0, 0.0);
     let mut start = Instant::now();
     let mut epoch = 0;

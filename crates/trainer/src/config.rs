@@ -45,6 +45,10 @@ pub struct TrainConfig {
     pub logq_mixture: bool,
     /// Mask other rows' positives that are the same item as this row's positive.
     pub remove_accidental_hits: bool,
+    /// Mask, for each row, the candidates its user interacted with before the target.
+    /// Evaluation never ranks those items (it masks everything seen), so as negatives they
+    /// only teach the user vector to point away from the user's own history.
+    pub remove_seen_negatives: bool,
     /// Extra negatives per batch sampled uniformly from the catalog (mixed negative sampling).
     pub extra_negatives: usize,
     /// Stop after this many epochs without a better validation NDCG@10.
@@ -75,6 +79,7 @@ impl Default for TrainConfig {
             logq_correction: true,
             logq_mixture: false,
             remove_accidental_hits: true,
+            remove_seen_negatives: false,
             extra_negatives: 0,
             patience: 3,
             eval_batch_size: 512,

@@ -19,6 +19,8 @@ pub struct DeviceBatch {
     pub candidates: Tensor,
     pub candidate_catalog_rows: Tensor,
     pub candidate_log_q: Tensor,
+    /// Flat `[B · C]` positions of candidates the row's user saw before (may be empty).
+    pub seen_candidates: Tensor,
     pub size: i64,
 }
 
@@ -31,12 +33,15 @@ impl DeviceBatch {
             candidate_catalog_rows: Tensor::from_slice(&host.candidate_catalog_rows)
                 .to_device(device),
             candidate_log_q: Tensor::from_slice(&host.candidate_log_q).to_device(device),
+            seen_candidates: Tensor::from_slice(&host.seen_candidates).to_device(device),
             size: host.size as i64,
         }
     }
 }
 
-/// Mean cross-entropy of each row's positive against all candidates.
+/// Mean cross-entropy of each row's positive against all candidates. Accidental hits (another
+/// row's positive that is this row's item) are masked when `remove_accidental_hits`, and the
+/// batch's `seen_candidates` always (the batch holds none unless they are to be removed).
 pub fn in_batch_softmax_loss(
     model: &TwoTower,
     batch: &DeviceBatch,
@@ -49,17 +54,30 @@ pub fn in_batch_softmax_loss(
         - batch.candidate_log_q.unsqueeze(0);
     let b = batch.size;
     let c = batch.candidates.size()[0];
-    let logits = if remove_accidental_hits {
+    let device = logits.device();
+    let mut masked: Option<Tensor> = None;
+    if remove_accidental_hits {
         let positives = batch.candidate_catalog_rows.narrow(0, 0, b);
         let same_item = positives
             .unsqueeze(1)
             .eq_tensor(&batch.candidate_catalog_rows.unsqueeze(0));
-        let own = Tensor::eye_m(b, c, (Kind::Bool, logits.device()));
-        logits.masked_fill(&same_item.logical_and(&own.logical_not()), -1e9)
-    } else {
-        logits
+        let own = Tensor::eye_m(b, c, (Kind::Bool, device));
+        masked = Some(same_item.logical_and(&own.logical_not()));
+    }
+    if batch.seen_candidates.numel() > 0 {
+        let seen = Tensor::zeros([b * c], (Kind::Bool, device))
+            .index_fill(0, &batch.seen_candidates, 1)
+            .view([b, c]);
+        masked = Some(match masked {
+            Some(m) => m.logical_or(&seen),
+            None => seen,
+        });
+    }
+    let logits = match masked {
+        Some(m) => logits.masked_fill(&m, -1e9),
+        None => logits,
     };
-    let labels = Tensor::arange(b, (Kind::Int64, logits.device()));
+    let labels = Tensor::arange(b, (Kind::Int64, device));
     logits.cross_entropy_for_logits(&labels)
 }
 
@@ -97,6 +115,7 @@ mod tests {
             candidates: targets.to_vec(),
             candidate_catalog_rows: targets.to_vec(),
             candidate_log_q: log_q,
+            seen_candidates: Vec::new(),
             size: targets.len(),
         };
         DeviceBatch::new(&host, Device::Cpu)
@@ -135,6 +154,26 @@ mod tests {
             .diagonal(0, 0, 1)
             .mean(Kind::Float)
             .double_value(&[]);
+        assert!((loss - expected).abs() < 1e-5, "{loss} vs {expected}");
+    }
+
+    #[test]
+    fn a_seen_candidate_drops_out_of_its_own_rows_softmax_only() {
+        tch::manual_seed(5);
+        let cfg = cfg();
+        let model = TwoTower::new(cfg.clone(), Device::Cpu).unwrap();
+        let mut b = batch(&cfg, &[0, 1, 2], vec![0.0; 3]);
+        // Row 0's user saw item 2 before its target (flat position 0 · 3 + 2).
+        b.seen_candidates = Tensor::from_slice(&[2i64]);
+        let loss = tch::no_grad(|| in_batch_softmax_loss(&model, &b, true)).double_value(&[]);
+        let iv = model.encode_items(&b.items, false);
+        let uv = model.encode_users(&b.users, &iv, false);
+        let logits = model.logits(&uv, &iv.narrow(0, 0, 3));
+        let row0 = logits.get(0).narrow(0, 0, 2).log_softmax(-1, Kind::Float);
+        let rest = logits.narrow(0, 1, 2).log_softmax(-1, Kind::Float);
+        let expected =
+            -(row0.double_value(&[0]) + rest.double_value(&[0, 1]) + rest.double_value(&[1, 2]))
+                / 3.0;
         assert!((loss - expected).abs() < 1e-5, "{loss} vs {expected}");
     }
 

@@ -9,7 +9,7 @@ use std::time::Instant;
 use features::Progress;
 use tch::{Device, Kind, Tensor};
 use towers::artifact::ModelLayout;
-use towers::dataset::{Catalog, Dataset, ExampleSet};
+use towers::dataset::{Catalog, Dataset, ExampleSet, SeenItems};
 use towers::TwoTower;
 
 use crate::batches::{BatchSource, HostBatch, TargetFrequency};
@@ -62,10 +62,13 @@ pub struct Session {
 
 impl Session {
     /// A fresh model (seeded by `cfg.seed`) and optimizer over `train`, with `cfg.tower`'s
-    /// vocabulary sizes already taken from `data`.
+    /// vocabulary sizes already taken from `data`. The item-id table is still random: call
+    /// [`Session::start_item_ids`] next, unless a checkpoint is restored instead. `seen` is the users' earlier items if the
+    /// caller has loaded them; with `remove_seen_negatives` they are loaded here otherwise.
     pub fn open(
         data: &Dataset,
         train: Arc<ExampleSet>,
+        seen: Option<Arc<SeenItems>>,
         cfg: TrainConfig,
         device: Device,
     ) -> Result<Session> {
@@ -79,11 +82,16 @@ impl Session {
             )));
         }
         tch::manual_seed(cfg.seed as i64);
-        let mut model = TwoTower::new(cfg.tower.clone(), device)?;
-        if cfg.item_id_init == ItemIdInit::Cooccurrence {
-            start_ids_from_cooccurrence(&mut model, &train, &data.catalog);
-        }
+        let model = TwoTower::new(cfg.tower.clone(), device)?;
         let opt = AdamW::new(&model.vs, cfg.weight_decay);
+        let seen = match (cfg.remove_seen_negatives, seen) {
+            (false, _) => None,
+            (true, Some(seen)) => Some(seen),
+            (true, None) => Some(Arc::new(SeenItems::load(
+                &data.layout().events(),
+                &data.catalog,
+            )?)),
+        };
         let source = Arc::new(BatchSource {
             freq: Arc::new(TargetFrequency::new(&train, data.catalog.len())),
             train,
@@ -94,6 +102,7 @@ impl Session {
             extra_negatives: cfg.extra_negatives,
             logq: cfg.logq_correction,
             logq_mixture: cfg.logq_mixture,
+            seen,
         });
         let steps_per_epoch = source.batches_per_epoch() as u64;
         Ok(Session {
@@ -104,6 +113,17 @@ impl Session {
             device,
             steps_per_epoch,
         })
+    }
+
+    /// Starts the item-id table as `item_id_init` asks (the co-occurrence code, computed from
+    /// the training examples; nothing for `random`, which the model already is). Call it right
+    /// after [`Session::open`], before anything else draws from the seeded generator, so a run
+    /// follows its seed; a resumed run skips it, as its checkpoint holds the table.
+    pub fn start_item_ids(&mut self) {
+        if self.cfg.item_id_init == ItemIdInit::Cooccurrence {
+            let source = Arc::clone(&self.source);
+            start_ids_from_cooccurrence(&mut self.model, &source.train, &source.catalog);
+        }
     }
 
     /// The learning rate of the next step (warm-up, then cosine decay over every epoch).

@@ -85,12 +85,18 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
     progress.start("loading examples", None);
     let train_set = Arc::new(data.examples(Split::Train, &cfg.tower)?);
     let valid_set = data.examples(Split::Valid, &cfg.tower)?;
-    let seen = SeenItems::load(&data.layout().events(), &data.catalog)?;
+    let seen = Arc::new(SeenItems::load(&data.layout().events(), &data.catalog)?);
     progress.finish();
 
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let layout = ModelLayout(opts.out.clone());
-    let mut session = Session::open(&data, Arc::clone(&train_set), cfg.clone(), opts.device)?;
+    let mut session = Session::open(
+        &data,
+        Arc::clone(&train_set),
+        Some(Arc::clone(&seen)),
+        cfg.clone(),
+        opts.device,
+    )?;
     let mut state = RunState {
         epochs_done: 0,
         best_epoch: 0,
@@ -98,16 +104,24 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         log: Vec::new(),
         config: cfg.clone(),
     };
-    if opts.resume {
-        match session.restore(&layout)? {
-            Some(saved) => {
-                tracing::info!(epochs_done = saved.epochs_done, "resuming from checkpoint");
-                state = saved;
+    let restored = if opts.resume {
+        session.restore(&layout)?
+    } else {
+        None
+    };
+    match restored {
+        Some(saved) => {
+            tracing::info!(epochs_done = saved.epochs_done, "resuming from checkpoint");
+            state = saved;
+        }
+        None => {
+            if opts.resume {
+                tracing::warn!(
+                    "--resume: no checkpoint in {}, starting from scratch",
+                    opts.out.display()
+                );
             }
-            None => tracing::warn!(
-                "--resume: no checkpoint in {}, starting from scratch",
-                opts.out.display()
-            ),
+            session.start_item_ids();
         }
     }
     let catalog = Arc::clone(&data.catalog);
