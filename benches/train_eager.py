@@ -149,13 +149,14 @@ class Data:
         eu, ei = evs["user_id"].to_numpy(), evs["item_id"].to_numpy()
         er = row_of(ei)
         inside = self.ids[er] == ei
-        self.user_rows = {}
-        for u in np.unique(eu[inside]):
-            self.user_rows[u] = er[inside][eu[inside] == u]
-        users = ex["user_id"].to_numpy()
-        self.example_user = users
-        self.seen_end = np.array([int(np.argmax(self.user_rows[u] == t)) if u in self.user_rows and (self.user_rows[u] == t).any()
-                                  else 0 for u, t in zip(users, self.target)], np.int64)
+        eu, er = eu[inside], er[inside]
+        by_user = np.argsort(eu, kind="stable")  # file order within each user
+        us, starts = np.unique(eu[by_user], return_index=True)
+        self.user_rows = dict(zip(us, np.split(er[by_user], starts[1:])))
+        first = lambda rows, t: int(hit[0]) if len(hit := np.flatnonzero(rows == t)) else 0
+        self.example_user = ex["user_id"].to_numpy()
+        self.seen_end = np.array([first(self.user_rows.get(u, er[:0]), t) for u, t in zip(self.example_user, self.target)],
+                                 np.int64)
 
 
 class Batches:

@@ -63,8 +63,9 @@ pub struct Session {
 impl Session {
     /// A fresh model (seeded by `cfg.seed`) and optimizer over `train`, with `cfg.tower`'s
     /// vocabulary sizes already taken from `data`. The item-id table is still random: call
-    /// [`Session::start_item_ids`] next, unless a checkpoint is restored instead. `seen` is the users' earlier items if the
-    /// caller has loaded them; with `remove_seen_negatives` they are loaded here otherwise.
+    /// [`Session::start_item_ids`] next, unless a checkpoint is restored instead. `seen` is the
+    /// users' earlier items if the caller has loaded them; with `remove_seen_negatives` they are
+    /// loaded here otherwise.
     pub fn open(
         data: &Dataset,
         train: Arc<ExampleSet>,
