@@ -30,6 +30,7 @@ import numpy as np, pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq,
 import torch.nn as nn, torch.nn.functional as F
 
 TOWER = dict(dim=64, token_dim=64, aspect_dim=32, category_dim=32, item_id_dim=0, item_id_dropout=0.5,
+             hashed_word_dropout=0.0,
              item_hidden=[256], gru_hidden=128, event_type_dim=16, gap_dim=16, context_dim=8,
              user_feature_dim=16, user_hidden=[256], activation="relu", dropout=0.1, layer_norm=True,
              temperature=0.05, learn_temperature=True, max_title_tokens=16, max_aspects=16,
@@ -96,6 +97,7 @@ class Data:
         split = json.loads((d / "dataset.json").read_text())["settings"]["split"]
         v = {n: Vocab(d / "vocab" / f"{n}.json") for n in ["title", "aspects", "categories", "user_features", "item_ids"]}
         t["vocab"] = {n: x.size for n, x in v.items()}
+        t["vocab"]["title_buckets"] = v["title"].buckets
         items = pq.read_table(d / "items.parquet").to_pylist()
         self.ids = np.array([i["item_id"] for i in items], np.uint64)
         self.title = padded([[v["title"].id(w) for w in words(i["title"])] for i in items], t["max_title_tokens"])
@@ -257,11 +259,19 @@ class ItemTower(nn.Module):
             self.id_emb = nn.Embedding(t["vocab"]["item_ids"], t["item_id_dim"])
             nn.init.normal_(self.id_emb.weight, 0.0, 0.1)
         self.id_dropout = t["item_id_dropout"]
+        self.hashed_dropout = t["hashed_word_dropout"]
+        self.first_bucket = t["vocab"]["title"] - t["vocab"]["title_buckets"]
         inp = t["token_dim"] + t["aspect_dim"] + t["category_dim"] + t["item_id_dim"]
         self.mlp = Mlp(inp, t["item_hidden"], t["dim"], t)
 
     def forward(self, b):
-        parts = [self.title_emb(b["title"]), self.aspect_emb(b["aspects"]), self.category_emb(b["categories"])]
+        title = b["title"]
+        if self.hashed_dropout > 0:  # hash-bucket words of unseen (and, in training, dropped) items
+            hide = b["ids"] <= 0
+            if self.training:
+                hide |= torch.rand(b["ids"].shape) < self.hashed_dropout
+            title = title.masked_fill((title >= self.first_bucket) & hide.unsqueeze(-1), 0)
+        parts = [self.title_emb(title), self.aspect_emb(b["aspects"]), self.category_emb(b["categories"])]
         if hasattr(self, "id_emb"):
             keep = b["ids"] > 0
             if self.training and self.id_dropout > 0:

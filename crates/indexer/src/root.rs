@@ -3,8 +3,8 @@
 //! ```text
 //! INDEX_ROOT/
 //!   CURRENT                      one line: the served version
-//!   20261128T181500Z-3fa2c1d0/   index.faiss, embeddings.parquet, items.parquet, manifest.json
-//!   .staging-20261128T190000Z-…  a build in progress (invisible; removed by the next job)
+//!   20261128T181500.123456Z-3fa2c1d0/   index.faiss, embeddings.parquet, items.parquet, manifest.json
+//!   .staging-20261128T190000.654321Z-…  a build in progress (invisible; removed by the next job)
 //!   .leases/HOLDER               one line: the version a running server serves (its lease)
 //! ```
 //!
@@ -18,6 +18,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -295,29 +296,44 @@ impl Drop for StagingDir {
     }
 }
 
-/// A new, sortable version name: UTC time to the second, then 8 hex digits of a hash of
-/// `content` and the exact time (two builds in the same second still differ).
+/// A new, sortable version name: UTC time to the microsecond, then 8 hex digits of a hash of
+/// `content` and the exact time. Names must sort in the order they were made, for garbage
+/// collection and the start-up fallback keep "the newest": with whole seconds, two versions of
+/// one second (an `index add` right after a build) sorted by their hash instead. Within a
+/// process the time never repeats or goes back, even if the clock does.
 pub fn new_version(content: &str) -> String {
-    let now = chrono::Utc::now();
+    static LAST_MICROS: AtomicI64 = AtomicI64::new(i64::MIN);
+    let now_micros = chrono::Utc::now().timestamp_micros();
+    let prev = LAST_MICROS
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+            Some(now_micros.max(last.saturating_add(1)))
+        })
+        .unwrap_or(i64::MIN);
+    let micros = now_micros.max(prev.saturating_add(1));
+    let at = chrono::DateTime::from_timestamp_micros(micros).unwrap_or_default();
     let mut h = Sha256::new();
     h.update(content.as_bytes());
-    h.update(now.timestamp_nanos_opt().unwrap_or_default().to_le_bytes());
+    h.update(micros.to_le_bytes());
     h.update(std::process::id().to_le_bytes());
     let hash = hex::encode(h.finalize());
-    format!("{}-{}", now.format("%Y%m%dT%H%M%SZ"), &hash[..8])
+    format!("{}-{}", at.format("%Y%m%dT%H%M%S%.6fZ"), &hash[..8])
 }
 
+/// `YYYYMMDDTHHMMSS.ffffffZ-xxxxxxxx`, or the whole-second `YYYYMMDDTHHMMSSZ-xxxxxxxx` of
+/// versions published before microseconds were added (they stay valid and sort by their time).
 fn is_version_name(s: &str) -> bool {
     let b = s.as_bytes();
-    b.len() == 25
+    let stamp_end = match b.len() {
+        25 => 15,
+        32 if b[15] == b'.' && b[16..22].iter().all(u8::is_ascii_digit) => 22,
+        _ => return false,
+    };
+    b[..8].iter().all(u8::is_ascii_digit)
         && b[8] == b'T'
-        && b[15] == b'Z'
-        && b[16] == b'-'
-        && s.chars().enumerate().all(|(i, c)| match i {
-            8 | 15 | 16 => true,
-            17.. => c.is_ascii_hexdigit(),
-            _ => c.is_ascii_digit(),
-        })
+        && b[9..15].iter().all(u8::is_ascii_digit)
+        && b[stamp_end] == b'Z'
+        && b[stamp_end + 1] == b'-'
+        && b[stamp_end + 2..].iter().all(u8::is_ascii_hexdigit)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -336,6 +352,25 @@ mod tests {
         std::fs::write(dir.path().join("manifest.json"), "{}").unwrap();
         root.publish(dir.path(), &v).unwrap();
         v
+    }
+
+    #[test]
+    fn versions_made_within_one_second_sort_in_the_order_they_were_made() {
+        let names: Vec<String> = (0..200).map(|i| new_version(&i.to_string())).collect();
+        for pair in names.windows(2) {
+            assert!(pair[0] < pair[1], "{pair:?}");
+        }
+        assert!(names.iter().all(|n| is_version_name(n)), "{names:?}");
+        // Names of the older whole-second format are still versions, and sort by time.
+        assert!(is_version_name("20261128T181500Z-3fa2c1d0"));
+        assert!("20261128T181500Z-3fa2c1d0" < "20261128T181501.000000Z-00000000");
+        for bad in [
+            "20261128T181500Z-3fa2c1dz",
+            "20261128T181500.12345xZ-3fa2c1d0",
+            "CURRENT",
+        ] {
+            assert!(!is_version_name(bad), "{bad}");
+        }
     }
 
     #[test]

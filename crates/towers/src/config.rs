@@ -24,6 +24,9 @@ pub struct VocabSizes {
     /// Item ids seen in training (padding + vocabulary + one unused bucket: 2 when the dataset
     /// records none).
     pub item_ids: i64,
+    /// The last `title_buckets` rows of the title table are hash buckets for words outside the
+    /// vocabulary (0: unknown, for models trained before it was recorded).
+    pub title_buckets: i64,
 }
 
 /// Every architectural choice of the item and user encoders.
@@ -44,6 +47,12 @@ pub struct TowerConfig {
     /// Probability that an item's id is hidden in a training step, so the content path alone
     /// learns a useful vector (what a new item gets).
     pub item_id_dropout: f64,
+    /// Title words outside the vocabulary land in hash buckets, where a word that only one
+    /// movie or product has acts as a hashed id of that item, and for an item never seen in
+    /// training as somebody else's. Above 0, such words are hidden from items not seen in
+    /// training (item id 0) and, in training, from this share of the items, as ID dropout does
+    /// for the id; 0 (the default) always keeps them.
+    pub hashed_word_dropout: f64,
     /// Hidden layer widths of the item MLP (the output layer, of width `dim`, is added).
     pub item_hidden: Vec<i64>,
     /// Hidden size of the GRU over the user's events.
@@ -91,6 +100,7 @@ impl Default for TowerConfig {
             category_dim: 32,
             item_id_dim: 0,
             item_id_dropout: 0.5,
+            hashed_word_dropout: 0.0,
             item_hidden: vec![256],
             gru_hidden: 128,
             event_type_dim: 16,
@@ -168,10 +178,33 @@ impl TowerConfig {
                     .into(),
             });
         }
-        if !(0.0..=1.0).contains(&self.item_id_dropout) {
+        for (field, p) in [
+            ("item_id_dropout", self.item_id_dropout),
+            ("hashed_word_dropout", self.hashed_word_dropout),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(crate::Error::Config {
+                    field: field.into(),
+                    reason: "must be in [0, 1]".into(),
+                });
+            }
+        }
+        if self.hashed_word_dropout > 0.0 && self.vocab.item_ids <= 2 {
             return Err(crate::Error::Config {
-                field: "item_id_dropout".into(),
-                reason: "must be in [0, 1]".into(),
+                field: "vocab.item_ids".into(),
+                reason: "hashed_word_dropout needs to know which items training saw, and the \
+                         dataset records no item ids (prepared by an older version); prepare it \
+                         again or set hashed_word_dropout = 0"
+                    .into(),
+            });
+        }
+        if !(0..self.vocab.title).contains(&self.vocab.title_buckets) {
+            return Err(crate::Error::Config {
+                field: "vocab.title_buckets".into(),
+                reason: format!(
+                    "must be below vocab.title ({}), got {}",
+                    self.vocab.title, self.vocab.title_buckets
+                ),
             });
         }
         for (field, widths) in [
@@ -229,6 +262,7 @@ mod tests {
                 categories: 10,
                 user_features: 10,
                 item_ids,
+                title_buckets: 4,
             },
             ..TowerConfig::default()
         }
@@ -257,5 +291,17 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("item_id_dropout"), "{err}");
+        let err = TowerConfig {
+            item_id_dim: 0,
+            hashed_word_dropout: 0.5,
+            ..sized(2)
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("vocab.item_ids") && err.contains("hashed_word_dropout"),
+            "{err}"
+        );
     }
 }

@@ -70,6 +70,7 @@ impl Dataset {
             categories: self.vocabs.categories.size(),
             user_features: self.vocabs.user_features.size(),
             item_ids: self.vocabs.item_ids.size(),
+            title_buckets: i64::from(self.vocabs.title.hash_buckets),
         }
     }
 

@@ -6,6 +6,8 @@
 //! distinct vectors, and an item's id can learn what its content cannot say. An item not seen in
 //! training has id 0, whose embedding is zeros, so it is embedded from its content alone; ID
 //! dropout in training hides ids at random so that this content-only vector is a good one.
+//! Title words outside the vocabulary (hash buckets) are ids too, hashed ones: with
+//! `hashed_word_dropout` they are hidden the same way.
 
 use tch::nn::{self, Module};
 use tch::Tensor;
@@ -25,6 +27,9 @@ pub struct ItemEncoder {
     pub id_emb: Option<nn::Embedding>,
     pub mlp: Mlp,
     id_dropout: f64,
+    hashed_word_dropout: f64,
+    /// Title ids from this one on are hash buckets.
+    first_bucket: i64,
 }
 
 impl ItemEncoder {
@@ -43,6 +48,8 @@ impl ItemEncoder {
         ItemEncoder {
             id_emb,
             id_dropout: cfg.item_id_dropout,
+            hashed_word_dropout: cfg.hashed_word_dropout,
+            first_bucket: cfg.vocab.title - cfg.vocab.title_buckets,
             title_emb: EmbeddingBag::new(&p / "title_emb", cfg.vocab.title, cfg.token_dim),
             aspect_emb: EmbeddingBag::new(&p / "aspect_emb", cfg.vocab.aspects, cfg.aspect_dim),
             category_emb: EmbeddingBag::new(
@@ -56,8 +63,9 @@ impl ItemEncoder {
 
     /// `[N, dim]` unit vectors.
     pub fn forward(&self, items: &ItemInputs, train: bool) -> Tensor {
+        let title = self.visible_title(&items.title, &items.ids, train);
         let mut parts = vec![
-            self.title_emb.forward(&items.title),
+            self.title_emb.forward(&title),
             self.aspect_emb.forward(&items.aspects),
             self.category_emb.forward(&items.categories),
         ];
@@ -65,6 +73,23 @@ impl ItemEncoder {
             parts.push(self.id_vectors(id_emb, &items.ids, train));
         }
         l2_normalize(&self.mlp.forward(&Tensor::cat(&parts, -1), train))
+    }
+
+    /// `[N, T]` title ids with the hash-bucket words set to padding for items not seen in
+    /// training and, in training, for a random `hashed_word_dropout` share of the items. A word
+    /// that lands in a bucket is rare by construction, so for a seen item it says "this item",
+    /// and for a new one it says "some other item whose word shares the bucket": noise.
+    fn visible_title(&self, title: &Tensor, ids: &Tensor, train: bool) -> Tensor {
+        if self.hashed_word_dropout <= 0.0 || self.first_bucket >= self.title_emb.emb.ws.size()[0] {
+            return title.shallow_clone();
+        }
+        let mut hide = ids.le(0);
+        if train {
+            let draw = Tensor::rand(ids.size(), (tch::Kind::Float, ids.device()));
+            hide = hide.logical_or(&draw.lt(self.hashed_word_dropout));
+        }
+        let hashed = title.ge(self.first_bucket);
+        title.masked_fill(&hashed.logical_and(&hide.unsqueeze(-1)), 0)
     }
 
     /// `[N, item_id_dim]`: the id embedding, zeros for id 0 (not seen in training) and, in

@@ -154,6 +154,7 @@ mod tests {
                 categories: 10,
                 user_features: 10,
                 item_ids: 8,
+                title_buckets: 10,
             },
             ..Default::default()
         }
@@ -265,6 +266,42 @@ mod tests {
         for row in 0..3 {
             assert!(hidden.get(row).allclose(&v.get(2), 1e-6, 1e-6, false));
         }
+    }
+
+    #[test]
+    fn an_unseen_item_is_not_embedded_as_the_seen_item_its_rare_word_shares_a_bucket_with() {
+        let cfg = TowerConfig {
+            item_id_dim: 4,
+            item_id_dropout: 0.0,
+            hashed_word_dropout: 1.0,
+            ..small_config()
+        };
+        let model = TwoTower::new(cfg, Device::Cpu).unwrap();
+        // Title ids 40..50 are the hash buckets of `small_config` (50 rows, 10 buckets).
+        let item = |title: Vec<i64>, id| ItemTokens {
+            title,
+            aspects: vec![3],
+            categories: vec![1],
+            id,
+        };
+        let tokens = [
+            item(vec![1, 45], 1),
+            item(vec![1], 1),
+            item(vec![1, 45], 0),
+            item(vec![1], 0),
+        ];
+        let refs: Vec<&ItemTokens> = tokens.iter().collect();
+        let inputs = ItemBatchHost::new(&refs, &model.config).to_device(Device::Cpu);
+        let v = model.encode_items(&inputs, false);
+        let same = |a: &Tensor, b: &Tensor| a.allclose(b, 1e-6, 1e-6, false);
+        assert!(
+            !same(&v.get(0), &v.get(1)),
+            "a seen item keeps its rare word"
+        );
+        assert!(same(&v.get(2), &v.get(3)), "an unseen item drops it");
+        // Training with every rare word hidden sees what an unseen item gets.
+        let hidden = model.encode_items(&inputs, true);
+        assert!(same(&hidden.get(0), &v.get(1)));
     }
 
     #[test]

@@ -133,6 +133,7 @@ mod tests {
                 categories: 10,
                 user_features: 4,
                 item_ids: 8,
+                title_buckets: 0,
             },
             ..Default::default()
         }
