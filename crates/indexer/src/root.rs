@@ -304,12 +304,11 @@ impl Drop for StagingDir {
 pub fn new_version(content: &str) -> String {
     static LAST_MICROS: AtomicI64 = AtomicI64::new(i64::MIN);
     let now_micros = chrono::Utc::now().timestamp_micros();
-    let prev = LAST_MICROS
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
-            Some(now_micros.max(last.saturating_add(1)))
-        })
-        .unwrap_or(i64::MIN);
-    let micros = now_micros.max(prev.saturating_add(1));
+    let mut micros = now_micros;
+    let _ = LAST_MICROS.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+        micros = now_micros.max(last.saturating_add(1));
+        Some(micros)
+    });
     let at = chrono::DateTime::from_timestamp_micros(micros).unwrap_or_default();
     let mut h = Sha256::new();
     h.update(content.as_bytes());

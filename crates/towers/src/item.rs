@@ -27,9 +27,9 @@ pub struct ItemEncoder {
     pub id_emb: Option<nn::Embedding>,
     pub mlp: Mlp,
     id_dropout: f64,
-    hashed_word_dropout: f64,
-    /// Title ids from this one on are hash buckets.
-    first_bucket: i64,
+    /// `(hashed_word_dropout, first hash-bucket title id)`; `None` when hashed words are always
+    /// kept (the setting is 0, or an older model does not record its buckets).
+    hashed_words: Option<(f64, i64)>,
 }
 
 impl ItemEncoder {
@@ -45,11 +45,15 @@ impl ItemEncoder {
             };
             nn::embedding(&p / "id_emb", cfg.vocab.item_ids, cfg.item_id_dim, init)
         });
+        let hashed_words = (cfg.hashed_word_dropout > 0.0 && cfg.vocab.title_buckets > 0)
+            .then_some((
+                cfg.hashed_word_dropout,
+                cfg.vocab.title - cfg.vocab.title_buckets,
+            ));
         ItemEncoder {
             id_emb,
             id_dropout: cfg.item_id_dropout,
-            hashed_word_dropout: cfg.hashed_word_dropout,
-            first_bucket: cfg.vocab.title - cfg.vocab.title_buckets,
+            hashed_words,
             title_emb: EmbeddingBag::new(&p / "title_emb", cfg.vocab.title, cfg.token_dim),
             aspect_emb: EmbeddingBag::new(&p / "aspect_emb", cfg.vocab.aspects, cfg.aspect_dim),
             category_emb: EmbeddingBag::new(
@@ -80,15 +84,15 @@ impl ItemEncoder {
     /// that lands in a bucket is rare by construction, so for a seen item it says "this item",
     /// and for a new one it says "some other item whose word shares the bucket": noise.
     fn visible_title(&self, title: &Tensor, ids: &Tensor, train: bool) -> Tensor {
-        if self.hashed_word_dropout <= 0.0 || self.first_bucket >= self.title_emb.emb.ws.size()[0] {
+        let Some((dropout, first_bucket)) = self.hashed_words else {
             return title.shallow_clone();
-        }
+        };
         let mut hide = ids.le(0);
         if train {
             let draw = Tensor::rand(ids.size(), (tch::Kind::Float, ids.device()));
-            hide = hide.logical_or(&draw.lt(self.hashed_word_dropout));
+            hide = hide.logical_or(&draw.lt(dropout));
         }
-        let hashed = title.ge(self.first_bucket);
+        let hashed = title.ge(first_bucket);
         title.masked_fill(&hashed.logical_and(&hide.unsqueeze(-1)), 0)
     }
 
