@@ -87,11 +87,7 @@ impl ItemEncoder {
         let Some((dropout, first_bucket)) = self.hashed_words else {
             return title.shallow_clone();
         };
-        let mut hide = ids.le(0);
-        if train {
-            let draw = Tensor::rand(ids.size(), (tch::Kind::Float, ids.device()));
-            hide = hide.logical_or(&draw.lt(dropout));
-        }
+        let hide = hidden_items(ids, dropout, train);
         let hashed = title.ge(first_bucket);
         title.masked_fill(&hashed.logical_and(&hide.unsqueeze(-1)), 0)
     }
@@ -99,11 +95,20 @@ impl ItemEncoder {
     /// `[N, item_id_dim]`: the id embedding, zeros for id 0 (not seen in training) and, in
     /// training, for a random `id_dropout` share of the items.
     fn id_vectors(&self, id_emb: &nn::Embedding, ids: &Tensor, train: bool) -> Tensor {
-        let mut keep = ids.gt(0);
-        if train && self.id_dropout > 0.0 {
-            let draw = Tensor::rand(ids.size(), (tch::Kind::Float, ids.device()));
-            keep = keep.logical_and(&draw.ge(self.id_dropout));
-        }
+        let keep = hidden_items(ids, self.id_dropout, train).logical_not();
         id_emb.forward(ids) * keep.to_kind(tch::Kind::Float).unsqueeze(-1)
     }
+}
+
+/// `[N]` bool: the items whose id-like inputs are hidden in this forward, the ones not seen in
+/// training (id 0) and, in training, a random `rate` share of the rest. ID dropout and hashed
+/// word dropout hide by the same rule, so that what training sees without them is what a new
+/// item gets.
+fn hidden_items(ids: &Tensor, rate: f64, train: bool) -> Tensor {
+    let unseen = ids.le(0);
+    if !(train && rate > 0.0) {
+        return unseen;
+    }
+    let draw = Tensor::rand(ids.size(), (tch::Kind::Float, ids.device()));
+    unseen.logical_or(&draw.lt(rate))
 }
