@@ -71,7 +71,7 @@ pub fn embed_items(
     };
     progress.start("embedding items", Some(total as u64));
     let cfg = &model.config;
-    let mut out = Embeddings::new(cfg.output_dim() as usize);
+    let mut out = Embeddings::new(cfg.dim as usize);
     let mut pending: Vec<Item> = Vec::with_capacity(batch_size);
     for batch in reader {
         for item in batch? {

@@ -332,12 +332,7 @@ async fn similar_items(
         [],
     )?;
     filter.exclude_ids.insert(item_id);
-    let mut query = version.embeddings.vector(row as usize).to_vec();
-    // Similar means a similar direction: with `item_bias` the query's bias coordinate is zeroed,
-    // or every item's bias would be scaled by this one's (and turned upside down when negative).
-    if snap.model.info.tower.item_bias {
-        query[snap.model.info.tower.dim as usize] = 0.0;
-    }
+    let query = version.embeddings.vector(row as usize).to_vec();
     let found = search(&shared, snap.clone(), query, filter, k, None).await?;
     Ok(proto::SimilarItemsResponse {
         items: items(&snap, &found),

@@ -102,11 +102,10 @@ impl Snapshot {
                 towers::artifact::short(&m.vocab_checksum)
             )));
         }
-        let dim = m.tower.output_dim();
-        if v.manifest.dim as i64 != dim || v.embeddings.dim as i64 != dim {
+        if v.manifest.dim as i64 != m.tower.dim || v.embeddings.dim as i64 != m.tower.dim {
             return Err(Error::Mismatch(format!(
-                "index {} has dim {}, the model {dim}",
-                v.version, v.manifest.dim
+                "index {} has dim {}, the model {}",
+                v.version, v.manifest.dim, m.tower.dim
             )));
         }
         if !v.embeddings.is_empty() {

@@ -53,12 +53,6 @@ pub struct TowerConfig {
     /// training (item id 0) and, in training, from this share of the items, as ID dropout does
     /// for the id; 0 (the default) always keeps them.
     pub hashed_word_dropout: f64,
-    /// A learned per-item score added to every user's logit for the item (from the item's
-    /// content and id, so a new item gets one too). Unit vectors alone can express "sells a lot"
-    /// only as a direction every user must lean towards; the bias says it apart. Stored as one
-    /// more coordinate of the item vector, with the temperature as the user vector's matching
-    /// coordinate, so the index's inner product ranks exactly as training scores. Off by default.
-    pub item_bias: bool,
     /// Hidden layer widths of the item MLP (the output layer, of width `dim`, is added).
     pub item_hidden: Vec<i64>,
     /// Hidden size of the GRU over the user's events.
@@ -107,7 +101,6 @@ impl Default for TowerConfig {
             item_id_dim: 0,
             item_id_dropout: 0.5,
             hashed_word_dropout: 0.0,
-            item_bias: false,
             item_hidden: vec![256],
             gru_hidden: 128,
             event_type_dim: 16,
@@ -132,12 +125,6 @@ impl Default for TowerConfig {
 }
 
 impl TowerConfig {
-    /// Width of the vectors the towers hand out, and of the index: `dim`, plus the item-bias
-    /// coordinate with `item_bias`.
-    pub fn output_dim(&self) -> i64 {
-        self.dim + i64::from(self.item_bias)
-    }
-
     /// A narrow model: `width`-wide embeddings, GRU and output, hidden layers twice as wide, the
     /// GRU reading 10 events. It trains in seconds on small data: for smoke runs and tests.
     pub fn small(width: i64) -> TowerConfig {

@@ -30,9 +30,6 @@ pub struct ItemEncoder {
     /// `(hashed_word_dropout, first hash-bucket title id)`; `None` when hashed words are always
     /// kept (the setting is 0, or an older model does not record its buckets).
     hashed_words: Option<(f64, i64)>,
-    dim: i64,
-    /// With `item_bias`, the MLP's last output is the item's bias, kept out of the unit vector.
-    bias: bool,
 }
 
 impl ItemEncoder {
@@ -64,13 +61,11 @@ impl ItemEncoder {
                 cfg.vocab.categories,
                 cfg.category_dim,
             ),
-            mlp: Mlp::new(&p / "mlp", input, &cfg.item_hidden, cfg.output_dim(), cfg),
-            dim: cfg.dim,
-            bias: cfg.item_bias,
+            mlp: Mlp::new(&p / "mlp", input, &cfg.item_hidden, cfg.dim, cfg),
         }
     }
 
-    /// `[N, dim]` unit vectors; with `item_bias`, `[N, dim + 1]`: the unit vector, then the bias.
+    /// `[N, dim]` unit vectors.
     pub fn forward(&self, items: &ItemInputs, train: bool) -> Tensor {
         let title = self.visible_title(&items.title, &items.ids, train);
         let mut parts = vec![
@@ -81,13 +76,7 @@ impl ItemEncoder {
         if let Some(id_emb) = &self.id_emb {
             parts.push(self.id_vectors(id_emb, &items.ids, train));
         }
-        let out = self.mlp.forward(&Tensor::cat(&parts, -1), train);
-        if self.bias {
-            let direction = l2_normalize(&out.narrow(1, 0, self.dim));
-            Tensor::cat(&[direction, out.narrow(1, self.dim, 1)], 1)
-        } else {
-            l2_normalize(&out)
-        }
+        l2_normalize(&self.mlp.forward(&Tensor::cat(&parts, -1), train))
     }
 
     /// `[N, T]` title ids with the hash-bucket words set to padding for items not seen in

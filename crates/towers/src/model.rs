@@ -94,26 +94,15 @@ impl TwoTower {
         self.log_temperature.exp().clamp(lo, hi)
     }
 
-    /// `[N, output_dim]` item vectors.
+    /// `[N, dim]` item vectors.
     pub fn encode_items(&self, items: &ItemInputs, train: bool) -> Tensor {
         self.item.forward(items, train)
     }
 
-    /// `[B, output_dim]` user vectors; `item_vecs` are the vectors of the items the histories
-    /// point at. With `item_bias` the last coordinate is the temperature, so that
-    /// `user · item / temperature` is the cosine over the temperature plus the item's bias.
+    /// `[B, dim]` user vectors; `item_vecs` are the vectors of the items the histories point at.
     pub fn encode_users(&self, users: &UserInputs, item_vecs: &Tensor, train: bool) -> Tensor {
-        let unit = self
-            .user
-            .forward(users, item_vecs, &self.item.title_emb, train);
-        if !self.config.item_bias {
-            return unit;
-        }
-        let t = self
-            .temperature()
-            .to_kind(unit.kind())
-            .expand([unit.size()[0], 1], false);
-        Tensor::cat(&[unit, t], 1)
+        self.user
+            .forward(users, item_vecs, &self.item.title_emb, train)
     }
 
     /// `[B, N]` logits: dot products divided by the temperature.
@@ -313,42 +302,6 @@ mod tests {
         // Training with every rare word hidden sees what an unseen item gets.
         let hidden = model.encode_items(&inputs, true);
         assert!(same(&hidden.get(0), &v.get(1)));
-    }
-
-    #[test]
-    fn an_item_bias_adds_to_every_users_logit_and_leaves_history_content_unchanged() {
-        let cfg = TowerConfig {
-            item_bias: true,
-            ..small_config()
-        };
-        let model = TwoTower::new(cfg, Device::Cpu).unwrap();
-        let iv = item_vectors(&model);
-        let uv = model.encode_users(
-            &UserBatchHost::new(&users(), &model.config).to_device(Device::Cpu),
-            &iv,
-            false,
-        );
-        assert_eq!(iv.size(), [3, 9]);
-        assert_eq!(uv.size(), [2, 9]);
-        let (iu, bias) = (iv.narrow(1, 0, 8), iv.narrow(1, 8, 1));
-        let uu = uv.narrow(1, 0, 8);
-        for v in [&iu, &uu] {
-            let norms = v.norm_scalaropt_dim(2, [-1], false);
-            assert!(norms.allclose(&Tensor::ones_like(&norms), 1e-5, 1e-5, false));
-        }
-        // What the index's inner product ranks by is the cosine over the temperature plus the bias.
-        let expected = uu.matmul(&iu.tr()) / model.temperature() + bias.tr();
-        assert!(model
-            .logits(&uv, &iv)
-            .allclose(&expected, 1e-4, 1e-4, false));
-        // The user tower reads only the unit part of history items: a bias changes no history.
-        let shifted = Tensor::cat(&[iu.shallow_clone(), &bias + 5.0], 1);
-        let again = model.encode_users(
-            &UserBatchHost::new(&users(), &model.config).to_device(Device::Cpu),
-            &shifted,
-            false,
-        );
-        assert!(again.allclose(&uv, 1e-6, 1e-6, false));
     }
 
     #[test]

@@ -69,9 +69,8 @@ impl UserEncoder {
         }
     }
 
-    /// `[B, dim]` unit vectors. `item_vecs` (`[N, dim]`, or `[N, dim + 1]` with `item_bias`) are
-    /// the item tower's vectors for the rows `users.hist_item` points at; `title_emb` is the item
-    /// tower's word embedding.
+    /// `[B, dim]` unit vectors. `item_vecs` (`[N, dim]`) are the item tower's vectors for the rows
+    /// `users.hist_item` points at; `title_emb` is the item tower's word embedding.
     pub fn forward(
         &self,
         users: &UserInputs,
@@ -113,9 +112,7 @@ impl UserEncoder {
         } else {
             item_vecs.shallow_clone()
         };
-        // An item's bias (`item_bias`) is a score, not content: history events see the unit part.
         let items = item_vecs
-            .narrow(1, 0, self.dim)
             .index_select(0, &users.hist_item.flatten(0, -1))
             .view([b, l, self.dim]);
         let items = &users.hist_is_item * items;

@@ -34,7 +34,7 @@ pub fn catalog_vectors(model: &TwoTower, catalog: &Catalog, batch: usize) -> Ten
             })
             .collect();
         if chunks.is_empty() {
-            Tensor::zeros([0, model.config.output_dim()], (Kind::Float, device))
+            Tensor::zeros([0, model.config.dim], (Kind::Float, device))
         } else {
             Tensor::cat(&chunks, 0)
         }
