@@ -23,6 +23,12 @@
 //!   freed memory (trim threshold 4 GiB, 256 MiB top pad) trained 18–32% more examples/s
 //!   (docs/benchmarks.md). Serving keeps glibc's defaults: its figures were measured with them.
 //!
+//! - `OPENBLAS_CORETYPE` when OpenBLAS does not know the CPU: Debian's OpenBLAS 0.3.21 falls
+//!   back to its SSE3 `Prescott` kernels on CPU models newer than it (an Emerald Rapids Xeon,
+//!   family 6 model 207, in session 14), and libtorch's matrix products in this binary resolve
+//!   to that OpenBLAS. With the AVX-512 kernels (`SkylakeX`) the same training step ran 2.5x
+//!   more examples/s (docs/benchmarks.md); `Haswell` is chosen on AVX2 CPUs.
+//!
 //! An explicit setting of any of these variables is always respected.
 
 use std::os::unix::process::CommandExt;
@@ -51,6 +57,11 @@ pub fn ensure_thread_environment() {
     if serving && std::env::var_os("OMP_NUM_THREADS").is_none() {
         missing.push(("OMP_NUM_THREADS", "1"));
     }
+    if std::env::var_os("OPENBLAS_CORETYPE").is_none() {
+        if let Some(core) = openblas_coretype() {
+            missing.push(("OPENBLAS_CORETYPE", core));
+        }
+    }
     if missing.is_empty() {
         return;
     }
@@ -63,4 +74,46 @@ pub fn ensure_thread_environment() {
         .exec();
     // exec only returns on failure; carry on with the defaults.
     eprintln!("warning: could not re-execute with {missing:?}: {err}");
+}
+
+/// The OpenBLAS kernels to ask for when OpenBLAS fell back to its generic `Prescott` ones on a
+/// CPU that has AVX-512 or AVX2 (the features as the OS enables them); `None` when OpenBLAS
+/// recognised the CPU.
+#[cfg(target_arch = "x86_64")]
+fn openblas_coretype() -> Option<&'static str> {
+    #[link(name = "openblas")]
+    extern "C" {
+        fn openblas_get_corename() -> *const std::ffi::c_char;
+    }
+    // SAFETY: OpenBLAS returns a pointer to a static NUL-terminated string (its `gotoblas`
+    // table's name), valid for the life of the process.
+    let name = unsafe {
+        let p = openblas_get_corename();
+        if p.is_null() {
+            return None;
+        }
+        std::ffi::CStr::from_ptr(p).to_string_lossy().to_lowercase()
+    };
+    if name != "prescott" {
+        return None;
+    }
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512cd");
+    if avx512 {
+        Some("SkylakeX")
+    } else if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        Some("Haswell")
+    } else {
+        None
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn openblas_coretype() -> Option<&'static str> {
+    None
 }

@@ -21,6 +21,26 @@ pub struct Scored {
     pub score: f32,
 }
 
+/// The second stage over retrieved candidates (`found`, best first): each score gains the
+/// re-ranker's co-occurrence term against the history's item ids, and the best `k` are kept,
+/// best first (ties by ascending id). The scores returned are the re-scored ones.
+pub fn rerank(
+    reranker: &towers::Reranker,
+    history: &[u64],
+    mut found: Vec<Scored>,
+    k: usize,
+) -> Vec<Scored> {
+    let ids: Vec<u64> = found.iter().map(|s| s.id).collect();
+    let mut scores: Vec<f32> = found.iter().map(|s| s.score).collect();
+    reranker.rescore(history, &ids, &mut scores);
+    for (s, score) in found.iter_mut().zip(scores) {
+        s.score = score;
+    }
+    found.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+    found.truncate(k);
+    found
+}
+
 /// Settings of one search.
 #[derive(Debug, Clone, Copy)]
 pub struct SearchParams {
@@ -103,4 +123,43 @@ pub fn exact(
     }
     all.sort_by(order);
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use towers::{CoBuyers, Reranker};
+
+    #[test]
+    fn the_second_stage_reorders_candidates_by_co_occurrence_and_keeps_k() {
+        // Item 3 was bought with the history's item 1 by both of its buyers; 2 by nobody.
+        let reranker = Reranker {
+            weight: 1.0,
+            depth: 3,
+            cobuyers: CoBuyers::new(vec![(1, vec![0, 1]), (2, vec![2]), (3, vec![0, 1])]),
+        };
+        let found = vec![
+            Scored {
+                row: 0,
+                id: 2,
+                score: 0.9,
+            },
+            Scored {
+                row: 1,
+                id: 3,
+                score: 0.5,
+            },
+            Scored {
+                row: 2,
+                id: 4,
+                score: 0.4,
+            },
+        ];
+        let got = rerank(&reranker, &[1, 1], found.clone(), 2);
+        assert_eq!(got.iter().map(|s| s.id).collect::<Vec<_>>(), [3, 2]);
+        assert!((got[0].score - (0.5 + 2f32.ln())).abs() < 1e-6);
+        // Without history the towers' order stands.
+        let alone = rerank(&reranker, &[], found, 3);
+        assert_eq!(alone.iter().map(|s| s.id).collect::<Vec<_>>(), [2, 3, 4]);
+    }
 }

@@ -133,7 +133,9 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// Runs retrieval on the blocking pool (FAISS and the exact scan are CPU work).
+/// Runs retrieval on the blocking pool (FAISS and the exact scan are CPU work). With `history`
+/// (the user's item ids) and a model that has a second stage, the best `depth` candidates are
+/// retrieved and re-ranked ([`retrieve::rerank`]) before the best `k` are kept.
 async fn search(
     shared: &Shared,
     snap: Arc<Snapshot>,
@@ -141,9 +143,11 @@ async fn search(
     filter: crate::filter::RowFilter,
     k: usize,
     nprobe: Option<usize>,
+    history: Option<Vec<u64>>,
 ) -> Result<Vec<Scored>, Status> {
+    let reranker = snap.model.reranker.as_ref().filter(|_| history.is_some());
     let params = SearchParams {
-        k,
+        k: reranker.map_or(k, |r| k.max(r.depth)),
         nprobe,
         max_overfetch: shared.config.max_overfetch,
     };
@@ -153,7 +157,10 @@ async fn search(
         let idx = &snap.index;
         let found = retrieve::top_k(&idx.version, &idx.catalog, &query, &filter, params);
         metrics.faiss.observe(started.elapsed().as_secs_f64());
-        found
+        match (found, &snap.model.reranker, history) {
+            (Ok(found), Some(r), Some(history)) => Ok(retrieve::rerank(r, &history, found, k)),
+            (found, _, _) => found,
+        }
     })
     .await
     .map_err(|e| Status::internal(format!("search task failed (our bug): {e}")))?
@@ -248,12 +255,22 @@ async fn recommend(
         return Ok(response(items(&snap, &found), true));
     }
     let input = user_input(&snap, &history, ts_ms, &features);
+    let history_items: Vec<u64> = history.iter().filter_map(|e| e.item_id).collect();
     let vector = shared
         .encoder
         .encode(snap.clone(), input)
         .await
         .map_err(Status::internal)?;
-    let found = search(&shared, snap.clone(), vector, filter, q.k, q.nprobe).await?;
+    let found = search(
+        &shared,
+        snap.clone(),
+        vector,
+        filter,
+        q.k,
+        q.nprobe,
+        Some(history_items),
+    )
+    .await?;
     Ok(response(items(&snap, &found), false))
 }
 
@@ -333,7 +350,7 @@ async fn similar_items(
     )?;
     filter.exclude_ids.insert(item_id);
     let query = version.embeddings.vector(row as usize).to_vec();
-    let found = search(&shared, snap.clone(), query, filter, k, None).await?;
+    let found = search(&shared, snap.clone(), query, filter, k, None, None).await?;
     Ok(proto::SimilarItemsResponse {
         items: items(&snap, &found),
         index_version: snap.index_version().to_string(),

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use features::Vocabularies;
 use indexer::IndexVersion;
 use tch::Device;
-use towers::{LoadedModel, ModelInfo, TwoTower};
+use towers::{LoadedModel, ModelInfo, Reranker, TwoTower};
 
 use crate::catalog::ItemCatalog;
 use crate::error::{Error, Result};
@@ -26,6 +26,8 @@ pub struct ModelSlot {
     pub device: Device,
     /// Bytes of `model.json` this was loaded from (what the reload watcher compares).
     pub model_json: Vec<u8>,
+    /// The second stage, when the model has one (`towers::cobuyers`).
+    pub reranker: Option<Reranker>,
 }
 
 impl ModelSlot {
@@ -35,6 +37,7 @@ impl ModelSlot {
         let model_json = std::fs::read(&json_path).map_err(|e| Error::io(&json_path, e))?;
         let loaded = LoadedModel::load(dir, device)?;
         let vocabs = loaded.vocabularies()?;
+        let reranker = loaded.reranker()?;
         let LoadedModel { info, model, .. } = loaded;
         let mut all = Vec::with_capacity(copies.max(1));
         for _ in 1..copies.max(1) {
@@ -49,6 +52,7 @@ impl ModelSlot {
             copies: all,
             device,
             model_json,
+            reranker,
         })
     }
 }

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::cobuyers::{RerankInfo, Reranker};
 use crate::{TowerConfig, TwoTower};
 use serde::{Deserialize, Serialize};
 use tch::Device;
@@ -36,6 +37,9 @@ pub struct ModelInfo {
     pub weights_sha256: String,
     /// Device the model was trained on.
     pub device: String,
+    /// The second stage, when training chose one (`cobuyers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerank: Option<RerankInfo>,
 }
 
 /// Paths inside a model directory.
@@ -60,6 +64,10 @@ impl ModelLayout {
     /// Copy of the vocabularies the model was trained with (same files as `DATA_DIR/vocab`).
     pub fn vocab(&self) -> PathBuf {
         self.0.join("vocab")
+    }
+    /// The second stage's co-buyer lists ([`crate::cobuyers`]).
+    pub fn cobuyers(&self) -> PathBuf {
+        self.0.join("cobuyers.safetensors")
     }
     pub fn checkpoint(&self) -> PathBuf {
         self.0.join("checkpoint")
@@ -106,6 +114,15 @@ impl LoadedModel {
             model,
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// The second stage `model.json` names, loaded and checked; `None` when there is none.
+    pub fn reranker(&self) -> Result<Option<Reranker>> {
+        self.info
+            .rerank
+            .as_ref()
+            .map(|info| Reranker::load(&self.dir, info))
+            .transpose()
     }
 
     /// The vocabularies in `MODEL_DIR/vocab`, checked against `model.json`.

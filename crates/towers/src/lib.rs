@@ -6,7 +6,8 @@
 //! the same forward methods. This crate is the only one that knows the model's layers, and so it
 //! also owns the model's saved form ([`artifact`]: `model.json`, weights checksum, the vocabulary
 //! copy) and the one way prepared examples become model inputs ([`dataset`]), which every later
-//! stage shares.
+//! stage shares. The optional second stage that re-ranks the towers' candidates by co-occurrence
+//! ([`cobuyers`]) is part of a saved model too, so it lives here with the towers.
 //!
 //! Data flow: features → **towers** → trainer / indexer → server.
 //!
@@ -21,6 +22,7 @@
 //! ```
 
 pub mod artifact;
+pub mod cobuyers;
 pub mod config;
 pub mod dataset;
 pub mod device;
@@ -32,6 +34,7 @@ pub mod model;
 pub mod user;
 
 pub use artifact::{LoadedModel, ModelInfo, ModelLayout};
+pub use cobuyers::{CoBuyers, RerankInfo, Reranker};
 pub use config::{Activation, TowerConfig, VocabSizes};
 pub use device::{device_name, parse_device};
 pub use error::{Error, Result};

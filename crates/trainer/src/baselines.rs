@@ -325,10 +325,9 @@ mod tests {
         assert_eq!(interaction_counts(&path, &catalog, 5, 9).unwrap(), [2, 1]);
     }
 
-    #[test]
-    fn item_knn_is_the_summed_cosine_of_co_occurrence() {
-        // Users 1 and 2 bought items 0 and 1; user 3 bought items 1 and 2; item 3 sold once alone.
-        let train = set(vec![
+    /// Users 1 and 2 bought items 0 and 1; user 3 bought items 1 and 2; item 3 sold once alone.
+    fn co_bought() -> ExampleSet {
+        set(vec![
             example(1, 0, 0, &[]),
             example(1, 1, 0, &[]),
             example(2, 0, 0, &[]),
@@ -336,7 +335,12 @@ mod tests {
             example(3, 1, 0, &[]),
             example(3, 2, 0, &[]),
             example(4, 3, 0, &[]),
-        ]);
+        ])
+    }
+
+    #[test]
+    fn item_knn_is_the_summed_cosine_of_co_occurrence() {
+        let train = co_bought();
         let popularity = popularity_scores(&target_counts(&train, 5), Device::Cpu);
         let knn = ItemKnn::fit(&train, &popularity);
         let query = example(9, 4, 0, &[0, NONE, 0]);
@@ -354,5 +358,33 @@ mod tests {
             e[1] > e[0] && e[0] > e[2] && e.iter().all(|&v| v < 1.0),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn the_second_stage_scores_co_occurrence_exactly_as_the_item_knn_baseline() {
+        let train = co_bought();
+        let ids = vec![100, 200, 300, 400, 500];
+        let catalog = Catalog {
+            row_of: ids
+                .iter()
+                .enumerate()
+                .map(|(r, &id)| (id, r as u32))
+                .collect(),
+            ids: ids.clone(),
+            tokens: Vec::new(),
+        };
+        let popularity = popularity_scores(&target_counts(&train, 5), Device::Cpu);
+        let knn = ItemKnn::fit(&train, &popularity);
+        let cobuyers = crate::rerank::fit_cobuyers(&train, &catalog);
+        let query = example(9, 4, 0, &[0, NONE, 1, 0]);
+        let s = Vec::<f32>::try_from(knn.scores(&[&query]).squeeze_dim(0)).unwrap();
+        let co = cobuyers.scores(&[100, 200, 100], &ids);
+        for (row, (&s, &c)) in s.iter().zip(&co).enumerate() {
+            let raw = if s >= 1.0 { s - 1.0 } else { 0.0 };
+            assert!(
+                (raw - c).abs() < 1e-6,
+                "row {row}: item-kNN {raw}, second stage {c}"
+            );
+        }
     }
 }

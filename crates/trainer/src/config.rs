@@ -17,6 +17,18 @@ pub enum ItemIdInit {
     Cooccurrence,
 }
 
+/// Whether training adds the second stage ([`towers::cobuyers`]) to the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Rerank {
+    /// The towers alone.
+    #[default]
+    Off,
+    /// Choose the weight on validation (`rerank::WEIGHT_GRID`), and keep the second stage only
+    /// when it beats the towers alone there.
+    Auto,
+}
+
 /// Everything tunable about a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -62,6 +74,12 @@ pub struct TrainConfig {
     /// How the item-id embedding starts (with `tower.item_id_dim > 0`): `random`, or
     /// `cooccurrence`, a low-rank code of who bought each item in training (`cooccurrence.rs`).
     pub item_id_init: ItemIdInit,
+    /// Re-rank the towers' best candidates by co-occurrence with the user's history (`off` or
+    /// `auto`). Off by default: it helps on shop data, and items nobody bought yet gain nothing
+    /// from it, which costs a cold-start catalog.
+    pub rerank: Rerank,
+    /// Candidates the second stage re-scores.
+    pub rerank_depth: usize,
     /// The model architecture.
     pub tower: TowerConfig,
 }
@@ -86,6 +104,8 @@ impl Default for TrainConfig {
             mixed_precision: false,
             seed: 42,
             item_id_init: ItemIdInit::Random,
+            rerank: Rerank::Off,
+            rerank_depth: 100,
             tower: TowerConfig::default(),
         }
     }
@@ -137,6 +157,9 @@ impl TrainConfig {
         }
         if self.patience == 0 {
             return bad("patience", "must be at least 1 epoch");
+        }
+        if self.rerank_depth == 0 {
+            return bad("rerank_depth", "must be at least 1 candidate");
         }
         if self.item_id_init == ItemIdInit::Cooccurrence && self.tower.item_id_dim == 0 {
             return bad(

@@ -10,25 +10,29 @@ use tch::{Device, Tensor};
 use crate::baselines::Baselines;
 use crate::error::Result;
 use crate::ranking::{self, EvalInputs, SplitMetrics};
+use crate::rerank::SecondStage;
 use towers::artifact::LoadedModel;
 use towers::dataset::{Dataset, ExampleSet, SeenItems};
 use towers::TwoTower;
 
-/// One split's metrics for the model and the three baselines, on the same examples with the same
-/// masking: what `train` reports for the test split and `eval` for any split. Also returns the
-/// catalog's item vectors, which callers reuse. Everything runs on the model's device.
+/// One split's metrics for the model (with its second stage, if any) and the three baselines, on
+/// the same examples with the same masking: what `train` reports for the test split and `eval`
+/// for any split. `vecs` are the catalog's item vectors ([`ranking::catalog_vectors`]).
+/// Everything runs on the model's device.
+#[allow(clippy::too_many_arguments)]
 pub fn split_report(
     model: &TwoTower,
+    vecs: &Tensor,
+    stage: Option<(&SecondStage<'_>, f32)>,
     data: &Dataset,
     train: &ExampleSet,
     seen: &SeenItems,
     split: Split,
     ks: &[usize],
     batch: usize,
-) -> Result<(SplitMetrics, Tensor)> {
+) -> Result<SplitMetrics> {
     let set = data.examples(split, &model.config)?;
     let full_history = data.examples_with_history(split, usize::MAX)?;
-    let vecs = ranking::catalog_vectors(model, &data.catalog, batch);
     let baselines = Baselines::fit(data, train, model.device())?;
     let inputs = EvalInputs {
         set: &set,
@@ -37,8 +41,9 @@ pub fn split_report(
         catalog: &data.catalog,
     };
     let split_cfg = &data.info.settings.split;
-    let metrics = ranking::split_metrics(model, &vecs, &baselines, &inputs, split_cfg, ks, batch);
-    Ok((metrics, vecs))
+    Ok(ranking::split_metrics(
+        model, vecs, stage, &baselines, &inputs, split_cfg, ks, batch,
+    ))
 }
 
 /// Evaluates `model_dir` on `split` of `data_dir` at cut-offs `ks`.
@@ -58,7 +63,26 @@ pub fn evaluate_model(
         .unwrap_or_else(|_| crate::TrainConfig::default().eval_batch_size);
     let train = data.examples(Split::Train, &model.config)?;
     let seen = SeenItems::load(&data.layout().events(), &data.catalog)?;
-    let (m, _) = split_report(model, &data, &train, &seen, split, ks, batch)?;
+    let reranker = loaded.reranker()?;
+    let stage = reranker.as_ref().map(|r| {
+        let stage = SecondStage {
+            cobuyers: &r.cobuyers,
+            depth: r.depth,
+        };
+        (stage, r.weight)
+    });
+    let vecs = ranking::catalog_vectors(model, &data.catalog, batch);
+    let m = split_report(
+        model,
+        &vecs,
+        stage.as_ref().map(|(s, w)| (s, *w)),
+        &data,
+        &train,
+        &seen,
+        split,
+        ks,
+        batch,
+    )?;
     let mut out = json!({
         split.as_str(): m.model,
         "baseline_popularity": m.popularity,
@@ -66,6 +90,10 @@ pub fn evaluate_model(
         "baseline_item_knn": m.item_knn,
         "model_version": loaded.info.version,
     });
+    if let (Some(two_tower), Some(r)) = (m.two_tower, &reranker) {
+        out[format!("{}_two_tower", split.as_str())] = json!(two_tower);
+        out["rerank"] = json!({"weight": r.weight, "depth": r.depth});
+    }
     if let (Some(cold), Some(warm)) = (m.cold_items, m.warm_items) {
         out["cold_items"] = json!(cold);
         out["warm_items"] = json!(warm);

@@ -20,10 +20,11 @@ pub mod loss;
 pub mod optim;
 pub mod plot;
 pub mod ranking;
+pub mod rerank;
 pub mod session;
 pub mod train;
 
-pub use config::TrainConfig;
+pub use config::{Rerank, TrainConfig};
 pub use error::{Error, Result};
 pub use evaluate::evaluate_model;
 pub use train::{train, TrainOptions, TrainReport};

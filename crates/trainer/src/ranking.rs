@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 use towers::{ItemBatchHost, TwoTower, UserBatchHost};
 
 use crate::baselines::{Baselines, ItemKnn};
+use crate::rerank::{evaluate_two_stage, SecondStage};
 use towers::dataset::{Catalog, EncodedExample, ExampleSet, SeenItems};
 
 /// Cut-offs reported by default.
@@ -107,7 +108,10 @@ pub fn evaluate(
 /// One split's metrics: the model, the three baselines, and — when the data holds held-out
 /// cold items — the model on cold-item and on warm-item targets separately.
 pub struct SplitMetrics {
+    /// What the model serves: the towers, then the second stage when the model has one.
     pub model: Metrics,
+    /// The towers alone, when the model has a second stage.
+    pub two_tower: Option<Metrics>,
     pub popularity: Metrics,
     pub recent_popularity: Metrics,
     pub item_knn: Metrics,
@@ -124,10 +128,13 @@ pub struct EvalInputs<'a> {
     pub catalog: &'a Catalog,
 }
 
-/// Everything `metrics.json` and `twotower eval` report for one split.
+/// Everything `metrics.json` and `twotower eval` report for one split. With `stage` (the
+/// second stage and its weight), `model` is the two stages and `two_tower` the towers alone.
+#[allow(clippy::too_many_arguments)]
 pub fn split_metrics(
     model: &TwoTower,
     catalog_vecs: &Tensor,
+    stage: Option<(&SecondStage<'_>, f32)>,
     baselines: &Baselines,
     inputs: &EvalInputs<'_>,
     split: &features::splits::SplitConfig,
@@ -142,11 +149,37 @@ pub fn split_metrics(
     let run = |scorer: &Scorer<'_>, set: &ExampleSet, select: &dyn Fn(&EncodedExample) -> bool| {
         evaluate(scorer, set, seen, catalog, ks, batch, select)
     };
+    // The model as served, for each weight in `weights` (0: the towers alone).
+    let served = |weights: &[f32], select: &dyn Fn(&EncodedExample) -> bool| match stage {
+        Some((stage, _)) => evaluate_two_stage(
+            model,
+            catalog_vecs,
+            stage,
+            weights,
+            inputs.set,
+            seen,
+            catalog,
+            ks,
+            batch,
+            select,
+        ),
+        None => vec![run(&scorer, inputs.set, select)],
+    };
     let is_cold = |e: &EncodedExample| split.is_cold(catalog.ids[e.target_row as usize]);
     let with_cold = split.cold_items > 0.0;
     let all = |_: &EncodedExample| true;
+    let weight = stage.map_or(0.0, |(_, w)| w);
+    let (model_metrics, two_tower) = match stage {
+        Some((_, w)) => {
+            let mut both = served(&[0.0, w], &all);
+            let system = both.pop().expect("two weights");
+            (system, both.pop())
+        }
+        None => (served(&[0.0], &all).remove(0), None),
+    };
     SplitMetrics {
-        model: run(&scorer, inputs.set, &all),
+        model: model_metrics,
+        two_tower,
         popularity: run(&Scorer::Fixed(&baselines.popularity), inputs.set, &all),
         recent_popularity: run(
             &Scorer::Fixed(&baselines.recent_popularity),
@@ -158,8 +191,8 @@ pub fn split_metrics(
             inputs.full_history,
             &all,
         ),
-        cold_items: with_cold.then(|| run(&scorer, inputs.set, &is_cold)),
-        warm_items: with_cold.then(|| run(&scorer, inputs.set, &|e| !is_cold(e))),
+        cold_items: with_cold.then(|| served(&[weight], &is_cold).remove(0)),
+        warm_items: with_cold.then(|| served(&[weight], &|e| !is_cold(e)).remove(0)),
     }
 }
 
@@ -170,6 +203,18 @@ fn rank_targets(
     seen: &SeenItems,
     catalog: &Catalog,
 ) -> Vec<i64> {
+    mask_seen(&mut scores, chunk, seen, catalog);
+    ranks_of_targets(&scores, chunk)
+}
+
+/// Sets the scores of the items each example's user interacted with before its target to -∞:
+/// they are never recommended, so they are not ranked.
+pub(crate) fn mask_seen(
+    scores: &mut Tensor,
+    chunk: &[&EncodedExample],
+    seen: &SeenItems,
+    catalog: &Catalog,
+) {
     let device = scores.device();
     let (mut rows, mut cols) = (Vec::new(), Vec::new());
     for (i, ex) in chunk.iter().enumerate() {
@@ -190,6 +235,11 @@ fn rank_targets(
             false,
         );
     }
+}
+
+/// 0-based rank of each example's target under `scores` (`[B, N]`, seen items already masked).
+pub(crate) fn ranks_of_targets(scores: &Tensor, chunk: &[&EncodedExample]) -> Vec<i64> {
+    let device = scores.device();
     let targets: Vec<i64> = chunk.iter().map(|e| e.target_row as i64).collect();
     let target_scores = scores.gather(
         1,

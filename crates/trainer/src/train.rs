@@ -13,12 +13,14 @@ use tch::Device;
 use towers::TwoTower;
 
 use crate::checkpoint::RunState;
-use crate::config::TrainConfig;
+use crate::config::{Rerank, TrainConfig};
 use crate::error::{Error, Result};
 use crate::ranking::{self, Metrics, Scorer, DEFAULT_KS};
+use crate::rerank::{self, SecondStage};
 use crate::session::Session;
 use features::fsutil::write_json;
 use towers::artifact::{short, ModelInfo, ModelLayout, MODEL_FORMAT};
+use towers::cobuyers::{CoBuyers, RerankInfo};
 use towers::dataset::{Dataset, SeenItems};
 
 /// What to train, where, and how.
@@ -55,11 +57,28 @@ pub struct TrainReport {
     /// Item-to-item co-occurrence (cosine) with the user's history.
     #[serde(default)]
     pub baseline_item_knn: Metrics,
+    /// The towers alone on the test split, when the model has a second stage (`test` is then
+    /// the two stages, as served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_two_tower: Option<Metrics>,
+    /// How the second stage was chosen (`rerank = "auto"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerank: Option<RerankReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cold_items: Option<Metrics>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warm_items: Option<Metrics>,
     pub train: TrainSummary,
+}
+
+/// The validation sweep over the second stage's weight.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RerankReport {
+    /// The chosen weight on the dot product; 0: the second stage did not help and was left out.
+    pub weight: f32,
+    pub depth: usize,
+    /// Each weight tried, with its validation metrics.
+    pub valid: Vec<(f32, Metrics)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -191,29 +210,37 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
     let model = session.finish(&layout)?;
 
     progress.start("evaluating", None);
-    let (on_test, catalog_vecs) = crate::evaluate::split_report(
+    let batch = cfg.eval_batch_size;
+    let catalog_vecs = ranking::catalog_vectors(&model, &catalog, batch);
+    let cobuyers = (cfg.rerank == Rerank::Auto).then(|| rerank::fit_cobuyers(&train_set, &catalog));
+    let stage = cobuyers.as_ref().map(|cobuyers| SecondStage {
+        cobuyers,
+        depth: cfg.rerank_depth,
+    });
+    let (valid, rerank_report) = final_validation(
         &model,
+        &catalog_vecs,
+        stage.as_ref(),
+        &valid_set,
+        &seen,
+        &catalog,
+        batch,
+    );
+    let kept = rerank_report
+        .as_ref()
+        .filter(|r| r.weight > 0.0)
+        .map(|r| r.weight);
+    let on_test = crate::evaluate::split_report(
+        &model,
+        &catalog_vecs,
+        stage.as_ref().zip(kept),
         &data,
         &train_set,
         &seen,
         Split::Test,
         &DEFAULT_KS,
-        cfg.eval_batch_size,
-    )?;
-    let batch = cfg.eval_batch_size;
-    let scorer = Scorer::Model {
-        model: &model,
-        catalog_vecs: &catalog_vecs,
-    };
-    let valid = ranking::evaluate(
-        &scorer,
-        &valid_set,
-        &seen,
-        &catalog,
-        &DEFAULT_KS,
         batch,
-        |_| true,
-    );
+    )?;
     progress.finish();
 
     let trained: Vec<&EpochLog> = state.log.iter().collect();
@@ -221,6 +248,8 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         trained.iter().map(|l| l.examples_per_sec).sum::<f64>() / trained.len().max(1) as f64;
     let report = TrainReport {
         test: on_test.model,
+        test_two_tower: on_test.two_tower,
+        rerank: rerank_report,
         valid,
         baseline_popularity: on_test.popularity,
         baseline_recent_popularity: on_test.recent_popularity,
@@ -238,6 +267,10 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         },
     };
     let artifacts = Artifacts {
+        second_stage: cobuyers
+            .as_ref()
+            .zip(kept)
+            .map(|(c, weight)| (c, weight, cfg.rerank_depth)),
         data: &data,
         cfg: &cfg,
         model: &model,
@@ -247,6 +280,61 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
     };
     write_artifacts(&layout, &artifacts)?;
     Ok(report)
+}
+
+/// The final model's validation metrics. With a second stage, they are measured for every weight
+/// of the grid in one pass, the best is chosen, and the sweep is returned for `metrics.json`.
+fn final_validation(
+    model: &TwoTower,
+    catalog_vecs: &tch::Tensor,
+    stage: Option<&SecondStage<'_>>,
+    valid_set: &towers::dataset::ExampleSet,
+    seen: &SeenItems,
+    catalog: &towers::dataset::Catalog,
+    batch: usize,
+) -> (Metrics, Option<RerankReport>) {
+    let Some(stage) = stage else {
+        let scorer = Scorer::Model {
+            model,
+            catalog_vecs,
+        };
+        let valid = ranking::evaluate(
+            &scorer,
+            valid_set,
+            seen,
+            catalog,
+            &DEFAULT_KS,
+            batch,
+            |_| true,
+        );
+        return (valid, None);
+    };
+    let (weight, sweep) = rerank::choose_weight(
+        model,
+        catalog_vecs,
+        stage,
+        valid_set,
+        seen,
+        catalog,
+        &DEFAULT_KS,
+        batch,
+    );
+    tracing::info!(
+        weight,
+        depth = stage.depth,
+        "second stage chosen on validation"
+    );
+    let valid = sweep
+        .iter()
+        .find(|(w, _)| *w == weight)
+        .map(|(_, m)| m.clone())
+        .expect("the chosen weight was measured");
+    let report = RerankReport {
+        weight,
+        depth: stage.depth,
+        valid: sweep,
+    };
+    (valid, Some(report))
 }
 
 fn evaluate_split(
@@ -273,6 +361,8 @@ fn evaluate_split(
 
 /// What a finished run writes into its model directory.
 struct Artifacts<'a> {
+    /// The co-buyer lists, weight and depth of a second stage worth keeping.
+    second_stage: Option<(&'a CoBuyers, f32, usize)>,
     data: &'a Dataset,
     cfg: &'a TrainConfig,
     model: &'a TwoTower,
@@ -307,6 +397,7 @@ fn write_artifacts(layout: &ModelLayout, a: &Artifacts<'_>) -> Result<()> {
 /// Writes a complete model directory: weights, `model.json`, metrics, log, curves, vocabularies.
 fn write_model_dir(layout: &ModelLayout, a: &Artifacts<'_>) -> Result<()> {
     let Artifacts {
+        second_stage,
         data,
         cfg,
         model,
@@ -315,6 +406,18 @@ fn write_model_dir(layout: &ModelLayout, a: &Artifacts<'_>) -> Result<()> {
         device,
     } = *a;
     model.save(&layout.weights())?;
+    let rerank = match second_stage {
+        Some((cobuyers, weight, depth)) => {
+            cobuyers.save(&layout.cobuyers())?;
+            Some(RerankInfo {
+                weight,
+                depth,
+                file: "cobuyers.safetensors".into(),
+                sha256: features::fsutil::sha256_file(&layout.cobuyers())?,
+            })
+        }
+        None => None,
+    };
     let weights_sha256 = features::fsutil::sha256_file(&layout.weights())?;
     let info = ModelInfo {
         format: MODEL_FORMAT.into(),
@@ -326,6 +429,7 @@ fn write_model_dir(layout: &ModelLayout, a: &Artifacts<'_>) -> Result<()> {
         weights: "model.safetensors".into(),
         weights_sha256,
         device: towers::device_name(device),
+        rerank,
     };
     write_json(&layout.metrics(), report)?;
     let log: String = state

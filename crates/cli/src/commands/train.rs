@@ -100,18 +100,36 @@ pub fn print_metrics(report: &trainer::TrainReport) {
         "{:<22} {:>10} {:>10} {:>10}",
         "test (full ranking)", "recall@10", "ndcg@10", "recall@50"
     );
-    for (name, m) in [
-        ("two-tower", &report.test),
+    // With a second stage, `test` is the two stages as served and the towers get their own row.
+    let mut rows = match &report.test_two_tower {
+        Some(towers) => vec![
+            ("two-tower + re-rank", &report.test),
+            ("  two-tower alone", towers),
+        ],
+        None => vec![("two-tower", &report.test)],
+    };
+    rows.extend([
         ("popularity", &report.baseline_popularity),
         ("recent popularity", &report.baseline_recent_popularity),
         ("item-kNN", &report.baseline_item_knn),
-    ] {
+    ]);
+    for (name, m) in rows {
         println!(
             "{name:<22} {:>10.4} {:>10.4} {:>10.4}",
             get(m, "recall@10"),
             get(m, "ndcg@10"),
             get(m, "recall@50")
         );
+    }
+    if let Some(r) = &report.rerank {
+        if r.weight > 0.0 {
+            println!(
+                "second stage: co-occurrence re-rank of the top {} at weight {:.4}, chosen on validation",
+                r.depth, r.weight
+            );
+        } else {
+            println!("second stage: left out (no weight beat the towers alone on validation)");
+        }
     }
     if let (Some(cold), Some(warm)) = (&report.cold_items, &report.warm_items) {
         println!(
