@@ -255,7 +255,13 @@ async fn recommend(
         return Ok(response(items(&snap, &found), true));
     }
     let input = user_input(&snap, &history, ts_ms, &features);
-    let history_items: Vec<u64> = history.iter().filter_map(|e| e.item_id).collect();
+    // The history's item ids, only for a model whose second stage reads them.
+    let history_items = snap.model.reranker.is_some().then(|| {
+        history
+            .iter()
+            .filter_map(|e| e.item_id)
+            .collect::<Vec<u64>>()
+    });
     let vector = shared
         .encoder
         .encode(snap.clone(), input)
@@ -268,7 +274,7 @@ async fn recommend(
         filter,
         q.k,
         q.nprobe,
-        Some(history_items),
+        history_items,
     )
     .await?;
     Ok(response(items(&snap, &found), false))

@@ -98,16 +98,7 @@ impl LoadedModel {
             });
         }
         let weights = dir.join(&info.weights);
-        let sum = features::fsutil::sha256_file(&weights)?;
-        if sum != info.weights_sha256 {
-            return Err(Error::ModelFile {
-                path: weights,
-                reason: format!(
-                    "sha256 {sum} does not match model.json ({}): corrupt or replaced",
-                    info.weights_sha256
-                ),
-            });
-        }
+        check_sha256(&weights, &info.weights_sha256)?;
         let model = TwoTower::load(info.tower.clone(), &weights, device)?;
         Ok(LoadedModel {
             info,
@@ -161,6 +152,20 @@ impl LoadedModel {
         }
         Ok(())
     }
+}
+
+/// Refuses a file of the model directory whose sha256 is not the one `model.json` recorded.
+pub(crate) fn check_sha256(path: &Path, expected: &str) -> Result<()> {
+    let sum = features::fsutil::sha256_file(path)?;
+    if sum != expected {
+        return Err(Error::ModelFile {
+            path: path.to_path_buf(),
+            reason: format!(
+                "sha256 {sum} does not match model.json ({expected}): corrupt or replaced"
+            ),
+        });
+    }
+    Ok(())
 }
 
 pub fn short(checksum: &str) -> &str {

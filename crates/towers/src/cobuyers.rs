@@ -242,16 +242,7 @@ impl Reranker {
     /// Loads the co-buyer file `info` names in `model_dir`, checking its sha256.
     pub fn load(model_dir: &Path, info: &RerankInfo) -> Result<Reranker> {
         let path = model_dir.join(&info.file);
-        let sum = features::fsutil::sha256_file(&path)?;
-        if sum != info.sha256 {
-            return Err(Error::ModelFile {
-                path,
-                reason: format!(
-                    "sha256 {sum} does not match model.json ({}): corrupt or replaced",
-                    info.sha256
-                ),
-            });
-        }
+        crate::artifact::check_sha256(&path, &info.sha256)?;
         Ok(Reranker {
             weight: info.weight,
             depth: info.depth,
