@@ -62,6 +62,48 @@ impl Drop for Server {
     }
 }
 
+/// Starts `twotower serve ARGS --addr 127.0.0.1:PORT` in `dir` and waits (at most 60 s) until
+/// `twotower health` says SERVING. Returns the server and its `http://` address.
+pub fn start_server(dir: &Dir, args: &[&str]) -> (Server, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let url = format!("http://{addr}");
+    let child = Command::new(env!("CARGO_BIN_EXE_twotower"))
+        .arg("serve")
+        .args(args)
+        .args(["--addr", &addr])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut server = Server(child);
+    let started = Instant::now();
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_twotower"))
+            .args(["health", "--addr", &url])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("SERVING"));
+            return (server, url);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "server never became healthy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Some(status) = server.0.try_wait().unwrap() {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = server.0.stderr.take() {
+                std::io::Read::read_to_string(&mut pipe, &mut stderr).unwrap();
+            }
+            panic!("server exited early: {status}\n{stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A temporary working directory and the `twotower` binary under test.
 pub struct Dir {
     tmp: tempfile::TempDir,

@@ -1,10 +1,7 @@
 //! `twotower serve`, `recommend`, `health` and `bench serve` end to end: a real server process on
 //! loopback ports, asked by the client commands, stopped by SIGTERM with its event log flushed.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-use crate::harness::{free_port, Dir, Server, TINY_MODEL};
+use crate::harness::{free_port, start_server, Dir, TINY_MODEL};
 
 #[test]
 fn serve_answers_recommend_health_and_bench_then_stops_on_sigterm() {
@@ -45,56 +42,24 @@ fn serve_answers_recommend_health_and_bench_then_stops_on_sigterm() {
     std::fs::write(dir.join("token"), "tok-123\n").unwrap();
     std::fs::write(dir.join("serve.toml"), "reload_interval_ms = 200\n").unwrap();
 
-    let (port, metrics_port) = (free_port(), free_port());
-    let addr = format!("127.0.0.1:{port}");
-    let url = format!("http://{addr}");
-    let child = Command::new(env!("CARGO_BIN_EXE_twotower"))
-        .args([
-            "serve",
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let (mut server, url) = start_server(
+        &dir,
+        &[
             "--model",
             "model",
             "--index",
             "idx",
             "--data",
             "data",
-            "--addr",
-            &addr,
             "--metrics-addr",
-            &format!("127.0.0.1:{metrics_port}"),
+            &metrics_addr,
             "--config",
             "serve.toml",
             "--auth-token-file",
             "token",
-        ])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut server = Server(child);
-
-    // Health needs no token; wait until it says SERVING.
-    let started = Instant::now();
-    loop {
-        let out = Command::new(env!("CARGO_BIN_EXE_twotower"))
-            .args(["health", "--addr", &url])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            assert!(String::from_utf8_lossy(&out.stdout).contains("SERVING"));
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "server never became healthy: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if let Some(status) = server.0.try_wait().unwrap() {
-            panic!("server exited early: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        ],
+    );
 
     // Without the token: refused, and the message says why.
     let err = dir
@@ -266,4 +231,157 @@ fn serve_refuses_missing_inputs_with_a_clear_message() {
         .command(&["health", "--addr", "http://127.0.0.1:1"])
         .fails();
     assert!(err.contains("127.0.0.1:1"), "{err}");
+}
+
+/// One user's Recommend answer as `item_id → score`, in rank order.
+fn recommend(dir: &Dir, url: &str, user: &str) -> Vec<(u64, f64)> {
+    let out = dir
+        .command(&[
+            "recommend",
+            "--addr",
+            url,
+            "--user",
+            user,
+            "-k",
+            "10",
+            "--json",
+        ])
+        .ok();
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    json["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["item_id"].as_u64().unwrap(), i["score"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_served_second_stage_adds_co_occurrence_to_the_towers_scores() {
+    let dir = Dir::new();
+    dir.command(&[
+        "prepare",
+        "--dataset",
+        "synthetic",
+        "--items",
+        "300",
+        "--users",
+        "60",
+        "--events",
+        "3000",
+        "--seed",
+        "5",
+        "--out",
+        "data",
+    ])
+    .ok();
+    let config = TINY_MODEL.replacen(
+        "[tower]",
+        "rerank = \"fixed\"\nrerank_weight = 4.0\n[tower]",
+        1,
+    );
+    std::fs::write(dir.join("rerank.toml"), config).unwrap();
+    dir.command(&[
+        "train",
+        "--data",
+        "data",
+        "--out",
+        "model",
+        "--config",
+        "rerank.toml",
+        "--device",
+        "cpu",
+    ])
+    .ok();
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("model/model.json")).unwrap())
+            .unwrap();
+    assert!(
+        info["rerank"]["weight"].as_f64().unwrap() > 0.0,
+        "a fixed second stage is kept: {info}"
+    );
+    assert!(dir.join("model/cobuyers.safetensors").is_file());
+    dir.command(&[
+        "index", "--data", "data", "--model", "model", "--out", "idx", "--device", "cpu",
+    ])
+    .ok();
+
+    // The same towers without the second stage: model.json without `rerank`.
+    let copied = std::process::Command::new("cp")
+        .args(["-r", "model", "towers"])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let mut plain = info.clone();
+    plain.as_object_mut().unwrap().remove("rerank");
+    std::fs::write(dir.join("towers/model.json"), plain.to_string()).unwrap();
+
+    // Each server has its own event log (a log is locked by the server that writes it).
+    let serve = |model: &str| {
+        let log = format!("{model}.events.log");
+        start_server(
+            &dir,
+            &[
+                "--model",
+                model,
+                "--index",
+                "idx",
+                "--data",
+                "data",
+                "--event-log",
+                &log,
+                "--no-metrics",
+            ],
+        )
+    };
+    let (mut both, both_url) = serve("model");
+    let (mut towers, towers_url) = serve("towers");
+    let (mut raised, mut reordered) = (0, 0);
+    for user in 1..=20 {
+        let user = user.to_string();
+        let two_stage = recommend(&dir, &both_url, &user);
+        let alone = recommend(&dir, &towers_url, &user);
+        assert_eq!(two_stage.len(), 10, "user {user}: {two_stage:?}");
+        assert!(
+            two_stage.windows(2).all(|w| w[0].1 >= w[1].1),
+            "user {user}: scores in rank order: {two_stage:?}"
+        );
+        // The second stage only adds `w · ln(1 + co-occurrence) >= 0` to the towers' score.
+        for (item, score) in &two_stage {
+            if let Some((_, towers_score)) = alone.iter().find(|(i, _)| i == item) {
+                assert!(
+                    score - towers_score > -1e-4,
+                    "user {user}, item {item}: {score} below the towers' {towers_score}"
+                );
+                raised += usize::from(score - towers_score > 1e-4);
+            }
+        }
+        let ids = |list: &[(u64, f64)]| list.iter().map(|(i, _)| *i).collect::<Vec<_>>();
+        reordered += usize::from(ids(&two_stage) != ids(&alone));
+    }
+    assert!(raised > 0, "no served score gained co-occurrence");
+    assert!(reordered > 0, "the second stage never changed a top 10");
+    assert!(both.terminate().success());
+    assert!(towers.terminate().success());
+
+    // A damaged co-buyer file: the server refuses to start and names the file.
+    let path = dir.join("model/cobuyers.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = dir
+        .command(&[
+            "serve",
+            "--model",
+            "model",
+            "--index",
+            "idx",
+            "--data",
+            "data",
+            "--addr",
+            "127.0.0.1:0",
+            "--no-metrics",
+        ])
+        .fails();
+    assert!(err.contains("cobuyers.safetensors"), "{err}");
 }

@@ -90,12 +90,33 @@ fn training_writes_every_artifact_and_is_deterministic() {
         "same seed, same metrics"
     );
 
-    // eval reproduces the test metrics of training.
+    // eval reproduces the test metrics of training; a second stage at weight 0 is the towers.
     let eval: serde_json::Value = serde_json::from_str(
-        &dir.command(&["eval", "--data", "data", "--model", "m1", "--device", "cpu"])
-            .ok(),
+        &dir.command(&[
+            "eval",
+            "--data",
+            "data",
+            "--model",
+            "m1",
+            "--device",
+            "cpu",
+            "--rerank-sweep",
+            "0,2",
+        ])
+        .ok(),
     )
     .unwrap();
+    let sweep = eval["rerank_sweep"].as_array().unwrap();
+    assert_eq!(sweep.len(), 2, "{eval}");
+    assert_eq!(sweep[1]["beta"], 2.0, "{eval}");
+    assert_eq!(sweep[1]["depth"], 200, "{eval}");
+    for key in ["recall@10", "ndcg@10", "recall@100"] {
+        let (a, b) = (
+            sweep[0]["metrics"][key].as_f64().unwrap(),
+            eval["test"][key].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-9, "{key}: weight 0 {a} vs towers {b}");
+    }
     for key in ["recall@10", "ndcg@10", "recall@100"] {
         let (a, b) = (
             eval["test"][key].as_f64().unwrap(),

@@ -27,6 +27,9 @@ pub enum Rerank {
     /// Choose the weight on validation (`rerank::WEIGHT_GRID`), and keep the second stage only
     /// when it beats the towers alone there.
     Auto,
+    /// Keep the second stage with `rerank_weight`, whatever validation says (both are still
+    /// reported): for a weight chosen elsewhere, such as an online test.
+    Fixed,
 }
 
 /// Everything tunable about a training run.
@@ -74,12 +77,16 @@ pub struct TrainConfig {
     /// How the item-id embedding starts (with `tower.item_id_dim > 0`): `random`, or
     /// `cooccurrence`, a low-rank code of who bought each item in training (`cooccurrence.rs`).
     pub item_id_init: ItemIdInit,
-    /// Re-rank the towers' best candidates by co-occurrence with the user's history (`off` or
-    /// `auto`). Off by default: it helps on shop data, and items nobody bought yet gain nothing
-    /// from it, which costs a cold-start catalog.
+    /// Re-rank the towers' best candidates by co-occurrence with the user's history: `off`,
+    /// `auto`, or `fixed` with `rerank_weight`. Off by default: it helps on shop data, and items
+    /// nobody bought yet gain nothing from it, which costs a cold-start catalog.
     pub rerank: Rerank,
-    /// Candidates the second stage re-scores.
+    /// Candidates the second stage re-scores. 200 lets co-occurring items from below the
+    /// towers' top 100 into it; 400 measured the same as 200 (`docs/benchmarks.md`, session 15).
     pub rerank_depth: usize,
+    /// The weight of `rerank = "fixed"`, in units of the model's temperature (as
+    /// `rerank::WEIGHT_GRID`): `β` adds `β·ln(1 + co-occurrence)` to the towers' logits.
+    pub rerank_weight: f32,
     /// The model architecture.
     pub tower: TowerConfig,
 }
@@ -105,7 +112,8 @@ impl Default for TrainConfig {
             seed: 42,
             item_id_init: ItemIdInit::Random,
             rerank: Rerank::Off,
-            rerank_depth: 100,
+            rerank_depth: 200,
+            rerank_weight: 1.0,
             tower: TowerConfig::default(),
         }
     }
@@ -161,6 +169,14 @@ impl TrainConfig {
         if self.rerank_depth == 0 {
             return bad("rerank_depth", "must be at least 1 candidate");
         }
+        if self.rerank == Rerank::Fixed
+            && !(self.rerank_weight > 0.0 && self.rerank_weight.is_finite())
+        {
+            return bad(
+                "rerank_weight",
+                "must be a positive number with rerank = \"fixed\" (use rerank = \"off\" for none)",
+            );
+        }
         if self.item_id_init == ItemIdInit::Cooccurrence && self.tower.item_id_dim == 0 {
             return bad(
                 "item_id_init",
@@ -210,5 +226,17 @@ mod tests {
         let cfg: TrainConfig =
             toml::from_str("item_id_init = \"cooccurrence\"\n[tower]\nitem_id_dim = 8\n").unwrap();
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn a_fixed_second_stage_needs_a_positive_weight() {
+        let cfg: TrainConfig = toml::from_str("rerank = \"fixed\"\nrerank_weight = 2.0\n").unwrap();
+        cfg.validate().unwrap();
+        for weight in ["0.0", "-1.0", "nan"] {
+            let cfg: TrainConfig =
+                toml::from_str(&format!("rerank = \"fixed\"\nrerank_weight = {weight}\n")).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("rerank_weight"), "{weight}: {err}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use tch::{Device, Tensor};
 use crate::baselines::Baselines;
 use crate::error::Result;
 use crate::ranking::{self, EvalInputs, SplitMetrics};
-use crate::rerank::SecondStage;
+use crate::rerank::{self, SecondStage};
 use towers::artifact::LoadedModel;
 use towers::dataset::{Dataset, ExampleSet, SeenItems};
 use towers::TwoTower;
@@ -46,13 +46,24 @@ pub fn split_report(
     ))
 }
 
-/// Evaluates `model_dir` on `split` of `data_dir` at cut-offs `ks`.
+/// Second-stage weights for `eval` to measure, whether or not the model has a second stage:
+/// what `rerank = "auto"` would find with another grid or depth, without training again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RerankSweep {
+    /// Weights in units of the model's temperature, as [`crate::rerank::WEIGHT_GRID`].
+    pub betas: Vec<f32>,
+    /// Candidates re-scored per example.
+    pub depth: usize,
+}
+
+/// Evaluates `model_dir` on `split` of `data_dir` at cut-offs `ks`, and measures `sweep`.
 pub fn evaluate_model(
     data_dir: &Path,
     model_dir: &Path,
     split: Split,
     ks: &[usize],
     device: Device,
+    sweep: Option<&RerankSweep>,
 ) -> Result<Value> {
     let loaded = LoadedModel::load(model_dir, device)?;
     let data = Dataset::open(data_dir)?;
@@ -97,6 +108,38 @@ pub fn evaluate_model(
     if let (Some(cold), Some(warm)) = (m.cold_items, m.warm_items) {
         out["cold_items"] = json!(cold);
         out["warm_items"] = json!(warm);
+    }
+    if let Some(sweep) = sweep {
+        let set = data.examples(split, &model.config)?;
+        let cobuyers = rerank::fit_cobuyers(&train, &data.catalog);
+        let stage = SecondStage {
+            cobuyers: &cobuyers,
+            depth: sweep.depth,
+        };
+        let t = model.temperature().double_value(&[]) as f32;
+        let weights: Vec<f32> = sweep.betas.iter().map(|b| b * t).collect();
+        let metrics = rerank::evaluate_two_stage(
+            model,
+            &vecs,
+            &stage,
+            &weights,
+            &set,
+            &seen,
+            &data.catalog,
+            ks,
+            batch,
+            |_| true,
+        );
+        let rows: Vec<Value> = sweep
+            .betas
+            .iter()
+            .zip(&weights)
+            .zip(metrics)
+            .map(|((beta, weight), m)| {
+                json!({"beta": beta, "weight": weight, "depth": sweep.depth, "metrics": m})
+            })
+            .collect();
+        out["rerank_sweep"] = json!(rows);
     }
     Ok(out)
 }

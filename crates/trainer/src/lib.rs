@@ -26,5 +26,5 @@ pub mod train;
 
 pub use config::{Rerank, TrainConfig};
 pub use error::{Error, Result};
-pub use evaluate::evaluate_model;
+pub use evaluate::{evaluate_model, RerankSweep};
 pub use train::{train, TrainOptions, TrainReport};

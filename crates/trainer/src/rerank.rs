@@ -16,7 +16,11 @@ use crate::ranking::{mask_seen, metrics_from_ranks, ranks_of_targets, user_vecto
 
 /// The weights tried on validation, in units of the model's temperature: a weight of `β·T` on
 /// the dot product is `β` on the logits the towers were trained with. 0 is the towers alone.
-pub const WEIGHT_GRID: [f32; 8] = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0];
+pub const WEIGHT_GRID: [f32; 11] = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0];
+
+/// What `rerank = "auto"` weighs a second stage by: the figures every report leads with, the
+/// top of the list and the longer list a page or a carousel shows.
+pub const CHOICE_METRICS: [&str; 3] = ["recall@10", "ndcg@10", "recall@50"];
 
 /// The co-buyer lists of the training targets, by item id: item-kNN's memory, for the server.
 pub fn fit_cobuyers(train: &ExampleSet, catalog: &Catalog) -> CoBuyers {
@@ -99,14 +103,34 @@ pub fn evaluate_two_stage(
     ranks.iter().map(|r| metrics_from_ranks(r, ks)).collect()
 }
 
-/// The weight (on the dot product) with the best validation NDCG@10 among
-/// `WEIGHT_GRID · temperature`, and every weight's metrics. 0 means the second stage did not
-/// help and should be left out.
+/// How the second stage's weight is picked from the validation sweep.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WeightRule {
+    /// The best validation gain over the towers alone across [`CHOICE_METRICS`], over
+    /// `WEIGHT_GRID` ([`best_weight`]); 0 (no second stage) when none gains.
+    BestOnValidation,
+    /// This `β` (in units of the temperature), measured next to the towers alone.
+    Fixed(f32),
+}
+
+impl WeightRule {
+    /// The `β`s measured on validation.
+    fn betas(self) -> Vec<f32> {
+        match self {
+            WeightRule::BestOnValidation => WEIGHT_GRID.to_vec(),
+            WeightRule::Fixed(beta) => vec![0.0, beta],
+        }
+    }
+}
+
+/// The weight (on the dot product) that `rule` picks, and the metrics of every weight measured
+/// on validation (`β · temperature` for each of the rule's `β`s). 0 means no second stage.
 #[allow(clippy::too_many_arguments)]
 pub fn choose_weight(
     model: &TwoTower,
     catalog_vecs: &Tensor,
     stage: &SecondStage<'_>,
+    rule: WeightRule,
     valid: &ExampleSet,
     seen: &SeenItems,
     catalog: &Catalog,
@@ -114,7 +138,7 @@ pub fn choose_weight(
     batch: usize,
 ) -> (f32, Vec<(f32, Metrics)>) {
     let t = model.temperature().double_value(&[]) as f32;
-    let weights: Vec<f32> = WEIGHT_GRID.iter().map(|b| b * t).collect();
+    let weights: Vec<f32> = rule.betas().iter().map(|b| b * t).collect();
     let metrics = evaluate_two_stage(
         model,
         catalog_vecs,
@@ -127,16 +151,83 @@ pub fn choose_weight(
         batch,
         |_| true,
     );
-    let ndcg = |m: &Metrics| m.get("ndcg@10").copied().unwrap_or(0.0);
-    let best = weights
+    let chosen = match rule {
+        WeightRule::Fixed(_) => weights[1],
+        WeightRule::BestOnValidation => best_weight(&weights, &metrics),
+    };
+    (chosen, weights.into_iter().zip(metrics).collect())
+}
+
+/// The weight whose metrics gain most over the towers alone (the weight 0 in `weights`), as the
+/// mean relative gain across [`CHOICE_METRICS`]; 0 when no weight gains. A mean of the three
+/// rather than one metric: NDCG@10 alone picks weights that leave recall@50 behind, and
+/// recall@50 alone weights that cost the top ten (`docs/benchmarks.md`, session 15). Ties keep the
+/// smaller weight.
+pub fn best_weight(weights: &[f32], metrics: &[Metrics]) -> f32 {
+    let Some(base) = weights.iter().position(|&w| w == 0.0).map(|i| &metrics[i]) else {
+        return 0.0;
+    };
+    let value = |m: &Metrics, key: &str| m.get(key).copied().unwrap_or(0.0);
+    let gain = |m: &Metrics| {
+        CHOICE_METRICS
+            .iter()
+            .map(|k| (value(m, k) - value(base, k)) / value(base, k).max(1e-12))
+            .sum::<f64>()
+            / CHOICE_METRICS.len() as f64
+    };
+    weights
         .iter()
-        .zip(&metrics)
-        .fold((0.0f32, f64::NEG_INFINITY), |best, (&w, m)| {
-            if ndcg(m) > best.1 {
-                (w, ndcg(m))
+        .zip(metrics)
+        .fold((0.0f32, 0.0f64), |best, (&w, m)| {
+            let g = gain(m);
+            if g > best.1 {
+                (w, g)
             } else {
                 best
             }
-        });
-    (best.0, weights.into_iter().zip(metrics).collect())
+        })
+        .0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics(r10: f64, n10: f64, r50: f64) -> Metrics {
+        [("recall@10", r10), ("ndcg@10", n10), ("recall@50", r50)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    }
+
+    #[test]
+    fn the_weight_chosen_gains_across_the_top_ten_and_the_top_fifty() {
+        let weights = [0.0, 0.1, 0.2, 0.4];
+        let m = [
+            metrics(0.0100, 0.0050, 0.0400),
+            // The best NDCG@10, but recall@50 falls.
+            metrics(0.0104, 0.0053, 0.0380),
+            // A little less NDCG@10, and more of everything else.
+            metrics(0.0104, 0.0052, 0.0420),
+            // The best recall@50, at a cost to the top ten.
+            metrics(0.0090, 0.0045, 0.0450),
+        ];
+        assert_eq!(best_weight(&weights, &m), 0.2);
+    }
+
+    #[test]
+    fn no_weight_is_chosen_when_none_beats_the_towers_alone() {
+        let weights = [0.0, 0.1, 0.2];
+        let m = [
+            metrics(0.0100, 0.0050, 0.0400),
+            metrics(0.0090, 0.0050, 0.0400),
+            metrics(0.0100, 0.0040, 0.0390),
+        ];
+        assert_eq!(best_weight(&weights, &m), 0.0);
+        assert_eq!(
+            best_weight(&[0.1, 0.2], &m[1..]),
+            0.0,
+            "no weight 0 to compare with"
+        );
+    }
 }

@@ -16,7 +16,7 @@ use crate::checkpoint::RunState;
 use crate::config::{Rerank, TrainConfig};
 use crate::error::{Error, Result};
 use crate::ranking::{self, Metrics, Scorer, DEFAULT_KS};
-use crate::rerank::{self, SecondStage};
+use crate::rerank::{self, SecondStage, WeightRule};
 use crate::session::Session;
 use features::fsutil::write_json;
 use towers::artifact::{short, ModelInfo, ModelLayout, MODEL_FORMAT};
@@ -77,6 +77,9 @@ pub struct RerankReport {
     /// The chosen weight on the dot product; 0: the second stage did not help and was left out.
     pub weight: f32,
     pub depth: usize,
+    /// Whether `rerank = "fixed"` set the weight (else validation chose it).
+    #[serde(default)]
+    pub fixed: bool,
     /// Each weight tried, with its validation metrics.
     pub valid: Vec<(f32, Metrics)>,
 }
@@ -212,7 +215,12 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
     progress.start("evaluating", None);
     let batch = cfg.eval_batch_size;
     let catalog_vecs = ranking::catalog_vectors(&model, &catalog, batch);
-    let cobuyers = (cfg.rerank == Rerank::Auto).then(|| rerank::fit_cobuyers(&train_set, &catalog));
+    let rule = match cfg.rerank {
+        Rerank::Off => None,
+        Rerank::Auto => Some(WeightRule::BestOnValidation),
+        Rerank::Fixed => Some(WeightRule::Fixed(cfg.rerank_weight)),
+    };
+    let cobuyers = rule.map(|_| rerank::fit_cobuyers(&train_set, &catalog));
     let stage = cobuyers.as_ref().map(|cobuyers| SecondStage {
         cobuyers,
         depth: cfg.rerank_depth,
@@ -220,7 +228,7 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
     let (valid, rerank_report) = final_validation(
         &model,
         &catalog_vecs,
-        stage.as_ref(),
+        stage.as_ref().zip(rule),
         &valid_set,
         &seen,
         &catalog,
@@ -282,18 +290,18 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
     Ok(report)
 }
 
-/// The final model's validation metrics. With a second stage, they are measured for every weight
-/// of the grid in one pass, the best is chosen, and the sweep is returned for `metrics.json`.
+/// The final model's validation metrics. With a second stage, they are measured in one pass for
+/// every weight the rule names, the rule picks one, and the sweep is returned for `metrics.json`.
 fn final_validation(
     model: &TwoTower,
     catalog_vecs: &tch::Tensor,
-    stage: Option<&SecondStage<'_>>,
+    stage: Option<(&SecondStage<'_>, WeightRule)>,
     valid_set: &towers::dataset::ExampleSet,
     seen: &SeenItems,
     catalog: &towers::dataset::Catalog,
     batch: usize,
 ) -> (Metrics, Option<RerankReport>) {
-    let Some(stage) = stage else {
+    let Some((stage, rule)) = stage else {
         let scorer = Scorer::Model {
             model,
             catalog_vecs,
@@ -313,6 +321,7 @@ fn final_validation(
         model,
         catalog_vecs,
         stage,
+        rule,
         valid_set,
         seen,
         catalog,
@@ -332,6 +341,7 @@ fn final_validation(
     let report = RerankReport {
         weight,
         depth: stage.depth,
+        fixed: matches!(rule, WeightRule::Fixed(_)),
         valid: sweep,
     };
     (valid, Some(report))

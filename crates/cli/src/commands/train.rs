@@ -123,8 +123,13 @@ pub fn print_metrics(report: &trainer::TrainReport) {
     }
     if let Some(r) = &report.rerank {
         if r.weight > 0.0 {
+            let how = if r.fixed {
+                "set by rerank_weight"
+            } else {
+                "chosen on validation"
+            };
             println!(
-                "second stage: co-occurrence re-rank of the top {} at weight {:.4}, chosen on validation",
+                "second stage: co-occurrence re-rank of the top {} at weight {:.4}, {how}",
                 r.depth, r.weight
             );
         } else {
