@@ -3,9 +3,9 @@
 
 use crate::harness::{free_port, start_server, Dir, TINY_MODEL};
 
-#[test]
-fn serve_answers_recommend_health_and_bench_then_stops_on_sigterm() {
-    let dir = Dir::new();
+/// A small synthetic catalog in `data`, a model trained on it with the training `config` in
+/// `model`, and its index in `idx`.
+fn data_model_and_index(dir: &Dir, seed: &str, config: &str) {
     dir.command(&[
         "prepare",
         "--dataset",
@@ -17,12 +17,12 @@ fn serve_answers_recommend_health_and_bench_then_stops_on_sigterm() {
         "--events",
         "3000",
         "--seed",
-        "4",
+        seed,
         "--out",
         "data",
     ])
     .ok();
-    std::fs::write(dir.join("tiny.toml"), TINY_MODEL).unwrap();
+    std::fs::write(dir.join("train.toml"), config).unwrap();
     dir.command(&[
         "train",
         "--data",
@@ -30,7 +30,7 @@ fn serve_answers_recommend_health_and_bench_then_stops_on_sigterm() {
         "--out",
         "model",
         "--config",
-        "tiny.toml",
+        "train.toml",
         "--device",
         "cpu",
     ])
@@ -39,6 +39,12 @@ fn serve_answers_recommend_health_and_bench_then_stops_on_sigterm() {
         "index", "--data", "data", "--model", "model", "--out", "idx", "--device", "cpu",
     ])
     .ok();
+}
+
+#[test]
+fn serve_answers_recommend_health_and_bench_then_stops_on_sigterm() {
+    let dir = Dir::new();
+    data_model_and_index(&dir, "4", TINY_MODEL);
     std::fs::write(dir.join("token"), "tok-123\n").unwrap();
     std::fs::write(dir.join("serve.toml"), "reload_interval_ms = 200\n").unwrap();
 
@@ -259,40 +265,12 @@ fn recommend(dir: &Dir, url: &str, user: &str) -> Vec<(u64, f64)> {
 #[test]
 fn a_served_second_stage_adds_co_occurrence_to_the_towers_scores() {
     let dir = Dir::new();
-    dir.command(&[
-        "prepare",
-        "--dataset",
-        "synthetic",
-        "--items",
-        "300",
-        "--users",
-        "60",
-        "--events",
-        "3000",
-        "--seed",
-        "5",
-        "--out",
-        "data",
-    ])
-    .ok();
     let config = TINY_MODEL.replacen(
         "[tower]",
         "rerank = \"fixed\"\nrerank_weight = 4.0\n[tower]",
         1,
     );
-    std::fs::write(dir.join("rerank.toml"), config).unwrap();
-    dir.command(&[
-        "train",
-        "--data",
-        "data",
-        "--out",
-        "model",
-        "--config",
-        "rerank.toml",
-        "--device",
-        "cpu",
-    ])
-    .ok();
+    data_model_and_index(&dir, "5", &config);
     let info: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("model/model.json")).unwrap())
             .unwrap();
@@ -301,10 +279,6 @@ fn a_served_second_stage_adds_co_occurrence_to_the_towers_scores() {
         "a fixed second stage is kept: {info}"
     );
     assert!(dir.join("model/cobuyers.safetensors").is_file());
-    dir.command(&[
-        "index", "--data", "data", "--model", "model", "--out", "idx", "--device", "cpu",
-    ])
-    .ok();
 
     // The same towers without the second stage: model.json without `rerank`.
     let copied = std::process::Command::new("cp")
