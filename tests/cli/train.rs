@@ -235,6 +235,20 @@ fn bad_inputs_are_clear_errors() {
         .command(&["eval", "--data", "other", "--model", "m", "--device", "cpu"])
         .fails();
     assert!(err.contains("vocabulary mismatch"), "{err}");
+    let err = dir
+        .command(&[
+            "eval",
+            "--data",
+            "data",
+            "--model",
+            "m",
+            "--device",
+            "cpu",
+            "--rerank-sweep",
+            "0,nan",
+        ])
+        .fails();
+    assert!(err.contains("--rerank-sweep"), "{err}");
 
     // A corrupt weights file is caught by its checksum.
     let weights = dir.join("m/model.safetensors");
