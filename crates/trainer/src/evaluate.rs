@@ -116,26 +116,22 @@ pub fn evaluate_model(
             cobuyers: &cobuyers,
             depth: sweep.depth,
         };
-        let t = model.temperature().double_value(&[]) as f32;
-        let weights: Vec<f32> = sweep.betas.iter().map(|b| b * t).collect();
-        let metrics = rerank::evaluate_two_stage(
+        let measured = rerank::measure_betas(
             model,
             &vecs,
             &stage,
-            &weights,
+            &sweep.betas,
             &set,
             &seen,
             &data.catalog,
             ks,
             batch,
-            |_| true,
         );
         let rows: Vec<Value> = sweep
             .betas
             .iter()
-            .zip(&weights)
-            .zip(metrics)
-            .map(|((beta, weight), m)| {
+            .zip(measured)
+            .map(|(beta, (weight, m))| {
                 json!({"beta": beta, "weight": weight, "depth": sweep.depth, "metrics": m})
             })
             .collect();

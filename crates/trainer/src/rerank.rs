@@ -123,8 +123,40 @@ impl WeightRule {
     }
 }
 
+/// The metrics of the two stages over all of `set` at each `β` of `betas` (in units of the
+/// model's temperature), as `(weight on the dot product, metrics)`: what `rerank = "auto"`
+/// measures on validation and `eval --rerank-sweep` on any split.
+#[allow(clippy::too_many_arguments)]
+pub fn measure_betas(
+    model: &TwoTower,
+    catalog_vecs: &Tensor,
+    stage: &SecondStage<'_>,
+    betas: &[f32],
+    set: &ExampleSet,
+    seen: &SeenItems,
+    catalog: &Catalog,
+    ks: &[usize],
+    batch: usize,
+) -> Vec<(f32, Metrics)> {
+    let t = model.temperature().double_value(&[]) as f32;
+    let weights: Vec<f32> = betas.iter().map(|b| b * t).collect();
+    let metrics = evaluate_two_stage(
+        model,
+        catalog_vecs,
+        stage,
+        &weights,
+        set,
+        seen,
+        catalog,
+        ks,
+        batch,
+        |_| true,
+    );
+    weights.into_iter().zip(metrics).collect()
+}
+
 /// The weight (on the dot product) that `rule` picks, and the metrics of every weight measured
-/// on validation (`β · temperature` for each of the rule's `β`s). 0 means no second stage.
+/// on validation ([`measure_betas`] of the rule's `β`s). 0 means no second stage.
 #[allow(clippy::too_many_arguments)]
 pub fn choose_weight(
     model: &TwoTower,
@@ -137,34 +169,32 @@ pub fn choose_weight(
     ks: &[usize],
     batch: usize,
 ) -> (f32, Vec<(f32, Metrics)>) {
-    let t = model.temperature().double_value(&[]) as f32;
-    let weights: Vec<f32> = rule.betas().iter().map(|b| b * t).collect();
-    let metrics = evaluate_two_stage(
+    let sweep = measure_betas(
         model,
         catalog_vecs,
         stage,
-        &weights,
+        &rule.betas(),
         valid,
         seen,
         catalog,
         ks,
         batch,
-        |_| true,
     );
     let chosen = match rule {
-        WeightRule::Fixed(_) => weights[1],
-        WeightRule::BestOnValidation => best_weight(&weights, &metrics),
+        WeightRule::Fixed(_) => sweep[1].0,
+        WeightRule::BestOnValidation => best_weight(&sweep),
     };
-    (chosen, weights.into_iter().zip(metrics).collect())
+    (chosen, sweep)
 }
 
-/// The weight whose metrics gain most over the towers alone (the weight 0 in `weights`), as the
+/// The weight of `sweep` (weight, metrics) whose metrics gain most over the towers alone (its
+/// weight 0), as the
 /// mean relative gain across [`CHOICE_METRICS`]; 0 when no weight gains. A mean of the three
 /// rather than one metric: NDCG@10 alone picks weights that leave recall@50 behind, and
 /// recall@50 alone weights that cost the top ten (`docs/benchmarks.md`, session 15). Ties keep the
 /// smaller weight.
-pub fn best_weight(weights: &[f32], metrics: &[Metrics]) -> f32 {
-    let Some(base) = weights.iter().position(|&w| w == 0.0).map(|i| &metrics[i]) else {
+pub fn best_weight(sweep: &[(f32, Metrics)]) -> f32 {
+    let Some((_, base)) = sweep.iter().find(|(w, _)| *w == 0.0) else {
         return 0.0;
     };
     let value = |m: &Metrics, key: &str| m.get(key).copied().unwrap_or(0.0);
@@ -175,13 +205,12 @@ pub fn best_weight(weights: &[f32], metrics: &[Metrics]) -> f32 {
             .sum::<f64>()
             / CHOICE_METRICS.len() as f64
     };
-    weights
+    sweep
         .iter()
-        .zip(metrics)
-        .fold((0.0f32, 0.0f64), |best, (&w, m)| {
+        .fold((0.0f32, 0.0f64), |best, (w, m)| {
             let g = gain(m);
             if g > best.1 {
-                (w, g)
+                (*w, g)
             } else {
                 best
             }
@@ -200,6 +229,14 @@ mod tests {
             .collect()
     }
 
+    fn sweep(weights: &[f32], metrics: &[Metrics]) -> Vec<(f32, Metrics)> {
+        weights
+            .iter()
+            .copied()
+            .zip(metrics.iter().cloned())
+            .collect()
+    }
+
     #[test]
     fn the_weight_chosen_gains_across_the_top_ten_and_the_top_fifty() {
         let weights = [0.0, 0.1, 0.2, 0.4];
@@ -212,7 +249,7 @@ mod tests {
             // The best recall@50, at a cost to the top ten.
             metrics(0.0090, 0.0045, 0.0450),
         ];
-        assert_eq!(best_weight(&weights, &m), 0.2);
+        assert_eq!(best_weight(&sweep(&weights, &m)), 0.2);
     }
 
     #[test]
@@ -223,9 +260,9 @@ mod tests {
             metrics(0.0090, 0.0050, 0.0400),
             metrics(0.0100, 0.0040, 0.0390),
         ];
-        assert_eq!(best_weight(&weights, &m), 0.0);
+        assert_eq!(best_weight(&sweep(&weights, &m)), 0.0);
         assert_eq!(
-            best_weight(&[0.1, 0.2], &m[1..]),
+            best_weight(&sweep(&[0.1, 0.2], &m[1..])),
             0.0,
             "no weight 0 to compare with"
         );
