@@ -22,12 +22,14 @@ pub struct ServeConfig {
     pub max_message_bytes: usize,
     /// Deadline of a request whose client sets none; a client's `grpc-timeout` may only shorten it.
     pub request_timeout_ms: u64,
-    /// Threads that run the user tower, each with its own copy of the model. They sit outside the
-    /// async runtime so a forward pass never stalls network I/O. Default: one per two CPU cores, at
-    /// most 8.
-    /// Fewer workers form bigger micro-batches, and a batch's fixed cost dominates a small one:
-    /// on 2 cores, 1 worker served 4,477 Recommend/s against 3,441 with 2, and cut the p99 at
-    /// 2,000/s from ~18 to ~10.5 ms (docs/benchmarks.md).
+    /// Threads that run the user tower and then the index search of each request, each with its
+    /// own copy of the model. They sit outside the async runtime so a forward pass never stalls
+    /// network I/O. Default: one per CPU core, at most 8.
+    /// Fewer workers form bigger micro-batches, but since the search runs on them too, one
+    /// worker leaves a second core idle: on 2 cores, 2 workers served 4,854 Recommend/s against
+    /// 3,384 with 1, with a p99 at 2,000/s of 6.9 against 22.4 ms (docs/benchmarks.md, serving
+    /// under overload). On an earlier machine, before the search moved onto the workers, 1 had
+    /// beaten 2.
     pub encoder_workers: usize,
     /// Most requests one user-tower forward pass batches together (micro-batching: concurrent
     /// requests waiting for a worker are encoded in one call).
@@ -108,7 +110,7 @@ impl Default for ServeConfig {
 }
 
 fn default_encoder_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 8))
+    std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 8))
 }
 
 impl ServeConfig {

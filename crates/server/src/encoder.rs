@@ -24,7 +24,36 @@ struct Job {
     snap: Arc<Snapshot>,
     /// `item_row`s are rows of the snapshot's index embeddings.
     input: UserInput,
-    reply: oneshot::Sender<Encoded>,
+    reply: Box<dyn Reply>,
+}
+
+/// Where a job's vector goes: straight back to the request, or first through the work the
+/// request does next with it ([`EncoderHandle::encode_then`]).
+trait Reply: Send {
+    /// The request gave up (deadline, cancellation): it needs no vector.
+    fn is_closed(&self) -> bool;
+    fn send(self: Box<Self>, vector: Encoded);
+}
+
+struct Then<R, F> {
+    tx: oneshot::Sender<Result<R, String>>,
+    then: F,
+}
+
+impl<R: Send, F: FnOnce(Vec<f32>) -> R + Send> Reply for Then<R, F> {
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    fn send(self: Box<Self>, vector: Encoded) {
+        let Then { tx, then } = *self;
+        let result = vector.and_then(|v| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| then(v))).map_err(|panic| {
+                format!("after the user tower (our bug): {}", panic_message(&*panic))
+            })
+        });
+        let _ = tx.send(result);
+    }
 }
 
 /// The worker pool.
@@ -76,7 +105,27 @@ impl Encoder {
 impl EncoderHandle {
     /// The user vector of `input` under `snap`'s model.
     pub async fn encode(&self, snap: Arc<Snapshot>, input: UserInput) -> Encoded {
-        let (reply, done) = oneshot::channel();
+        self.encode_then(snap, input, |vector| vector).await
+    }
+
+    /// `then` applied to the user vector of `input`, on the worker that computed it.
+    ///
+    /// What a request does next with its vector (the index search) is CPU work as well. Done
+    /// on the worker, the request comes back to the async runtime once instead of twice, and
+    /// under overload each trip back waits behind every connection's new requests
+    /// (`docs/benchmarks.md`, overload).
+    pub async fn encode_then<R, F>(
+        &self,
+        snap: Arc<Snapshot>,
+        input: UserInput,
+        then: F,
+    ) -> Result<R, String>
+    where
+        R: Send + 'static,
+        F: FnOnce(Vec<f32>) -> R + Send + 'static,
+    {
+        let (tx, done) = oneshot::channel();
+        let reply = Box::new(Then { tx, then });
         self.tx
             .send(Job { snap, input, reply })
             .map_err(|_| "the user-tower workers stopped".to_string())?;
@@ -114,32 +163,38 @@ fn worker(idx: usize, rx: &Mutex<mpsc::Receiver<Job>>, max_batch: usize, metrics
 
 fn run_batch(idx: usize, snap: &Snapshot, jobs: Vec<Job>, metrics: &Metrics) {
     let started = Instant::now();
-    let (inputs, replies): (Vec<UserInput>, Vec<oneshot::Sender<Encoded>>) =
+    let (inputs, replies): (Vec<UserInput>, Vec<Box<dyn Reply>>) =
         jobs.into_iter().map(|j| (j.input, j.reply)).unzip();
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| encode(idx, snap, inputs)))
         .unwrap_or_else(|panic| {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            Err(format!("user tower failed (our bug): {msg}"))
+            Err(format!(
+                "user tower failed (our bug): {}",
+                panic_message(&*panic)
+            ))
         });
     metrics.user_tower.observe(started.elapsed().as_secs_f64());
     metrics.encoder_batch.observe(replies.len() as f64);
     match result {
         Ok(vectors) => {
             for (reply, v) in replies.into_iter().zip(vectors) {
-                let _ = reply.send(Ok(v));
+                reply.send(Ok(v));
             }
         }
         Err(e) => {
             tracing::error!(error = %e, "user tower");
             for reply in replies {
-                let _ = reply.send(Err(e.clone()));
+                reply.send(Err(e.clone()));
             }
         }
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 /// One forward pass over `inputs`; the history items' vectors are gathered from the index

@@ -133,38 +133,73 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// Runs retrieval on the blocking pool (FAISS and the exact scan are CPU work). With `history`
-/// (the user's item ids) and a model that has a second stage, the best `depth` candidates are
-/// retrieved and re-ranked ([`retrieve::rerank`]) before the best `k` are kept.
-async fn search(
-    shared: &Shared,
+/// What a search needs besides the query vector.
+struct SearchJob {
     snap: Arc<Snapshot>,
-    query: Vec<f32>,
     filter: crate::filter::RowFilter,
     k: usize,
     nprobe: Option<usize>,
+    /// The user's item ids, for a model with a second stage: the best `depth` candidates are
+    /// retrieved and re-ranked ([`retrieve::rerank`]) before the best `k` are kept.
     history: Option<Vec<u64>>,
-) -> Result<Vec<Scored>, Status> {
-    let reranker = snap.model.reranker.as_ref().filter(|_| history.is_some());
-    let params = SearchParams {
-        k: reranker.map_or(k, |r| k.max(r.depth)),
-        nprobe,
-        max_overfetch: shared.config.max_overfetch,
-    };
-    let metrics = shared.metrics.clone();
-    tokio::task::spawn_blocking(move || {
+    max_overfetch: usize,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl SearchJob {
+    fn new(
+        shared: &Shared,
+        snap: Arc<Snapshot>,
+        filter: crate::filter::RowFilter,
+        k: usize,
+        nprobe: Option<usize>,
+        history: Option<Vec<u64>>,
+    ) -> SearchJob {
+        SearchJob {
+            snap,
+            filter,
+            k,
+            nprobe,
+            history,
+            max_overfetch: shared.config.max_overfetch,
+            metrics: shared.metrics.clone(),
+        }
+    }
+
+    /// Retrieval itself: CPU work (FAISS or the exact scan), never on the async runtime.
+    fn run(self, query: &[f32]) -> Result<Vec<Scored>, String> {
+        let SearchJob {
+            snap,
+            filter,
+            k,
+            nprobe,
+            history,
+            max_overfetch,
+            metrics,
+        } = self;
+        let reranker = snap.model.reranker.as_ref().filter(|_| history.is_some());
+        let params = SearchParams {
+            k: reranker.map_or(k, |r| k.max(r.depth)),
+            nprobe,
+            max_overfetch,
+        };
         let started = Instant::now();
         let idx = &snap.index;
-        let found = retrieve::top_k(&idx.version, &idx.catalog, &query, &filter, params);
+        let found = retrieve::top_k(&idx.version, &idx.catalog, query, &filter, params);
         metrics.faiss.observe(started.elapsed().as_secs_f64());
         match (found, &snap.model.reranker, history) {
             (Ok(found), Some(r), Some(history)) => Ok(retrieve::rerank(r, &history, found, k)),
-            (found, _, _) => found,
+            (found, _, _) => found.map_err(|e| format!("search failed: {e}")),
         }
-    })
-    .await
-    .map_err(|e| Status::internal(format!("search task failed (our bug): {e}")))?
-    .map_err(|e| Status::internal(format!("search failed: {e}")))
+    }
+
+    /// [`SearchJob::run`] on the blocking pool.
+    async fn spawn(self, query: Vec<f32>) -> Result<Vec<Scored>, Status> {
+        tokio::task::spawn_blocking(move || self.run(&query))
+            .await
+            .map_err(|e| Status::internal(format!("search task failed (our bug): {e}")))?
+            .map_err(Status::internal)
+    }
 }
 
 fn items(snap: &Snapshot, found: &[Scored]) -> Vec<proto::ScoredItem> {
@@ -262,21 +297,14 @@ async fn recommend(
             .filter_map(|e| e.item_id)
             .collect::<Vec<u64>>()
     });
-    let vector = shared
+    // The search runs on the user-tower worker, right after the vector.
+    let search = SearchJob::new(&shared, snap.clone(), filter, q.k, q.nprobe, history_items);
+    let found = shared
         .encoder
-        .encode(snap.clone(), input)
+        .encode_then(snap.clone(), input, move |vector| search.run(&vector))
         .await
+        .and_then(|found| found)
         .map_err(Status::internal)?;
-    let found = search(
-        &shared,
-        snap.clone(),
-        vector,
-        filter,
-        q.k,
-        q.nprobe,
-        history_items,
-    )
-    .await?;
     Ok(response(items(&snap, &found), false))
 }
 
@@ -356,7 +384,9 @@ async fn similar_items(
     )?;
     filter.exclude_ids.insert(item_id);
     let query = version.embeddings.vector(row as usize).to_vec();
-    let found = search(&shared, snap.clone(), query, filter, k, None, None).await?;
+    let found = SearchJob::new(&shared, snap.clone(), filter, k, None, None)
+        .spawn(query)
+        .await?;
     Ok(proto::SimilarItemsResponse {
         items: items(&snap, &found),
         index_version: snap.index_version().to_string(),

@@ -242,3 +242,56 @@ async fn similar_items_and_model_info() {
     assert_eq!(r.index_version, info.index_version);
     s.running.stop().await.unwrap();
 }
+
+/// The index search runs on the user-tower worker, one closure per request of a micro-batch:
+/// requests encoded together must each get the answer they get alone, never a neighbour's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_encoded_in_one_batch_each_get_their_own_search() {
+    let f = fixture();
+    let state = tempfile::tempdir().unwrap();
+    let mut opts = crate::fixture::options(state.path());
+    opts.config.encoder_workers = 1;
+    let mut s = crate::fixture::start_with(opts, state).await;
+    let mut users: Vec<u64> = f.events.iter().map(|e| e.user_id).collect();
+    users.sort_unstable();
+    users.dedup();
+    users.truncate(48);
+    let request = |user| RecommendRequest {
+        user_id: Some(user),
+        k: 10,
+        ..Default::default()
+    };
+    let mut alone = Vec::new();
+    for &u in &users {
+        alone.push(s.client.recommend(request(u)).await.unwrap().into_inner());
+    }
+    let together = futures_util::future::join_all(users.iter().map(|&u| {
+        let mut c = s.client.clone();
+        async move { c.recommend(request(u)).await.unwrap().into_inner() }
+    }))
+    .await;
+    let metrics = crate::state::http_get(s.running.metrics_addr.unwrap(), "/metrics");
+    let value = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    // The test means something only if some requests shared a forward pass.
+    assert!(
+        value("twotower_user_tower_batch_size_sum ")
+            > value("twotower_user_tower_batch_size_count "),
+        "no batch of more than one request"
+    );
+    for ((u, a), t) in users.iter().zip(&alone).zip(&together) {
+        assert_eq!(a.items.len(), t.items.len(), "user {u}");
+        for (x, y) in a.items.iter().zip(&t.items) {
+            // Batched and single forward passes may differ in the last bits (and swap ties).
+            assert!(
+                (x.score - y.score).abs() < 1e-4,
+                "user {u}: alone {:?}, in a batch {:?}",
+                a.items,
+                t.items
+            );
+        }
+    }
+    s.running.stop().await.unwrap();
+}
