@@ -31,6 +31,7 @@ pub mod inputs;
 pub mod item;
 pub mod layers;
 pub mod model;
+pub mod recurrence;
 pub mod user;
 
 pub use artifact::{LoadedModel, ModelInfo, ModelLayout};

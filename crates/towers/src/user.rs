@@ -15,6 +15,7 @@ use tch::{Kind, Tensor};
 use crate::config::TowerConfig;
 use crate::inputs::{UserInputs, GAP_BUCKETS};
 use crate::layers::{l2_normalize, EmbeddingBag, Mlp};
+use crate::recurrence::{self, GruWeights};
 
 /// User history and context → unit vector of `dim`.
 #[derive(Debug)]
@@ -27,6 +28,8 @@ pub struct UserEncoder {
     pub weekday_emb: nn::Embedding,
     pub user_feature_emb: EmbeddingBag,
     pub mlp: Mlp,
+    /// The GRU's weights, for the CPU inference path of its recurrence (`recurrence.rs`).
+    gru_weights: Option<GruWeights>,
     gru_hidden: i64,
     dim: i64,
 }
@@ -56,6 +59,7 @@ impl UserEncoder {
             ),
             gap_emb: emb("gap_emb", GAP_BUCKETS, cfg.gap_dim),
             gru: nn::gru(&p / "gru", gru_input, cfg.gru_hidden, rnn_cfg),
+            gru_weights: GruWeights::of(&(&p / "gru")),
             hour_emb: emb("hour_emb", 24, cfg.context_dim),
             weekday_emb: emb("weekday_emb", 7, cfg.context_dim),
             user_feature_emb: EmbeddingBag::new(
@@ -132,7 +136,11 @@ impl UserEncoder {
             ],
             -1,
         );
-        let (out, _) = self.gru.seq(&x);
+        let out = self
+            .gru_weights
+            .as_ref()
+            .and_then(|w| recurrence::gru_cpu(&x, w))
+            .unwrap_or_else(|| self.gru.seq(&x).0);
         // Read each row at its last real step; rows without history get zeros.
         let last = (&users.hist_len - 1).clamp_min(0).view([b, 1, 1]);
         let at_last = |t: &Tensor, width: i64| {
