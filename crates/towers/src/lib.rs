@@ -26,6 +26,7 @@ pub mod cobuyers;
 pub mod config;
 pub mod dataset;
 pub mod device;
+pub mod dot;
 pub mod error;
 pub mod inputs;
 pub mod item;

@@ -10,6 +10,8 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::dot::dot;
+
 /// The GRU's parameters (`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`), shared
 /// with the var store: loading weights updates them.
 #[derive(Debug)]
@@ -117,26 +119,6 @@ fn hidden_product_portable(w: &[f32], bias: &[f32], h: &[f32], out: &mut [f32]) 
     for (j, o) in out.iter_mut().enumerate() {
         *o = bias[j] + dot(&w[j * n..][..n], h);
     }
-}
-
-/// Eight running sums, so the compiler can keep them in one vector register.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        let (x, y): (&[f32; 8], &[f32; 8]) = (x.try_into().unwrap(), y.try_into().unwrap());
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
