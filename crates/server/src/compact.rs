@@ -176,7 +176,7 @@ fn write_state(file: File, state: State) -> std::io::Result<(File, usize)> {
                 *n = n.saturating_sub(1);
             }
         }
-        let others: Vec<u64> = seen.iter().copied().filter(|i| !kept.contains(i)).collect();
+        let others: Vec<u64> = seen.iter().filter(|i| !kept.contains(i)).collect();
         result = (|| {
             if !events.is_empty() {
                 out.write_all(&encode_batch(&events, None))?;
@@ -235,8 +235,7 @@ mod tests {
         drop(log);
         let mut users = Vec::new();
         state.store.for_each_user(|u, recent, seen| {
-            let mut seen: Vec<u64> = seen.iter().copied().collect();
-            seen.sort();
+            let seen: Vec<u64> = seen.iter().collect();
             users.push((u, recent.iter().cloned().collect(), seen));
         });
         users.sort_by_key(|u| u.0);

@@ -4,7 +4,6 @@
 //! Conversions destructure every field, so a field added to the proto breaks the build until
 //! someone decides what it means.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,6 +14,7 @@ use crate::catalog::ItemCatalog;
 use crate::config::{MAX_INLINE_EVENTS, MAX_K};
 use crate::filter::RowFilter;
 use crate::proto;
+use crate::seen::SeenItems;
 
 /// Latest accepted timestamp: 3000-01-01 UTC, in ms. Anything later is a unit mistake (µs, ns).
 pub const MAX_TS_MS: i64 = 32_503_680_000_000;
@@ -147,7 +147,7 @@ impl FilterSpec {
     pub fn resolve(
         &self,
         catalog: &ItemCatalog,
-        seen: Arc<HashSet<u64>>,
+        seen: Arc<SeenItems>,
         inline_seen: impl IntoIterator<Item = u64>,
     ) -> Result<RowFilter, Status> {
         let ids = |names: &[String], field: &str| -> Result<Vec<u32>, Status> {

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::catalog::ItemCatalog;
+use crate::seen::SeenItems;
 
 /// A resolved filter: category names already turned into this version's category ids.
 #[derive(Debug, Clone, Default)]
@@ -12,7 +13,7 @@ pub struct RowFilter {
     /// Ids the request excludes (explicitly, and its inline events' items).
     pub exclude_ids: HashSet<u64>,
     /// The user's stored seen items, shared with the history store rather than copied.
-    pub seen: Arc<HashSet<u64>>,
+    pub seen: Arc<SeenItems>,
     /// Sorted; empty means no restriction.
     pub include: Vec<u32>,
     /// Sorted.
@@ -22,7 +23,7 @@ pub struct RowFilter {
 impl RowFilter {
     /// Whether the item at `row` (id `id`) may be returned.
     pub fn passes(&self, id: u64, row: u32, catalog: &ItemCatalog) -> bool {
-        if self.exclude_ids.contains(&id) || self.seen.contains(&id) {
+        if self.exclude_ids.contains(&id) || self.seen.contains(id) {
             return false;
         }
         if self.include.is_empty() && self.exclude.is_empty() {

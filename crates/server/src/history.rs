@@ -5,19 +5,21 @@
 //! - `recent`: the last `bound` events in the canonical order of `features::splits` (the
 //!   model's history length L): what the user tower reads;
 //! - `seen`: every item id ever interacted with: what `exclude_seen` removes. It is unbounded
-//!   (a hash set, about 16 bytes an item), because a filter that forgets is not exact. Requests
-//!   share it through an `Arc` instead of copying it; an insert copies it only while a request
-//!   still holds the previous one, so neither side degrades as a user's history grows.
+//!   ([`SeenItems`], about 8 bytes an item), because a filter that forgets is not exact.
+//!   Requests share it through an `Arc` instead of copying it; an insert copies it only while a
+//!   request still holds the previous one, so neither side degrades as a user's history grows.
 //!
 //! Users are spread over shards, each behind its own `RwLock`, so writers (the event log's
 //! commit thread) and readers (requests) rarely meet.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use features::splits::{HistoryProtocol, TieOrder, Timed};
 use features::{Event, EventType};
+
+use crate::seen::SeenItems;
 
 const SHARDS: usize = 64;
 
@@ -65,7 +67,7 @@ pub fn sort_canonical(events: &mut [StoredEvent], ties: TieOrder) {
 #[derive(Default)]
 struct UserState {
     recent: VecDeque<StoredEvent>,
-    seen: Arc<HashSet<u64>>,
+    seen: Arc<SeenItems>,
     features: Arc<[String]>,
 }
 
@@ -75,7 +77,7 @@ pub struct UserView {
     /// Stored events strictly before the request time, oldest first (at most `bound`).
     pub events: Vec<StoredEvent>,
     /// Every item the user interacted with.
-    pub seen: Arc<HashSet<u64>>,
+    pub seen: Arc<SeenItems>,
     /// Profile features from `users.parquet`.
     pub features: Arc<[String]>,
 }
@@ -143,7 +145,7 @@ impl HistoryStore {
 
     fn record_into(&self, user: &mut UserState, event: StoredEvent) {
         if let Some(item) = event.item_id {
-            if !user.seen.contains(&item) {
+            if !user.seen.contains(item) {
                 Arc::make_mut(&mut user.seen).insert(item);
             }
         }
@@ -173,7 +175,7 @@ impl HistoryStore {
 
     /// Calls `f` with every user's kept events (oldest first) and seen items, one shard at a
     /// time (compaction).
-    pub fn for_each_user(&self, mut f: impl FnMut(u64, &VecDeque<StoredEvent>, &HashSet<u64>)) {
+    pub fn for_each_user(&self, mut f: impl FnMut(u64, &VecDeque<StoredEvent>, &SeenItems)) {
         for shard in &self.shards {
             let shard = shard.read().unwrap_or_else(|p| p.into_inner());
             for (&user_id, state) in shard.iter() {
@@ -254,8 +256,7 @@ mod tests {
         let v = store.view(7, i64::MAX);
         let ts: Vec<i64> = v.events.iter().map(|e| e.ts_ms).collect();
         assert_eq!(ts, [3, 4, 5]);
-        let mut seen: Vec<u64> = v.seen.iter().copied().collect();
-        seen.sort();
+        let seen: Vec<u64> = v.seen.iter().collect();
         assert_eq!(seen, [10, 20, 40, 50]);
         // Strictly before the request time.
         let ts: Vec<i64> = store.view(7, 5).events.iter().map(|e| e.ts_ms).collect();

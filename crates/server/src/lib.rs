@@ -30,6 +30,7 @@ pub mod recorder;
 pub mod reload;
 pub mod retrieve;
 pub mod seed;
+pub mod seen;
 pub mod server;
 pub mod service;
 pub mod snapshot;
