@@ -6,28 +6,57 @@
 //! limit moves, as CoDel decides when to drop packets: what matters is whether the queue ever
 //! drains. Over each interval the shortest time an admitted request spent in the server is
 //! taken. A queue that drains lets some request through quickly; a standing queue makes even
-//! the fastest one wait. While that minimum stays above the target, the limit shrinks (by a
-//! tenth per interval, to a floor); once it is back under, the limit grows again (by one per
-//! interval) up to `max_in_flight`. Normal traffic keeps the whole `max_in_flight` for its
-//! bursts, and an overload is held to a queue that drains within about the target.
+//! the fastest one wait. The limit only moves down in an interval in which it refused a
+//! request: a burst that fits under the limit is not an overload, even one that arrives at
+//! once and makes its own quickest request wait behind a batch, and a closed loop of callers
+//! would only be refused and retry. While that minimum stays above the target, the limit shrinks in
+//! proportion (a minimum of 10x the target cuts it to a tenth, down to a floor) at once, so an
+//! overload's first second is not spent behind a full queue; once the minimum is back under,
+//! the limit grows again by one per interval up to `max_in_flight`. Normal traffic keeps the
+//! whole `max_in_flight` for its bursts, and an overload is held to a queue that drains within
+//! about the target.
+//!
+//! The target is the operator's (`admission_target_ms`) or, by default, measured: twice the
+//! time a request takes when it is admitted into an empty server ([`AUTO_FACTOR`]), a moving
+//! average of each interval's quickest such request. What one request costs depends on the
+//! model, the index and the machine, so a fixed default target would either never act (a slow
+//! model) or hold the limit at its floor (a fast one).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// How often the limit is reconsidered: CoDel's interval, a few round trips of a busy request.
-pub const INTERVAL: Duration = Duration::from_millis(100);
+/// How often the limit is reconsidered: a few dozen requests at normal load, and short enough
+/// that the first moments of an overload, spent behind the whole `max_in_flight`, are a small
+/// share of its requests (CoDel's 100 ms is sized for Internet round trips).
+pub const INTERVAL: Duration = Duration::from_millis(50);
 /// The limit never shrinks below this: a server always works on a few requests at once.
 pub const FLOOR: usize = 4;
+/// The measured target: this many times a request's time in an empty server.
+pub const AUTO_FACTOR: u32 = 2;
+/// Weight of each interval's quickest lone request in the measured baseline.
+const BASELINE_WEIGHT: f64 = 0.1;
+
+/// When a standing queue is declared (`admission_target_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The limit stays at `max_in_flight`.
+    Off,
+    /// A fixed time in the server.
+    Fixed(Duration),
+    /// [`AUTO_FACTOR`] times the measured time of a request alone in the server.
+    Auto,
+}
 
 /// The moving limit and the requests in flight under it.
 #[derive(Debug)]
 pub struct Admission {
     max: usize,
-    /// `None`: the limit stays at `max` (`admission_target_ms = 0`).
-    target: Option<Duration>,
+    target: Target,
     limit: AtomicUsize,
     in_flight: AtomicUsize,
+    /// Whether a request was refused in the current interval.
+    refused: AtomicBool,
     window: Mutex<Window>,
 }
 
@@ -36,6 +65,10 @@ struct Window {
     started: Instant,
     /// The shortest time in the server of a request that finished in this window.
     shortest: Option<Duration>,
+    /// The same among requests admitted into an empty server.
+    shortest_alone: Option<Duration>,
+    /// Moving average of the intervals' `shortest_alone`: what a request costs without a queue.
+    baseline: Option<Duration>,
 }
 
 /// One admitted request; dropping it without [`Permit::finish`] (a cancelled request) only
@@ -43,12 +76,15 @@ struct Window {
 #[derive(Debug)]
 pub struct Permit {
     admission: Arc<Admission>,
+    /// Whether no other request was in flight when this one was admitted.
+    alone: bool,
 }
 
 impl Permit {
     /// Frees the place and reports how long the request spent in the server, from its arrival.
     pub fn finish(self, in_server: Duration) {
-        self.admission.observe(Instant::now(), in_server);
+        self.admission
+            .observe(Instant::now(), in_server, self.alone);
     }
 }
 
@@ -59,17 +95,19 @@ impl Drop for Permit {
 }
 
 impl Admission {
-    /// At most `max` requests at once, fewer while requests wait longer than `target`
-    /// (`Duration::ZERO`: a fixed limit of `max`).
-    pub fn new(max: usize, target: Duration) -> Arc<Admission> {
+    /// At most `max` requests at once, fewer while requests wait longer than `target`.
+    pub fn new(max: usize, target: Target) -> Arc<Admission> {
         Arc::new(Admission {
             max,
-            target: (!target.is_zero()).then_some(target),
+            target,
             limit: AtomicUsize::new(max),
             in_flight: AtomicUsize::new(0),
+            refused: AtomicBool::new(false),
             window: Mutex::new(Window {
                 started: Instant::now(),
                 shortest: None,
+                shortest_alone: None,
+                baseline: None,
             }),
         })
     }
@@ -77,14 +115,21 @@ impl Admission {
     /// A place for one more request, or `None` when the current limit is reached.
     pub fn try_admit(self: &Arc<Self>) -> Option<Permit> {
         let limit = self.limit.load(Ordering::Acquire);
-        self.in_flight
+        let admitted = self
+            .in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Permit {
+            });
+        match admitted {
+            Ok(before) => Some(Permit {
                 admission: Arc::clone(self),
-            })
+                alone: before == 0,
+            }),
+            Err(_) => {
+                self.refused.store(true, Ordering::Relaxed);
+                None
+            }
+        }
     }
 
     /// The current limit on requests in flight.
@@ -97,25 +142,55 @@ impl Admission {
         self.max
     }
 
-    /// Counts a finished request at `now` that spent `in_server` in the server, and at the end
-    /// of an interval moves the limit.
-    pub fn observe(&self, now: Instant, in_server: Duration) {
-        let Some(target) = self.target else {
+    /// The time in the server above which an interval counts as a standing queue: the fixed
+    /// target, or the measured one (`None` while off, or before any request ran alone).
+    pub fn target(&self) -> Option<Duration> {
+        match self.target {
+            Target::Off => None,
+            Target::Fixed(t) => Some(t),
+            Target::Auto => self.lock().baseline.map(|b| b * AUTO_FACTOR),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a finished request at `now` that spent `in_server` in the server (`alone`: it was
+    /// admitted into an empty server), and at the end of an interval moves the limit.
+    pub fn observe(&self, now: Instant, in_server: Duration, alone: bool) {
+        if self.target == Target::Off {
             return;
-        };
-        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        w.shortest = Some(w.shortest.map_or(in_server, |s| s.min(in_server)));
+        }
+        let mut w = self.lock();
+        let min = |m: Option<Duration>| Some(m.map_or(in_server, |s| s.min(in_server)));
+        w.shortest = min(w.shortest);
+        if alone {
+            w.shortest_alone = min(w.shortest_alone);
+        }
         if now.saturating_duration_since(w.started) < INTERVAL {
             return;
         }
-        let queue_stood = w.shortest.is_some_and(|s| s > target);
+        if let Some(a) = w.shortest_alone.take() {
+            w.baseline = Some(w.baseline.map_or(a, |b| {
+                b.mul_f64(1.0 - BASELINE_WEIGHT) + a.mul_f64(BASELINE_WEIGHT)
+            }));
+        }
+        let target = match self.target {
+            Target::Fixed(t) => Some(t),
+            Target::Auto => w.baseline.map(|b| b * AUTO_FACTOR),
+            Target::Off => None,
+        };
+        let shortest = w.shortest.take();
         w.started = now;
-        w.shortest = None;
+        let refused = self.refused.swap(false, Ordering::Relaxed);
         let limit = self.limit.load(Ordering::Acquire);
-        let next = if queue_stood {
-            (limit - limit.div_ceil(10)).max(FLOOR.min(self.max))
-        } else {
-            (limit + 1).min(self.max)
+        let next = match (target, shortest) {
+            (Some(t), Some(s)) if refused && s > t => {
+                let cut = (limit as f64 * t.as_secs_f64() / s.as_secs_f64()) as usize;
+                cut.min(limit.saturating_sub(1)).max(FLOOR.min(self.max))
+            }
+            _ => (limit + 1).min(self.max),
         };
         self.limit.store(next, Ordering::Release);
     }
@@ -127,18 +202,20 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    /// Feeds one interval of finished requests, each `in_server` long, ending at `*now`.
+    /// Feeds one interval of finished requests, each `in_server` long, ending at `*now`, in
+    /// which the limit refused a request (as it does under overload).
     fn interval(a: &Admission, now: &mut Instant, in_server: &[Duration]) {
+        a.refused.store(true, Ordering::Relaxed);
         for &d in in_server {
-            a.observe(*now, d);
+            a.observe(*now, d, false);
         }
         *now += INTERVAL;
-        a.observe(*now, in_server.iter().copied().max().unwrap_or(MS));
+        a.observe(*now, in_server.iter().copied().max().unwrap_or(MS), false);
     }
 
     #[test]
     fn the_limit_refuses_once_reached_and_a_dropped_permit_frees_its_place() {
-        let a = Admission::new(2, Duration::ZERO);
+        let a = Admission::new(2, Target::Off);
         let first = a.try_admit().unwrap();
         let _second = a.try_admit().unwrap();
         assert!(a.try_admit().is_none());
@@ -148,7 +225,7 @@ mod tests {
 
     #[test]
     fn bursts_that_drain_keep_the_whole_limit() {
-        let a = Admission::new(64, 5 * MS);
+        let a = Admission::new(64, Target::Fixed(5 * MS));
         let mut now = Instant::now();
         for _ in 0..50 {
             // Some requests waited 40 ms behind a burst, but the queue drained: one took 1 ms.
@@ -159,7 +236,7 @@ mod tests {
 
     #[test]
     fn a_standing_queue_shrinks_the_limit_to_the_floor_and_it_recovers_after() {
-        let a = Admission::new(64, 5 * MS);
+        let a = Admission::new(64, Target::Fixed(5 * MS));
         let mut now = Instant::now();
         interval(&a, &mut now, &[20 * MS, 25 * MS]);
         assert!(a.limit() < 64, "{}", a.limit());
@@ -184,8 +261,66 @@ mod tests {
     }
 
     #[test]
-    fn a_target_of_zero_keeps_a_fixed_limit() {
-        let a = Admission::new(8, Duration::ZERO);
+    fn an_overload_cuts_the_limit_in_proportion_within_one_interval() {
+        let a = Admission::new(64, Target::Fixed(MS));
+        let mut now = Instant::now();
+        // The quickest request took 16x the target: the limit goes from 64 to 64 / 16.
+        interval(&a, &mut now, &[16 * MS, 30 * MS]);
+        assert_eq!(a.limit(), 4);
+        // Just over the target still takes at least one place away.
+        let b = Admission::new(10, Target::Fixed(10 * MS));
+        let mut now = Instant::now();
+        interval(&b, &mut now, &[10 * MS + Duration::from_micros(1)]);
+        assert_eq!(b.limit(), 9);
+    }
+
+    #[test]
+    fn a_slow_burst_that_fits_under_the_limit_keeps_it() {
+        let a = Admission::new(64, Target::Fixed(MS));
+        let mut now = Instant::now();
+        // 40 requests at once, the quickest 5x the target, but nobody was refused.
+        let held: Vec<_> = (0..40).map(|_| a.try_admit().unwrap()).collect();
+        for p in held {
+            p.finish(5 * MS);
+        }
+        now += INTERVAL;
+        a.observe(now, 5 * MS, false);
+        assert_eq!(a.limit(), 64);
+    }
+
+    #[test]
+    fn the_measured_target_is_twice_a_lone_requests_time() {
+        let a = Admission::new(64, Target::Auto);
+        let mut now = Instant::now();
+        // No request has run alone yet: nothing to compare with, so nothing shrinks.
+        interval(&a, &mut now, &[50 * MS]);
+        assert_eq!((a.target(), a.limit()), (None, 64));
+        for _ in 0..30 {
+            a.observe(now, MS, true);
+            now += INTERVAL;
+            a.observe(now, 3 * MS, false);
+        }
+        let target = a.target().unwrap();
+        assert!(
+            target.abs_diff(2 * MS) < Duration::from_micros(10),
+            "{target:?}"
+        );
+        assert_eq!(
+            a.limit(),
+            64,
+            "an interval whose quickest took 1 ms drained"
+        );
+        // A queue where even the quickest request takes 1.5x a lone one is within the target;
+        // 4x is not.
+        interval(&a, &mut now, &[MS + MS / 2]);
+        assert_eq!(a.limit(), 64);
+        interval(&a, &mut now, &[4 * MS]);
+        assert_eq!(a.limit(), 32);
+    }
+
+    #[test]
+    fn a_target_that_is_off_keeps_a_fixed_limit() {
+        let a = Admission::new(8, Target::Off);
         let mut now = Instant::now();
         for _ in 0..20 {
             interval(&a, &mut now, &[500 * MS]);

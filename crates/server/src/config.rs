@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::admission::Target;
 use crate::error::{Error, Result};
 
 /// Most items one `Recommend` or `SimilarItems` may ask for.
@@ -57,11 +58,12 @@ pub struct ServeConfig {
     /// While even the quickest request of a 100 ms interval spends longer than this in the
     /// server (a queue that no longer drains), fewer than `max_in_flight` are taken at once, so
     /// admitted requests wait about this long at most under overload; bursts that drain keep the
-    /// whole `max_in_flight` (`admission.rs`). 0 (the default): a fixed limit of `max_in_flight`.
-    /// The time counted is a request's whole time in the server, so set it above what one
-    /// request takes on an idle server (about 0.5 ms for the 1M-item benchmark), or every
-    /// interval looks like a standing queue.
-    pub admission_target_ms: u64,
+    /// whole `max_in_flight` (`admission.rs`). `"auto"` (the default): twice what a request
+    /// takes when it finds the server empty, measured as the server runs. A number of ms sets
+    /// it by hand (above what one request takes on an idle server, or every interval looks
+    /// like a standing queue); 0: a fixed limit of `max_in_flight`.
+    #[serde(deserialize_with = "admission_target")]
+    pub admission_target_ms: Target,
     /// Most concurrent HTTP/2 streams per client connection.
     pub max_concurrent_streams: u32,
     /// HTTP/2 keepalive pings every this many ms on idle connections (dead peers are dropped
@@ -99,13 +101,33 @@ impl Default for ServeConfig {
             max_clock_skew_ms: 3_600_000,
             idempotency_window: 100_000,
             max_in_flight: 64,
-            admission_target_ms: 0,
+            admission_target_ms: Target::Auto,
             max_concurrent_streams: 256,
             keepalive_interval_ms: 30_000,
             max_users: 10_000_000,
             compact_log_bytes: 64 << 20,
             history_slack: 0,
         }
+    }
+}
+
+/// `admission_target_ms`: a number of milliseconds (0: off) or `"auto"`.
+fn admission_target<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Target, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Millis(u64),
+        Word(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Millis(0) => Ok(Target::Off),
+        Raw::Millis(ms) => Ok(Target::Fixed(std::time::Duration::from_millis(ms))),
+        Raw::Word(w) if w == "auto" => Ok(Target::Auto),
+        Raw::Word(w) => Err(serde::de::Error::custom(format!(
+            "admission_target_ms: `{w}` is neither a number of milliseconds nor \"auto\""
+        ))),
     }
 }
 
@@ -183,5 +205,22 @@ mod tests {
         assert!(err.to_string().contains("nope"), "{err}");
         let err = ServeConfig::from_toml_file(&write("d.toml", "torch_threads = 0\n")).unwrap_err();
         assert!(err.to_string().contains("torch_threads"), "{err}");
+    }
+
+    #[test]
+    fn admission_target_takes_milliseconds_zero_or_auto() {
+        let parse = |text: &str| toml::from_str::<ServeConfig>(text).map(|c| c.admission_target_ms);
+        assert_eq!(ServeConfig::default().admission_target_ms, Target::Auto);
+        assert_eq!(
+            parse("admission_target_ms = \"auto\"").unwrap(),
+            Target::Auto
+        );
+        assert_eq!(parse("admission_target_ms = 0").unwrap(), Target::Off);
+        assert_eq!(
+            parse("admission_target_ms = 3").unwrap(),
+            Target::Fixed(std::time::Duration::from_millis(3))
+        );
+        let err = parse("admission_target_ms = \"soon\"").unwrap_err();
+        assert!(err.to_string().contains("admission_target_ms"), "{err}");
     }
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -55,6 +55,9 @@ pub struct Metrics {
     /// Requests the server takes at once right now: `max_in_flight`, or less while requests wait
     /// longer than `admission_target_ms` (`admission.rs`).
     pub admission_limit: IntGauge,
+    /// The time in the server that counts as a standing queue: `admission_target_ms`, or the
+    /// measured one (0 while off or not yet measured).
+    pub admission_target: Gauge,
 }
 
 fn histogram(name: &str, help: &str, start: f64, count: usize) -> Histogram {
@@ -177,9 +180,14 @@ impl Metrics {
                 "requests taken at once now: max_in_flight, or less while requests wait longer than admission_target_ms",
             )
             .expect("valid metric"),
+            admission_target: Gauge::new(
+                "twotower_admission_target_seconds",
+                "time in the server above which an interval's quickest request means a standing queue (admission_target_ms, or measured)",
+            )
+            .expect("valid metric"),
         };
         let r = &m.registry;
-        let all: [Box<dyn prometheus::core::Collector>; 19] = [
+        let all: [Box<dyn prometheus::core::Collector>; 20] = [
             Box::new(m.requests.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.user_tower.clone()),
@@ -199,6 +207,7 @@ impl Metrics {
             Box::new(m.bus_malformed.clone()),
             Box::new(m.ready.clone()),
             Box::new(m.admission_limit.clone()),
+            Box::new(m.admission_target.clone()),
         ];
         for c in all {
             r.register(c).expect("metric names are unique");

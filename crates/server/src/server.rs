@@ -336,10 +336,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         events: recorder,
         metrics: metrics.clone(),
         config: cfg.clone(),
-        admission: Admission::new(
-            cfg.max_in_flight,
-            Duration::from_millis(cfg.admission_target_ms),
-        ),
+        admission: Admission::new(cfg.max_in_flight, cfg.admission_target_ms),
     });
 
     let bind_err = |addr: SocketAddr| move |e| Error::Transport(format!("binding {addr}: {e}"));

@@ -87,6 +87,8 @@ impl RecommenderService {
         }
         let m = &self.shared.metrics;
         m.admission_limit.set(admission.limit() as i64);
+        m.admission_target
+            .set(admission.target().map_or(0.0, |t| t.as_secs_f64()));
         let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
         m.requests.with_label_values(&[rpc, code_name(code)]).inc();
         m.latency
