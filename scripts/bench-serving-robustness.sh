@@ -7,7 +7,7 @@
 # default 10000000), SKIP_SOAK=1, SKIP_RESTART=1; SERVER_CPUS and LOAD_CPUS (taskset lists, e.g.
 # 0 and 1) pin the server and the load generator apart, so that the generator's own scheduling
 # does not count as server latency; NORMAL_RATE (default 2000) is the "normal" open-loop rate;
-# MAX_IN_FLIGHT and ADMISSION_TARGET_MS set the server's admission control (docs/operations.md)
+# MAX_IN_FLIGHT and ADMISSION_TARGET_MS (ms, or auto) set the server's admission control (docs/operations.md)
 # for every run but the unlimited one.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -63,7 +63,11 @@ unlimited_cfg=$out/serve-unlimited.toml
 nocompact_cfg=$out/serve-nocompact.toml
 : >"$default_cfg"
 [ -n "${MAX_IN_FLIGHT:-}" ] && echo "max_in_flight = $MAX_IN_FLIGHT" >>"$default_cfg"
-[ -n "${ADMISSION_TARGET_MS:-}" ] && echo "admission_target_ms = $ADMISSION_TARGET_MS" >>"$default_cfg"
+case "${ADMISSION_TARGET_MS:-}" in
+  "") ;;
+  *[!0-9]*) echo "admission_target_ms = \"$ADMISSION_TARGET_MS\"" >>"$default_cfg" ;; # "auto"
+  *) echo "admission_target_ms = $ADMISSION_TARGET_MS" >>"$default_cfg" ;;
+esac
 printf 'max_in_flight = 1000000\nadmission_target_ms = 0\n' >"$unlimited_cfg"
 echo "compact_log_bytes = 0" >"$nocompact_cfg"
 
@@ -151,7 +155,7 @@ print("| run | offered | admitted/s | p50 ms | p99 ms | refused | errors | serve
 print("|---|---|---|---|---|---|---|---|")
 print(f"| closed loop, 32 callers, no limit (capacity) | | {closed['qps']:.0f} | {closed['p50_ms']:.2f} | {closed['p99_ms']:.2f} | {closed['refused']} | {closed['errors']} | |")
 print(f"| normal: open loop | {normal['mode'].split(', ')[1]} | {normal['qps']:.0f} | {normal['p50_ms']:.2f} | {normal['p99_ms']:.2f} | {normal['refused']} | {normal['errors']} | |")
-for name, x, rss in [(f"3x capacity, max_in_flight {os.environ.get('MAX_IN_FLIGHT', '64 (default)')}, admission_target_ms {os.environ.get('ADMISSION_TARGET_MS', 'auto (default)')}", lim, rss_limited), ("3x capacity, no limit (as before)", unl, rss_unlimited)]:
+for name, x, rss in [(f"3x capacity, max_in_flight {os.environ.get('MAX_IN_FLIGHT', '64 (default)')}, admission_target_ms {os.environ.get('ADMISSION_TARGET_MS', '0 (default: off)')}", lim, rss_limited), ("3x capacity, no limit (as before)", unl, rss_unlimited)]:
     print(f"| {name} | {lim['mode'].split(', ')[1]} | {x['qps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['refused']} | {x['errors']} | {rss} |")
 print(f"\nadmitted p99 under 3x overload / normal p99: {lim['p99_ms'] / normal['p99_ms']:.2f}x (goal <= 2x)")
 soak = os.path.join(out, "soak.json")
