@@ -312,18 +312,18 @@ fn a_served_second_stage_adds_co_occurrence_to_the_towers_scores() {
     let (mut both, both_url) = serve("model");
     let (mut towers, towers_url) = serve("towers");
     let (mut raised, mut reordered) = (0, 0);
+    // Requests at "now" read the hour and weekday: a pair that straddles an hour would compare
+    // two different user vectors (this test once failed at 08:00), so such a pair is asked
+    // again.
+    let hour = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            / 3600
+    };
     for user in 1..=20 {
         let user = user.to_string();
-        // Requests at "now" read the hour and weekday: a pair that straddles an hour would
-        // compare two different user vectors (this test once failed at 08:00), so such a pair
-        // is asked again.
-        let hour = || {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-                / 3600
-        };
         let (two_stage, alone) = loop {
             let before = hour();
             let pair = (

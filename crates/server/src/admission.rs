@@ -16,11 +16,12 @@
 //! whole `max_in_flight` for its bursts, and an overload is held to a queue that drains within
 //! about the target.
 //!
-//! The target is the operator's (`admission_target_ms`) or, by default, measured: twice the
+//! The target is the operator's (`admission_target_ms`) or, with `"auto"`, measured: twice the
 //! time a request takes when it is admitted into an empty server ([`AUTO_FACTOR`]), a moving
 //! average of each interval's quickest such request. What one request costs depends on the
-//! model, the index and the machine, so a fixed default target would either never act (a slow
-//! model) or hold the limit at its floor (a fast one).
+//! model, the index and the machine, so a fixed target would either never act (a slow model)
+//! or hold the limit at its floor (a fast one). The moving limit is off by default: it also
+//! refuses around a pause of the whole server (`docs/benchmarks.md`, session 17).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -146,9 +147,17 @@ impl Admission {
     /// target, or the measured one (`None` while off, or before any request ran alone).
     pub fn target(&self) -> Option<Duration> {
         match self.target {
+            Target::Auto => self.target_given(self.lock().baseline),
+            _ => self.target_given(None),
+        }
+    }
+
+    /// The target, given the measured baseline (read only by [`Target::Auto`]).
+    fn target_given(&self, baseline: Option<Duration>) -> Option<Duration> {
+        match self.target {
             Target::Off => None,
             Target::Fixed(t) => Some(t),
-            Target::Auto => self.lock().baseline.map(|b| b * AUTO_FACTOR),
+            Target::Auto => baseline.map(|b| b * AUTO_FACTOR),
         }
     }
 
@@ -176,11 +185,7 @@ impl Admission {
                 b.mul_f64(1.0 - BASELINE_WEIGHT) + a.mul_f64(BASELINE_WEIGHT)
             }));
         }
-        let target = match self.target {
-            Target::Fixed(t) => Some(t),
-            Target::Auto => w.baseline.map(|b| b * AUTO_FACTOR),
-            Target::Off => None,
-        };
+        let target = self.target_given(w.baseline);
         let shortest = w.shortest.take();
         w.started = now;
         let refused = self.refused.swap(false, Ordering::Relaxed);

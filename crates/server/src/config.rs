@@ -55,8 +55,9 @@ pub struct ServeConfig {
     /// This bounds the user-tower and event-log queues, and so the latency of admitted requests
     /// under overload (docs/benchmarks.md).
     pub max_in_flight: usize,
-    /// While even the quickest request of a 100 ms interval spends longer than this in the
-    /// server (a queue that no longer drains), fewer than `max_in_flight` are taken at once, so
+    /// While even the quickest request of a 50 ms interval in which requests were refused
+    /// spends longer than this in the server (a queue that no longer drains), fewer than
+    /// `max_in_flight` are taken at once, so
     /// admitted requests wait about this long at most under overload; bursts that drain keep the
     /// whole `max_in_flight` (`admission.rs`). `"auto"`: twice what a request takes when it
     /// finds the server empty, measured as the server runs. A number of ms sets it by hand
