@@ -71,17 +71,18 @@ esac
 printf 'max_in_flight = 1000000\nadmission_target_ms = 0\n' >"$unlimited_cfg"
 echo "compact_log_bytes = 0" >"$nocompact_cfg"
 
-# --- soak: Recommend at 1,000/s and 5,000 events/s, RSS every 10 s -----------------------------
+# --- soak: Recommend at 1,000/s and 5,000 events/s; RSS, anonymous memory and seen items every 10 s
 if [ "${SKIP_SOAK:-0}" != 1 ]; then
   rm -f "$work/events.log"
   start_server "$default_cfg" "$out/serve-soak.log"
   bench warmup-soak --concurrency 32 --duration 20 --recorders 0
-  echo "seconds,rss_mib" >"$out/soak-rss.csv"
+  echo "seconds,rss_mib,anon_mib,seen_items" >"$out/soak-rss.csv"
   bench soak --rate 1000 --duration "$soak_s" --recorders 2 --record-batch 100 --record-rate 5000 &
   load=$!
   t=0
   while kill -0 "$load" 2>/dev/null; do
-    echo "$t,$(rss_mib "$server_pid" VmRSS)" >>"$out/soak-rss.csv"
+    seen=$(curl -s "http://$metrics/metrics" | awk '$1 == "twotower_seen_items" { print $2 }')
+    echo "$t,$(rss_mib "$server_pid" VmRSS),$(rss_mib "$server_pid" RssAnon),${seen:-}" >>"$out/soak-rss.csv"
     sleep 10
     t=$((t + 10))
   done
@@ -167,4 +168,9 @@ if os.path.exists(soak):
     print(f"\nsoak {s['duration_s']:.0f} s: {s['qps']:.0f} Recommend/s p99 {s['p99_ms']:.2f} ms, {s['events_per_sec']:.0f} events/s, "
           f"refused {s['refused']}, errors {s['errors']}, record errors {s['record_errors']}; "
           f"RSS {after_warmup[0] if after_warmup else '?'} -> {after_warmup[-1] if after_warmup else '?'} MiB after warm-up (drift {drift * 100:.1f}%, max {max(after_warmup) if after_warmup else '?'} MiB)")
+    seen = [(int(x["seconds"]), float(x["seen_items"]), int(x["anon_mib"])) for x in rows if x.get("seen_items") and int(x["seconds"]) >= 60]
+    if len(seen) > 1:
+        (_, s0, a0), (_, s1, a1) = seen[0], seen[-1]
+        print(f"seen items {s0:.0f} -> {s1:.0f} after warm-up (+{(s1 - s0) * 8 / 2**20:.1f} MiB at 8 bytes each); "
+              f"anonymous memory {a0} -> {a1} MiB (+{a1 - a0}): {(a1 - a0) * 2**20 / max(s1 - s0, 1):.1f} bytes per new seen item")
 EOF

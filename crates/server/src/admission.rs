@@ -1,27 +1,28 @@
 //! Admission control: how many requests the server works on at once, and when to refuse.
 //!
-//! A fixed limit on requests in flight cannot tell a burst from an overload. Sized for bursts
-//! (64), an overload fills it and every admitted request waits behind 63 others; sized for short
-//! waits (8 on one core), it refuses the bursts of normal traffic (`docs/benchmarks.md`). So the
-//! limit moves, as CoDel decides when to drop packets: what matters is whether the queue ever
-//! drains. Over each interval the shortest time an admitted request spent in the server is
-//! taken. A queue that drains lets some request through quickly; a standing queue makes even
-//! the fastest one wait. The limit only moves down in an interval in which it refused a
-//! request: a burst that fits under the limit is not an overload, even one that arrives at
-//! once and makes its own quickest request wait behind a batch, and a closed loop of callers
-//! would only be refused and retry. While that minimum stays above the target, the limit shrinks in
-//! proportion (a minimum of 10x the target cuts it to a tenth, down to a floor) at once, so an
-//! overload's first second is not spent behind a full queue; once the minimum is back under,
-//! the limit grows again by one per interval up to `max_in_flight`. Normal traffic keeps the
-//! whole `max_in_flight` for its bursts, and an overload is held to a queue that drains within
-//! about the target.
+//! A fixed limit on requests in flight cannot tell a burst from an overload. Sized for bursts (64),
+//! an overload fills it and every admitted request waits behind 63 others; sized for short waits (8
+//! on one core), it refuses the bursts of normal traffic (`docs/benchmarks.md`). So the limit
+//! moves, as CoDel decides when to drop packets: what matters is whether the queue ever drains.
+//! Over each interval the shortest time an admitted request spent in the server is taken. A queue
+//! that drains lets some request through quickly; a standing queue makes even the fastest one wait.
+//! The limit only moves down in an interval in which it refused a request: a burst that fits under
+//! the limit is not an overload, even one that arrives at once and makes its own quickest request
+//! wait behind a batch, and a closed loop of callers would only be refused and retry. While that
+//! minimum stays above the target, the limit shrinks in proportion (a minimum of 10x the target
+//! cuts it to a tenth, down to one request per user-tower worker) at once, so an overload's first
+//! second is not spent behind a full queue; once the minimum is back under, the limit grows again
+//! by one per interval up to `max_in_flight`. Normal traffic keeps the whole `max_in_flight` for
+//! its bursts, and an overload is held to a queue that drains within about the target.
 //!
-//! The target is the operator's (`admission_target_ms`) or, with `"auto"`, measured: twice the
-//! time a request takes when it is admitted into an empty server ([`AUTO_FACTOR`]), a moving
-//! average of each interval's quickest such request. What one request costs depends on the
-//! model, the index and the machine, so a fixed target would either never act (a slow model)
-//! or hold the limit at its floor (a fast one). The moving limit is off by default: it also
-//! refuses around a pause of the whole server (`docs/benchmarks.md`, session 17).
+//! The target is the operator's (`admission_target_ms`) or, with `"auto"`, measured: twice the time
+//! a request takes when it is admitted into an empty server ([`AUTO_FACTOR`]), a moving average of
+//! the quickest such request of each interval that refused nobody (under overload even a lone
+//! request waits for the CPU, and learning from it would let the target climb). What one request
+//! costs depends on the model, the index and the machine, so a fixed target would either never act
+//! (a slow model) or hold the limit at its floor (a fast one). The moving limit is off by default:
+//! it also refuses normal traffic around a pause of the whole server, and in a soak at 1,000/s on
+//! two shared cores it refused 512 requests (`docs/benchmarks.md`, sessions 17 and 18).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,8 +32,6 @@ use std::time::{Duration, Instant};
 /// that the first moments of an overload, spent behind the whole `max_in_flight`, are a small
 /// share of its requests (CoDel's 100 ms is sized for Internet round trips).
 pub const INTERVAL: Duration = Duration::from_millis(50);
-/// The limit never shrinks below this: a server always works on a few requests at once.
-pub const FLOOR: usize = 4;
 /// The measured target: this many times a request's time in an empty server.
 pub const AUTO_FACTOR: u32 = 2;
 /// Weight of each interval's quickest lone request in the measured baseline.
@@ -53,6 +52,9 @@ pub enum Target {
 #[derive(Debug)]
 pub struct Admission {
     max: usize,
+    /// The limit never shrinks below this (one request per user-tower worker, so that no worker
+    /// idles while requests are refused).
+    floor: usize,
     target: Target,
     limit: AtomicUsize,
     in_flight: AtomicUsize,
@@ -96,10 +98,12 @@ impl Drop for Permit {
 }
 
 impl Admission {
-    /// At most `max` requests at once, fewer while requests wait longer than `target`.
-    pub fn new(max: usize, target: Target) -> Arc<Admission> {
+    /// At most `max` requests at once, fewer (down to `floor`) while requests wait longer than
+    /// `target`.
+    pub fn new(max: usize, floor: usize, target: Target) -> Arc<Admission> {
         Arc::new(Admission {
             max,
+            floor: floor.clamp(1, max.max(1)),
             target,
             limit: AtomicUsize::new(max),
             in_flight: AtomicUsize::new(0),
@@ -180,7 +184,12 @@ impl Admission {
         if now.saturating_duration_since(w.started) < INTERVAL {
             return;
         }
-        if let Some(a) = w.shortest_alone.take() {
+        let refused = self.refused.swap(false, Ordering::Relaxed);
+        // Only an interval that refused nobody says what a request costs: under overload even a
+        // lone request shares the CPU with taking in and refusing the excess, and learning from
+        // it would raise the target as the overload goes on, and the limit with it.
+        let shortest_alone = w.shortest_alone.take();
+        if let Some(a) = shortest_alone.filter(|_| !refused) {
             w.baseline = Some(w.baseline.map_or(a, |b| {
                 b.mul_f64(1.0 - BASELINE_WEIGHT) + a.mul_f64(BASELINE_WEIGHT)
             }));
@@ -188,12 +197,11 @@ impl Admission {
         let target = self.target_given(w.baseline);
         let shortest = w.shortest.take();
         w.started = now;
-        let refused = self.refused.swap(false, Ordering::Relaxed);
         let limit = self.limit.load(Ordering::Acquire);
         let next = match (target, shortest) {
             (Some(t), Some(s)) if refused && s > t => {
                 let cut = (limit as f64 * t.as_secs_f64() / s.as_secs_f64()) as usize;
-                cut.min(limit.saturating_sub(1)).max(FLOOR.min(self.max))
+                cut.min(limit.saturating_sub(1)).max(self.floor)
             }
             _ => (limit + 1).min(self.max),
         };
@@ -206,6 +214,7 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+    const FLOOR: usize = 4;
 
     /// Feeds one interval of finished requests, each `in_server` long, ending at `*now`, in
     /// which the limit refused a request (as it does under overload).
@@ -220,7 +229,7 @@ mod tests {
 
     #[test]
     fn the_limit_refuses_once_reached_and_a_dropped_permit_frees_its_place() {
-        let a = Admission::new(2, Target::Off);
+        let a = Admission::new(2, FLOOR, Target::Off);
         let first = a.try_admit().unwrap();
         let _second = a.try_admit().unwrap();
         assert!(a.try_admit().is_none());
@@ -230,7 +239,7 @@ mod tests {
 
     #[test]
     fn bursts_that_drain_keep_the_whole_limit() {
-        let a = Admission::new(64, Target::Fixed(5 * MS));
+        let a = Admission::new(64, FLOOR, Target::Fixed(5 * MS));
         let mut now = Instant::now();
         for _ in 0..50 {
             // Some requests waited 40 ms behind a burst, but the queue drained: one took 1 ms.
@@ -241,7 +250,7 @@ mod tests {
 
     #[test]
     fn a_standing_queue_shrinks_the_limit_to_the_floor_and_it_recovers_after() {
-        let a = Admission::new(64, Target::Fixed(5 * MS));
+        let a = Admission::new(64, FLOOR, Target::Fixed(5 * MS));
         let mut now = Instant::now();
         interval(&a, &mut now, &[20 * MS, 25 * MS]);
         assert!(a.limit() < 64, "{}", a.limit());
@@ -267,13 +276,13 @@ mod tests {
 
     #[test]
     fn an_overload_cuts_the_limit_in_proportion_within_one_interval() {
-        let a = Admission::new(64, Target::Fixed(MS));
+        let a = Admission::new(64, FLOOR, Target::Fixed(MS));
         let mut now = Instant::now();
         // The quickest request took 16x the target: the limit goes from 64 to 64 / 16.
         interval(&a, &mut now, &[16 * MS, 30 * MS]);
         assert_eq!(a.limit(), 4);
         // Just over the target still takes at least one place away.
-        let b = Admission::new(10, Target::Fixed(10 * MS));
+        let b = Admission::new(10, FLOOR, Target::Fixed(10 * MS));
         let mut now = Instant::now();
         interval(&b, &mut now, &[10 * MS + Duration::from_micros(1)]);
         assert_eq!(b.limit(), 9);
@@ -281,7 +290,7 @@ mod tests {
 
     #[test]
     fn a_slow_burst_that_fits_under_the_limit_keeps_it() {
-        let a = Admission::new(64, Target::Fixed(MS));
+        let a = Admission::new(64, FLOOR, Target::Fixed(MS));
         let mut now = Instant::now();
         // 40 requests at once, the quickest 5x the target, but nobody was refused.
         let held: Vec<_> = (0..40).map(|_| a.try_admit().unwrap()).collect();
@@ -295,7 +304,7 @@ mod tests {
 
     #[test]
     fn the_measured_target_is_twice_a_lone_requests_time() {
-        let a = Admission::new(64, Target::Auto);
+        let a = Admission::new(64, FLOOR, Target::Auto);
         let mut now = Instant::now();
         // No request has run alone yet: nothing to compare with, so nothing shrinks.
         interval(&a, &mut now, &[50 * MS]);
@@ -324,8 +333,29 @@ mod tests {
     }
 
     #[test]
+    fn the_measured_target_does_not_climb_while_requests_are_refused() {
+        let a = Admission::new(64, FLOOR, Target::Auto);
+        let mut now = Instant::now();
+        for _ in 0..30 {
+            a.observe(now, MS, true);
+            now += INTERVAL;
+            a.observe(now, MS, false);
+        }
+        let before = a.target().unwrap();
+        // Under overload a lone request waits for the CPU too: 10 ms instead of 1.
+        for _ in 0..100 {
+            a.refused.store(true, Ordering::Relaxed);
+            a.observe(now, 10 * MS, true);
+            now += INTERVAL;
+            a.observe(now, 12 * MS, false);
+        }
+        assert_eq!(a.target().unwrap(), before);
+        assert_eq!(a.limit(), FLOOR);
+    }
+
+    #[test]
     fn a_target_that_is_off_keeps_a_fixed_limit() {
-        let a = Admission::new(8, Target::Off);
+        let a = Admission::new(8, FLOOR, Target::Off);
         let mut now = Instant::now();
         for _ in 0..20 {
             interval(&a, &mut now, &[500 * MS]);

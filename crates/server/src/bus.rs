@@ -287,6 +287,7 @@ impl Applier {
         }
         let mut dedup = self.dedup.lock().expect("dedup lock");
         seed::apply_record(&self.store, counts, &mut dedup, record);
+        self.metrics.set_store_size(&self.store);
     }
 }
 

@@ -254,6 +254,7 @@ fn commit(
                     duplicate: false,
                 }));
             }
+            metrics.set_store_size(store);
             for (first, p) in repeats {
                 let _ = p.ack.send(Ok(Recorded {
                     events: counts[first],

@@ -89,6 +89,9 @@ pub struct HistoryStore {
     protocol: HistoryProtocol,
     shards: Vec<RwLock<HashMap<u64, UserState>>>,
     users: AtomicUsize,
+    /// Seen items over all users: the one part of the store that grows with every new
+    /// (user, item) pair, so operators can tell it from a leak (`twotower_seen_items`).
+    seen_items: AtomicUsize,
 }
 
 impl HistoryStore {
@@ -102,6 +105,7 @@ impl HistoryStore {
             protocol,
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             users: AtomicUsize::new(0),
+            seen_items: AtomicUsize::new(0),
         }
     }
 
@@ -145,8 +149,8 @@ impl HistoryStore {
 
     fn record_into(&self, user: &mut UserState, event: StoredEvent) {
         if let Some(item) = event.item_id {
-            if !user.seen.contains(item) {
-                Arc::make_mut(&mut user.seen).insert(item);
+            if !user.seen.contains(item) && Arc::make_mut(&mut user.seen).insert(item) {
+                self.seen_items.fetch_add(1, Ordering::Relaxed);
             }
         }
         let recent = &mut user.recent;
@@ -169,7 +173,11 @@ impl HistoryStore {
     /// Adds items to a user's seen set without events (state restored by a compacted log).
     pub fn add_seen(&self, user_id: u64, items: &[u64]) {
         self.with_user(user_id, |user| {
-            Arc::make_mut(&mut user.seen).extend(items.iter().copied())
+            let seen = Arc::make_mut(&mut user.seen);
+            let before = seen.len();
+            seen.extend(items.iter().copied());
+            self.seen_items
+                .fetch_add(seen.len() - before, Ordering::Relaxed);
         });
     }
 
@@ -213,6 +221,11 @@ impl HistoryStore {
     /// Number of users with any event or feature.
     pub fn user_count(&self) -> usize {
         self.users.load(Ordering::Relaxed)
+    }
+
+    /// Seen items summed over users (each user's distinct items).
+    pub fn seen_count(&self) -> usize {
+        self.seen_items.load(Ordering::Relaxed)
     }
 
     /// Whether the store holds `user_id`.
@@ -269,6 +282,19 @@ mod tests {
         assert_eq!(items, [None, Some(3), Some(9)]);
         assert_eq!(store.user_count(), 2);
         assert!(store.view(99, 10).events.is_empty());
+    }
+
+    #[test]
+    fn counts_each_users_distinct_seen_items_once() {
+        let store = HistoryStore::new(2, TieOrder::ItemId, HistoryProtocol::Strict);
+        for (user, item) in [(1, 10), (1, 10), (1, 11), (2, 10)] {
+            store.record(user, ev(0, Some(item)));
+        }
+        store.record(1, ev(1, None));
+        assert_eq!(store.seen_count(), 3);
+        // Restored seen items count too, repeats among them and with recorded ones once.
+        store.add_seen(2, &[10, 12, 12, 13]);
+        assert_eq!(store.seen_count(), 5);
     }
 
     #[test]

@@ -58,6 +58,11 @@ pub struct Metrics {
     /// The time in the server that counts as a standing queue: `admission_target_ms`, or the
     /// measured one (0 while off or not yet measured).
     pub admission_target: Gauge,
+    /// Users the history store holds (bounded by `max_users`).
+    pub users: IntGauge,
+    /// Seen items summed over users: grows with every new (user, item) pair, by design
+    /// (`exclude_seen` is exact), about 8 bytes each.
+    pub seen_items: IntGauge,
 }
 
 fn histogram(name: &str, help: &str, start: f64, count: usize) -> Histogram {
@@ -185,9 +190,16 @@ impl Metrics {
                 "time in the server above which an interval's quickest request means a standing queue (admission_target_ms, or measured)",
             )
             .expect("valid metric"),
+            users: IntGauge::new("twotower_users", "users the history store holds")
+                .expect("valid metric"),
+            seen_items: IntGauge::new(
+                "twotower_seen_items",
+                "seen items summed over users (what exclude_seen removes; grows with new user-item pairs)",
+            )
+            .expect("valid metric"),
         };
         let r = &m.registry;
-        let all: [Box<dyn prometheus::core::Collector>; 20] = [
+        let all: [Box<dyn prometheus::core::Collector>; 22] = [
             Box::new(m.requests.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.user_tower.clone()),
@@ -208,6 +220,8 @@ impl Metrics {
             Box::new(m.ready.clone()),
             Box::new(m.admission_limit.clone()),
             Box::new(m.admission_target.clone()),
+            Box::new(m.users.clone()),
+            Box::new(m.seen_items.clone()),
         ];
         for c in all {
             r.register(c).expect("metric names are unique");
@@ -219,6 +233,12 @@ impl Metrics {
     pub fn set_version(&self, index: &str, model: &str) {
         self.version.reset();
         self.version.with_label_values(&[index, model]).set(1);
+    }
+
+    /// Sets the gauges of what the history store holds.
+    pub fn set_store_size(&self, store: &crate::history::HistoryStore) {
+        self.users.set(store.user_count() as i64);
+        self.seen_items.set(store.seen_count() as i64);
     }
 
     /// The Prometheus text exposition of every metric.

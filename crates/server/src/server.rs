@@ -289,6 +289,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
             )
             .await?;
             metrics.events_replayed.set(bus.replayed_events as i64);
+            metrics.set_store_size(&store);
             bus_task = Some(bus.consumer);
             Recorder::Bus(bus.handle)
         }
@@ -298,6 +299,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
             truncated_bytes,
         } => {
             metrics.events_replayed.set(replayed as i64);
+            metrics.set_store_size(&store);
             metrics.event_log_truncated_bytes.inc_by(truncated_bytes);
             let compaction = (cfg.compact_log_bytes > 0).then(|| AutoCompaction {
                 settings: compact_settings(&store, &cfg),
@@ -336,7 +338,11 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         events: recorder,
         metrics: metrics.clone(),
         config: cfg.clone(),
-        admission: Admission::new(cfg.max_in_flight, cfg.admission_target_ms),
+        admission: Admission::new(
+            cfg.max_in_flight,
+            cfg.encoder_workers,
+            cfg.admission_target_ms,
+        ),
     });
 
     let bind_err = |addr: SocketAddr| move |e| Error::Transport(format!("binding {addr}: {e}"));
