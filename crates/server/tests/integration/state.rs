@@ -131,6 +131,7 @@ async fn concurrent_records_are_all_durable_and_metrics_report_them_on_the_bus()
 
 async fn concurrent_records_are_all_durable_and_metrics_report_them(events: Events) {
     let s = events.start().await;
+    let before = http_get(s.running.metrics_addr.unwrap(), "/metrics");
     let mut tasks = Vec::new();
     for t in 0..8u64 {
         let mut c = s.client.clone();
@@ -180,6 +181,10 @@ async fn concurrent_records_are_all_durable_and_metrics_report_them(events: Even
         metrics.contains("twotower_request_seconds_bucket"),
         "{metrics}"
     );
+    // 8 new users, each with items 1..=11 seen (the two items of 10 batches overlap).
+    let grew = |name| metric(&metrics, name) - metric(&before, name);
+    assert_eq!(grew("twotower_users"), 8, "{metrics}");
+    assert_eq!(grew("twotower_seen_items"), 88, "{metrics}");
     s.running.stop().await.unwrap();
     // Every acknowledged event is replayed by the next start.
     assert_eq!(replayed_on_restart(&events, s.state).await, 160);
