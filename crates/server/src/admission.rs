@@ -188,8 +188,7 @@ impl Admission {
         // Only an interval that refused nobody says what a request costs: under overload even a
         // lone request shares the CPU with taking in and refusing the excess, and learning from
         // it would raise the target as the overload goes on, and the limit with it.
-        let shortest_alone = w.shortest_alone.take();
-        if let Some(a) = shortest_alone.filter(|_| !refused) {
+        if let Some(a) = w.shortest_alone.take().filter(|_| !refused) {
             w.baseline = Some(w.baseline.map_or(a, |b| {
                 b.mul_f64(1.0 - BASELINE_WEIGHT) + a.mul_f64(BASELINE_WEIGHT)
             }));

@@ -289,7 +289,6 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
             )
             .await?;
             metrics.events_replayed.set(bus.replayed_events as i64);
-            metrics.set_store_size(&store);
             bus_task = Some(bus.consumer);
             Recorder::Bus(bus.handle)
         }
@@ -299,7 +298,6 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
             truncated_bytes,
         } => {
             metrics.events_replayed.set(replayed as i64);
-            metrics.set_store_size(&store);
             metrics.event_log_truncated_bytes.inc_by(truncated_bytes);
             let compaction = (cfg.compact_log_bytes > 0).then(|| AutoCompaction {
                 settings: compact_settings(&store, &cfg),
@@ -311,6 +309,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
             Recorder::Log(handle)
         }
     };
+    metrics.set_store_size(&store);
     let counts = Arc::new(counts);
     let (snapshot, fallback) = {
         let (root, strict, counts) = (opts.index_root.clone(), opts.strict, counts.clone());
