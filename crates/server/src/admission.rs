@@ -12,8 +12,10 @@
 //! minimum stays above the target, the limit shrinks in proportion (a minimum of 10x the target
 //! cuts it to a tenth, down to one request per user-tower worker) at once, so an overload's first
 //! second is not spent behind a full queue; once the minimum is back under, the limit grows again
-//! by one per interval up to `max_in_flight`. Normal traffic keeps the whole `max_in_flight` for
-//! its bursts, and an overload is held to a queue that drains within about the target.
+//! by one per interval up to `max_in_flight`, but while it still refuses only if the median request
+//! is within the target too (on the quickest request alone it climbed back until every request
+//! waited). Normal traffic keeps the whole `max_in_flight` for its bursts, and an overload is held
+//! to a queue whose typical request waits about the target.
 //!
 //! The target is the operator's (`admission_target_ms`) or, with `"auto"`, measured: twice the time
 //! a request takes when it is admitted into an empty server ([`AUTO_FACTOR`]), a moving average of
@@ -36,6 +38,8 @@ pub const INTERVAL: Duration = Duration::from_millis(50);
 pub const AUTO_FACTOR: u32 = 2;
 /// Weight of each interval's quickest lone request in the measured baseline.
 const BASELINE_WEIGHT: f64 = 0.1;
+/// Times kept per interval for the median (an interval at 20,000 requests/s).
+const MAX_SAMPLES: usize = 1024;
 
 /// When a standing queue is declared (`admission_target_ms`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +74,9 @@ struct Window {
     shortest: Option<Duration>,
     /// The same among requests admitted into an empty server.
     shortest_alone: Option<Duration>,
+    /// Times in the server of the requests that finished in this window (the first
+    /// [`MAX_SAMPLES`]), for their median.
+    times: Vec<Duration>,
     /// Moving average of the intervals' `shortest_alone`: what a request costs without a queue.
     baseline: Option<Duration>,
 }
@@ -112,6 +119,7 @@ impl Admission {
                 started: Instant::now(),
                 shortest: None,
                 shortest_alone: None,
+                times: Vec::new(),
                 baseline: None,
             }),
         })
@@ -181,6 +189,9 @@ impl Admission {
         if alone {
             w.shortest_alone = min(w.shortest_alone);
         }
+        if w.times.len() < MAX_SAMPLES {
+            w.times.push(in_server);
+        }
         if now.saturating_duration_since(w.started) < INTERVAL {
             return;
         }
@@ -195,6 +206,8 @@ impl Admission {
         }
         let target = self.target_given(w.baseline);
         let shortest = w.shortest.take();
+        let median = median(&mut w.times);
+        w.times.clear();
         w.started = now;
         let limit = self.limit.load(Ordering::Acquire);
         let next = match (target, shortest) {
@@ -202,10 +215,23 @@ impl Admission {
                 let cut = (limit as f64 * t.as_secs_f64() / s.as_secs_f64()) as usize;
                 cut.min(limit.saturating_sub(1)).max(self.floor)
             }
+            // Refusing, with the queue draining but the typical request waiting over the
+            // target: the limit holds. Growing on the quickest request alone let it climb in a
+            // sawtooth to 4–6 under a 3x overload (`docs/benchmarks.md`, session 19).
+            (Some(t), _) if refused && median.is_some_and(|m| m > t) => limit,
             _ => (limit + 1).min(self.max),
         };
         self.limit.store(next, Ordering::Release);
     }
+}
+
+/// The median of `times` (the upper one of an even count); reorders them.
+fn median(times: &mut [Duration]) -> Option<Duration> {
+    if times.is_empty() {
+        return None;
+    }
+    let mid = times.len() / 2;
+    Some(*times.select_nth_unstable(mid).1)
 }
 
 #[cfg(test)]
@@ -285,6 +311,25 @@ mod tests {
         let mut now = Instant::now();
         interval(&b, &mut now, &[10 * MS + Duration::from_micros(1)]);
         assert_eq!(b.limit(), 9);
+    }
+
+    #[test]
+    fn the_limit_does_not_climb_in_a_sawtooth_while_most_requests_wait_over_the_target() {
+        let a = Admission::new(64, FLOOR, Target::Fixed(5 * MS));
+        let mut now = Instant::now();
+        interval(&a, &mut now, &[50 * MS, 60 * MS]);
+        let cut = a.limit();
+        assert!(cut < 64, "{cut}");
+        // Still refusing: one request in each interval is quick, most wait 4x the target.
+        for _ in 0..100 {
+            interval(&a, &mut now, &[MS, 20 * MS, 20 * MS]);
+        }
+        assert_eq!(a.limit(), cut);
+        // The typical request is quick again: the limit grows back.
+        for _ in 0..10 {
+            interval(&a, &mut now, &[MS, 2 * MS, 2 * MS, 20 * MS]);
+        }
+        assert_eq!(a.limit(), cut + 10);
     }
 
     #[test]

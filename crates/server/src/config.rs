@@ -57,9 +57,9 @@ pub struct ServeConfig {
     pub max_in_flight: usize,
     /// While even the quickest request of a 50 ms interval in which requests were refused
     /// spends longer than this in the server (a queue that no longer drains), fewer than
-    /// `max_in_flight` are taken at once, so
-    /// admitted requests wait about this long at most under overload; bursts that drain keep the
-    /// whole `max_in_flight` (`admission.rs`). `"auto"`: twice what a request takes when it
+    /// `max_in_flight` are taken at once, and while the median request does, no more are; so
+    /// admitted requests typically wait about this long under overload; bursts that drain keep
+    /// the whole `max_in_flight` (`admission.rs`). `"auto"`: twice what a request takes when it
     /// finds the server empty, measured as the server runs. A number of ms sets it by hand
     /// (above what one request takes on an idle server, or every interval looks like a
     /// standing queue). 0 (the default): a fixed limit of `max_in_flight`; the soak with

@@ -8,6 +8,7 @@
 //! Data flow: features → towers → indexer → **server** → gRPC clients.
 
 pub mod admission;
+pub mod admit;
 pub mod bench;
 pub mod bus;
 pub mod catalog;

@@ -17,6 +17,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::admission::Admission;
+use crate::admit::Admit;
 use crate::bus::BusSettings;
 use crate::commit::{AutoCompaction, Committer};
 use crate::compact::{self, CompactSettings};
@@ -376,10 +377,15 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
     let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .map_err(reflection_err)?;
+    let admission = Arc::clone(&shared.admission);
     let recommender = RecommenderServer::new(RecommenderService::new(shared))
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes.max(16 << 20));
-    let recommender = InterceptedService::new(recommender, Gate::new(opts.auth_token.clone()));
+    // The token check first, then the admission limit, both from the headers alone.
+    let recommender = InterceptedService::new(
+        Admit::new(recommender, admission, metrics.clone()),
+        Gate::new(opts.auth_token.clone()),
+    );
 
     let mut builder = Server::builder()
         .max_concurrent_streams(Some(cfg.max_concurrent_streams))

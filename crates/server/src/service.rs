@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use tonic::{Code, Request, Response, Status};
 
 use crate::admission::Admission;
+use crate::admit::{self, Admitted};
 use crate::config::ServeConfig;
 use crate::convert::{self, FilterSpec, RecommendQuery};
 use crate::encoder::EncoderHandle;
@@ -62,19 +63,17 @@ impl RecommenderService {
         let started = arrival.map_or_else(Instant::now, |a| a.0);
         let budget = Duration::from_millis(self.shared.config.request_timeout_ms);
         let deadline = gate::deadline(req.metadata(), arrival, budget);
-        let msg = req.into_inner();
+        // The place taken in front of the codec (`admit.rs`), or one taken here when the
+        // service runs without that wrapper.
         let admission = &self.shared.admission;
-        let permit = admission.try_admit();
+        let permit = req
+            .extensions()
+            .get::<Admitted>()
+            .and_then(Admitted::take)
+            .or_else(|| admission.try_admit());
+        let msg = req.into_inner();
         let result = if permit.is_none() {
-            let (limit, max) = (admission.limit(), admission.max());
-            let lowered = if limit < max {
-                format!(", lowered from {max} while requests wait over admission_target_ms")
-            } else {
-                String::new()
-            };
-            Err(Status::resource_exhausted(format!(
-                "{rpc}: the server is at its limit of {limit} requests in flight (max_in_flight{lowered}); retry with backoff or add replicas"
-            )))
+            Err(admit::refusal(rpc, admission))
         } else if Instant::now() >= deadline {
             Err(deadline_exceeded(rpc))
         } else {
@@ -85,15 +84,14 @@ impl RecommenderService {
         if let Some(permit) = permit {
             permit.finish(started.elapsed());
         }
-        let m = &self.shared.metrics;
-        m.admission_limit.set(admission.limit() as i64);
-        m.admission_target
-            .set(admission.target().map_or(0.0, |t| t.as_secs_f64()));
         let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
-        m.requests.with_label_values(&[rpc, code_name(code)]).inc();
-        m.latency
-            .with_label_values(&[rpc])
-            .observe(started.elapsed().as_secs_f64());
+        admit::count(
+            &self.shared.metrics,
+            admission,
+            rpc,
+            code,
+            started.elapsed(),
+        );
         if let Err(s) = &result {
             if matches!(code, Code::Internal | Code::Unavailable) {
                 tracing::warn!(
