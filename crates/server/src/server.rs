@@ -40,6 +40,10 @@ use crate::snapshot::{IndexSlot, ModelSlot, Snapshot};
 pub const SERVICE_NAME: &str =
     <RecommenderServer<RecommenderService> as tonic::server::NamedService>::NAME;
 
+/// How long past `request_timeout_ms` the transport waits before it drops a request whose
+/// handler has not answered (in practice, one whose body never came).
+const BODY_TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
+
 /// PEM files of the server's certificate chain and private key.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -387,7 +391,12 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
         Gate::new(opts.auth_token.clone()),
     );
 
+    // A backstop past the handlers' own deadline (which answers DEADLINE_EXCEEDED first): a
+    // request whose body never comes holds its admission place (taken from the headers) no
+    // longer than this.
+    let backstop = Duration::from_millis(cfg.request_timeout_ms) + BODY_TIMEOUT_MARGIN;
     let mut builder = Server::builder()
+        .timeout(backstop)
         .max_concurrent_streams(Some(cfg.max_concurrent_streams))
         .http2_keepalive_interval(Some(Duration::from_millis(cfg.keepalive_interval_ms)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))

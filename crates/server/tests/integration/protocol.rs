@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use server::proto::{
-    Context, Event, Filter, GetModelInfoRequest, RecommendRequest, RecordEventsRequest,
-    SimilarItemsRequest, UserEvents,
+    Context, Event, Filter, GetModelInfoRequest, RecommendRequest, RecommendResponse,
+    RecordEventsRequest, SimilarItemsRequest, UserEvents,
 };
+use tonic::codegen::http;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -374,6 +375,56 @@ async fn bad_requests_get_invalid_argument_naming_the_field() {
         .unwrap()
         .into_inner();
     assert_eq!(ok.items.len(), 10);
+    s.running.stop().await.unwrap();
+}
+
+/// The admission place is taken from a request's headers, before its body is read: a caller who
+/// sends the headers and never the body must not hold it for good.
+#[tokio::test]
+async fn a_request_whose_body_never_comes_gives_its_place_back() {
+    let state = tempfile::tempdir().unwrap();
+    let mut opts = options(state.path());
+    opts.config.max_in_flight = 1;
+    opts.config.request_timeout_ms = 300;
+    let s = start_with(opts, state).await;
+    let user = fixture().active_user();
+    let recommend = || {
+        let mut c = s.client.clone();
+        async move {
+            c.recommend(RecommendRequest {
+                user_id: Some(user),
+                k: 5,
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    // The Recommend method, called with a body stream that never yields a message.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.running.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let stalled = tokio::spawn(async move {
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let body = futures_util::stream::pending::<RecommendRequest>();
+        let path = http::uri::PathAndQuery::from_static("/twotower.v1.Recommender/Recommend");
+        let codec = tonic_prost::ProstCodec::<RecommendRequest, RecommendResponse>::default();
+        grpc.client_streaming(tonic::Request::new(body), path, codec)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = recommend().await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
+    // The server gives up on the body after its request timeout (and a margin), and with it the
+    // place.
+    let ended = tokio::time::timeout(Duration::from_secs(10), stalled).await;
+    assert!(ended
+        .expect("the stalled call was never ended")
+        .unwrap()
+        .is_err());
+    recommend().await.unwrap();
     s.running.stop().await.unwrap();
 }
 
