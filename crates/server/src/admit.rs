@@ -4,8 +4,12 @@
 //! left for the admitted ones: at 3x capacity on one core, taking in and refusing the excess took
 //! about 40% of it (`docs/benchmarks.md`, session 18). Refused here, below the token check and
 //! above tonic's codec, a request is answered with a trailers-only `RESOURCE_EXHAUSTED` before its
-//! body is read or decoded and before any handler runs. An admitted request carries its place
-//! ([`Admitted`]) to the handler, which reports its time in the server when it finishes.
+//! body is read or decoded and before any handler runs (measured, this did not raise admitted
+//! throughput visibly: most of a refusal's cost is HTTP/2 and loopback TCP, session 19). An
+//! admitted request carries its place ([`Admitted`]) to the handler, which reports its time in the
+//! server when it finishes. Since the place is held from the headers on, a body that never comes
+//! would hold it; the transport's timeout (`server.rs`, `request_timeout_ms` + 1 s) drops such a
+//! request and frees it.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
