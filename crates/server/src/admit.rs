@@ -100,13 +100,14 @@ where
     }
 }
 
+/// The service's methods, the names its handlers count under (a test holds this to the proto).
+const METHODS: [&str; 4] = ["Recommend", "RecordEvents", "SimilarItems", "GetModelInfo"];
+
 /// The method a request path names (`/twotower.v1.Recommender/Recommend` → `Recommend`), among the
 /// service's own.
 fn rpc_of(path: &str) -> Option<&'static str> {
     let method = path.rsplit('/').next()?;
-    ["Recommend", "RecordEvents", "SimilarItems", "GetModelInfo"]
-        .into_iter()
-        .find(|&m| m == method)
+    METHODS.into_iter().find(|&m| m == method)
 }
 
 /// Counts one answered request by method and status, with its time in the server, and
@@ -179,6 +180,24 @@ mod tests {
         match svc.call(req) {
             Either::Left(f) | Either::Right(f) => f.into_inner().unwrap(),
         }
+    }
+
+    #[test]
+    fn every_method_of_the_proto_service_is_admitted_here() {
+        use prost::Message;
+        let set =
+            prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET).unwrap();
+        let service = set
+            .file
+            .iter()
+            .flat_map(|f| &f.service)
+            .find(|s| s.name() == "Recommender")
+            .unwrap();
+        let mut methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
+        let mut ours = METHODS.to_vec();
+        methods.sort_unstable();
+        ours.sort_unstable();
+        assert_eq!(methods, ours);
     }
 
     #[test]
