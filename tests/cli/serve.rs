@@ -203,6 +203,67 @@ fn serve_answers_recommend_health_and_bench_then_stops_on_sigterm() {
     assert!(log.len() > 8, "recorded events are in the log");
 }
 
+/// The inputs of [`data_model_and_index`], as `twotower serve` takes them.
+const SERVED: [&str; 6] = ["--model", "model", "--index", "idx", "--data", "data"];
+
+/// The error of `twotower serve` on `model`, `idx` and `data` with `extra` arguments, which must
+/// fail to start.
+fn serve_fails(dir: &Dir, extra: &[&str]) -> String {
+    let args = [
+        &["serve"],
+        &SERVED[..],
+        &["--addr", "127.0.0.1:0", "--no-metrics"],
+        extra,
+    ]
+    .concat();
+    dir.command(&args).fails()
+}
+
+/// `(thread id, name, nice value)` of each thread of process `pid`, from `/proc`.
+fn thread_priorities(pid: u32) -> Vec<(u32, String, i64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .map(|t| {
+            let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap();
+            // `tid (name) state ...`: the name may hold spaces, so fields count from its `)`.
+            let (head, rest) = stat.rsplit_once(')').unwrap();
+            let (tid, name) = head.split_once(" (").unwrap();
+            let nice = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+            (tid.parse().unwrap(), name.to_string(), nice)
+        })
+        .collect()
+}
+
+/// Under a 3x overload on one core, the gRPC thread's refusals took the core from the
+/// user-tower worker at equal priority, and the admitted throughput fell to 642–681/s
+/// (docs/benchmarks.md, session 20).
+#[test]
+fn the_grpc_threads_do_not_take_the_core_from_the_user_tower_workers() {
+    let dir = Dir::new();
+    data_model_and_index(&dir, "6", TINY_MODEL);
+    std::fs::write(dir.join("serve.toml"), "grpc_thread_nice = 7\n").unwrap();
+    let args = [&SERVED[..], &["--no-metrics", "--config", "serve.toml"]].concat();
+    let (server, _url) = start_server(&dir, &args);
+    let pid = server.0.id();
+    let threads = thread_priorities(pid);
+    let nice_of = |prefix: &str| -> Vec<i64> {
+        threads
+            .iter()
+            .filter(|(_, name, _)| name.starts_with(prefix))
+            .map(|(_, _, nice)| *nice)
+            .collect()
+    };
+    let (grpc, workers) = (nice_of("grpc"), nice_of("user-tower"));
+    assert!(!grpc.is_empty() && !workers.is_empty(), "{threads:?}");
+    let own = threads.iter().find(|(tid, _, _)| *tid == pid).unwrap().2;
+    assert!(grpc.iter().all(|&n| n == (own + 7).min(19)), "{threads:?}");
+    assert!(workers.iter().all(|&n| n == own), "{threads:?}");
+
+    std::fs::write(dir.join("bad.toml"), "grpc_thread_nice = -1\n").unwrap();
+    let err = serve_fails(&dir, &["--config", "bad.toml"]);
+    assert!(err.contains("grpc_thread_nice"), "{err}");
+}
+
 #[test]
 fn serve_refuses_missing_inputs_with_a_clear_message() {
     let dir = Dir::new();
@@ -361,19 +422,6 @@ fn a_served_second_stage_adds_co_occurrence_to_the_towers_scores() {
     let path = dir.join("model/cobuyers.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let err = dir
-        .command(&[
-            "serve",
-            "--model",
-            "model",
-            "--index",
-            "idx",
-            "--data",
-            "data",
-            "--addr",
-            "127.0.0.1:0",
-            "--no-metrics",
-        ])
-        .fails();
+    let err = serve_fails(&dir, &[]);
     assert!(err.contains("cobuyers.safetensors"), "{err}");
 }

@@ -26,7 +26,7 @@
 //! it also refuses normal traffic around a pause of the whole server, and in a soak at 1,000/s on
 //! two shared cores it refused 512 requests (`docs/benchmarks.md`, sessions 17 and 18).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,6 +60,9 @@ pub struct Admission {
     /// idles while requests are refused).
     floor: usize,
     target: Target,
+    /// The current target in nanoseconds (0: none), published at the end of each interval so
+    /// that reading it (for the metrics of every request, refused ones included) takes no lock.
+    target_ns: AtomicU64,
     limit: AtomicUsize,
     in_flight: AtomicUsize,
     /// Whether a request was refused in the current interval.
@@ -108,10 +111,15 @@ impl Admission {
     /// At most `max` requests at once, fewer (down to `floor`) while requests wait longer than
     /// `target`.
     pub fn new(max: usize, floor: usize, target: Target) -> Arc<Admission> {
+        let fixed = match target {
+            Target::Fixed(t) => nanos(Some(t)),
+            _ => 0,
+        };
         Arc::new(Admission {
             max,
             floor: floor.clamp(1, max.max(1)),
             target,
+            target_ns: AtomicU64::new(fixed),
             limit: AtomicUsize::new(max),
             in_flight: AtomicUsize::new(0),
             refused: AtomicBool::new(false),
@@ -158,9 +166,9 @@ impl Admission {
     /// The time in the server above which an interval counts as a standing queue: the fixed
     /// target, or the measured one (`None` while off, or before any request ran alone).
     pub fn target(&self) -> Option<Duration> {
-        match self.target {
-            Target::Auto => self.target_given(self.lock().baseline),
-            _ => self.target_given(None),
+        match self.target_ns.load(Ordering::Acquire) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
         }
     }
 
@@ -205,6 +213,7 @@ impl Admission {
             }));
         }
         let target = self.target_given(w.baseline);
+        self.target_ns.store(nanos(target), Ordering::Release);
         let shortest = w.shortest.take();
         let median = median(&mut w.times);
         w.times.clear();
@@ -223,6 +232,13 @@ impl Admission {
         };
         self.limit.store(next, Ordering::Release);
     }
+}
+
+/// `t` in nanoseconds for [`Admission::target_ns`], at least 1 so that 0 stays "none".
+fn nanos(t: Option<Duration>) -> u64 {
+    t.map_or(0, |t| {
+        u64::try_from(t.as_nanos()).unwrap_or(u64::MAX).max(1)
+    })
 }
 
 /// The median of `times` (the upper one of an even count); reorders them.

@@ -86,6 +86,13 @@ pub struct ServeConfig {
     /// of 16 cost about 10% of closed-loop throughput on the 1M-item benchmark, so the default
     /// is 0 (docs/benchmarks.md).
     pub history_slack: usize,
+    /// How far below the user-tower workers the gRPC (async runtime) threads run: added to the
+    /// process's nice value for them alone, as `nice -n` does, 0–19. Under overload the gRPC threads spend a core on taking in and refusing the
+    /// excess, and at equal priority the workers computing the admitted requests got what was
+    /// left: 642–681 admitted Recommend/s under a 3x overload on one core, against 1,290–1,637/s
+    /// at 5 (docs/benchmarks.md, session 20). Work already admitted goes first. Without
+    /// contention for the core it changes nothing. 0: the workers' priority.
+    pub grpc_thread_nice: i32,
 }
 
 impl Default for ServeConfig {
@@ -109,6 +116,7 @@ impl Default for ServeConfig {
             max_users: 10_000_000,
             compact_log_bytes: 64 << 20,
             history_slack: 0,
+            grpc_thread_nice: 5,
         }
     }
 }
@@ -176,6 +184,10 @@ impl ServeConfig {
         }
         if self.encoder_workers > 64 {
             return Err(Error::setting("encoder_workers", "at most 64"));
+        }
+        if !(0..=19).contains(&self.grpc_thread_nice) {
+            // A negative nice would raise the threads above the workers, and needs privileges.
+            return Err(Error::setting("grpc_thread_nice", "must be within 0..=19"));
         }
         if self.max_message_bytes < 1024 {
             return Err(Error::setting("max_message_bytes", "at least 1024"));

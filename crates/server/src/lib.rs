@@ -26,6 +26,7 @@ pub mod gate;
 pub mod history;
 pub mod logrecord;
 pub mod metrics;
+pub mod priority;
 pub mod proto;
 pub mod recorder;
 pub mod reload;

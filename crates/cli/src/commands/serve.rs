@@ -189,9 +189,19 @@ fn serving_config(path: &Path) -> anyhow::Result<ServeConfig> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let opts = options(args)?;
+    // The runtime's threads (request I/O, decoding, refusals) run below the user-tower workers,
+    // so that under overload the admitted requests are computed first (`server::priority`).
+    let nice = opts.config.grpc_thread_nice;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("grpc")
+        .on_thread_start(move || {
+            if nice != 0 {
+                if let Err(e) = server::priority::lower_this_thread(nice) {
+                    tracing::warn!(nice, error = %e, "could not lower a gRPC thread's priority (grpc_thread_nice)");
+                }
+            }
+        })
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
