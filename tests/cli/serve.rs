@@ -223,13 +223,14 @@ fn serve_fails(dir: &Dir, extra: &[&str]) -> String {
 fn thread_priorities(pid: u32) -> Vec<(u32, String, i64)> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
     tasks
-        .map(|t| {
-            let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap();
+        .filter_map(|t| {
+            // A thread that exits between the listing and the read is skipped.
+            let stat = std::fs::read_to_string(t.ok()?.path().join("stat")).ok()?;
             // `tid (name) state ...`: the name may hold spaces, so fields count from its `)`.
             let (head, rest) = stat.rsplit_once(')').unwrap();
             let (tid, name) = head.split_once(" (").unwrap();
             let nice = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
-            (tid.parse().unwrap(), name.to_string(), nice)
+            Some((tid.parse().unwrap(), name.to_string(), nice))
         })
         .collect()
 }

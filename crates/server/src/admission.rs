@@ -363,6 +363,13 @@ mod tests {
     }
 
     #[test]
+    fn a_fixed_target_is_reported_before_any_request_finishes() {
+        let a = Admission::new(64, FLOOR, Target::Fixed(3 * MS));
+        assert_eq!(a.target(), Some(3 * MS));
+        assert_eq!(Admission::new(64, FLOOR, Target::Off).target(), None);
+    }
+
+    #[test]
     fn the_measured_target_is_twice_a_lone_requests_time() {
         let a = Admission::new(64, FLOOR, Target::Auto);
         let mut now = Instant::now();

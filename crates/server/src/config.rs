@@ -86,12 +86,14 @@ pub struct ServeConfig {
     /// of 16 cost about 10% of closed-loop throughput on the 1M-item benchmark, so the default
     /// is 0 (docs/benchmarks.md).
     pub history_slack: usize,
-    /// How far below the user-tower workers the gRPC (async runtime) threads run: added to the
-    /// process's nice value for them alone, as `nice -n` does, 0–19. Under overload the gRPC threads spend a core on taking in and refusing the
+    /// How far below the user-tower workers the async runtime's threads (request I/O, decoding,
+    /// refusals) run: added to the process's nice value for them alone, as `nice -n`
+    /// does, 0–19. Under overload those threads spend a core on taking in and refusing the
     /// excess, and at equal priority the workers computing the admitted requests got what was
-    /// left: 642–681 admitted Recommend/s under a 3x overload on one core, against 1,290–1,637/s
-    /// at 5 (docs/benchmarks.md, session 20). Work already admitted goes first. Without
-    /// contention for the core it changes nothing. 0: the workers' priority.
+    /// left: 642–681 admitted Recommend/s under a 3x overload on one core, against
+    /// 1,290–1,637/s at 5 (docs/benchmarks.md, session 20). Work already admitted goes first.
+    /// `SimilarItems` searches run on the runtime's blocking pool, at the same lowered priority.
+    /// 0: the workers' priority.
     pub grpc_thread_nice: i32,
 }
 

@@ -190,14 +190,20 @@ fn serving_config(path: &Path) -> anyhow::Result<ServeConfig> {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let opts = options(args)?;
     // The runtime's threads (request I/O, decoding, refusals) run below the user-tower workers,
-    // so that under overload the admitted requests are computed first (`server::priority`).
-    let nice = opts.config.grpc_thread_nice;
+    // so that under overload the admitted requests are computed first (`server::priority`). The
+    // value is taken here, on the thread the workers inherit their priority from.
+    let nice = match opts.config.grpc_thread_nice {
+        0 => None,
+        by => Some(
+            server::priority::below_this_thread(by).context("reading this thread's nice value")?,
+        ),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("grpc")
         .on_thread_start(move || {
-            if nice != 0 {
-                if let Err(e) = server::priority::lower_this_thread(nice) {
+            if let Some(nice) = nice {
+                if let Err(e) = server::priority::set_this_thread_nice(nice) {
                     tracing::warn!(nice, error = %e, "could not lower a gRPC thread's priority (grpc_thread_nice)");
                 }
             }
