@@ -22,9 +22,8 @@ pub fn below_this_thread(by: i32) -> io::Result<i32> {
 /// Sets the calling thread's nice value; on Linux it is a per-thread attribute.
 #[cfg(target_os = "linux")]
 pub fn set_this_thread_nice(nice: i32) -> io::Result<()> {
-    // SAFETY: gettid takes no arguments and cannot fail; setpriority only reads its arguments.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } == 0 {
+    // SAFETY: setpriority only reads its arguments.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, this_thread_id(), nice) } == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
@@ -35,14 +34,22 @@ pub fn set_this_thread_nice(nice: i32) -> io::Result<()> {
 #[cfg(target_os = "linux")]
 pub fn this_thread_nice() -> io::Result<i32> {
     // getpriority returns the nice value itself, so -1 is only an error if errno says so.
-    // SAFETY: as above; errno is this thread's own.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: errno is this thread's own; getpriority only reads its arguments.
+    let tid = this_thread_id();
     unsafe { *libc::__errno_location() = 0 };
     let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) };
     match io::Error::last_os_error() {
         e if nice == -1 && e.raw_os_error() != Some(0) => Err(e),
         _ => Ok(nice),
     }
+}
+
+/// The calling thread's id: with `PRIO_PROCESS`, Linux applies a nice value to the one thread
+/// it names.
+#[cfg(target_os = "linux")]
+fn this_thread_id() -> libc::id_t {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::id_t }
 }
 
 /// Elsewhere a nice value may be the whole process's: leave it alone.
