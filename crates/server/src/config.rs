@@ -92,8 +92,8 @@ pub struct ServeConfig {
     /// excess, and at equal priority the workers computing the admitted requests got what was
     /// left: 642–681 admitted Recommend/s under a 3x overload on one core, against
     /// 1,290–1,637/s at 5 (docs/benchmarks.md, session 20). Work already admitted goes first.
-    /// `SimilarItems` searches run on the runtime's blocking pool, at the same lowered priority.
-    /// 0: the workers' priority.
+    /// `SimilarItems` searches run on the user-tower workers too, at their priority. 0: the
+    /// workers' priority.
     pub grpc_thread_nice: i32,
 }
 

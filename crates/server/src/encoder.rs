@@ -4,7 +4,12 @@
 //! it would stall every other request's network I/O. Requests queue jobs; each worker takes every
 //! job waiting (up to `max_batch`), encodes them in one forward pass under `no_grad`, and
 //! answers each. Under load, batches grow by themselves and a pass's fixed cost is shared.
+//!
+//! The workers also run CPU work of requests that need no user vector (a `SimilarItems`
+//! search, [`EncoderHandle::run`]): everything an admitted request computes runs on these
+//! threads, at their priority, above the async runtime's (`crate::priority`).
 
+use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -20,36 +25,75 @@ use crate::snapshot::Snapshot;
 /// One user's vector, or why it could not be computed (our bug: inputs are validated).
 pub type Encoded = Result<Vec<f32>, String>;
 
-struct Job {
+/// What a worker is asked to do.
+enum Job {
+    Encode(Encode),
+    /// CPU work without a user vector, run as it is.
+    Run(Box<dyn Reply<Input = ()>>),
+}
+
+/// Where a user's vector goes.
+type VectorReply = Box<dyn Reply<Input = Vec<f32>>>;
+
+/// One user to encode.
+struct Encode {
     snap: Arc<Snapshot>,
     /// `item_row`s are rows of the snapshot's index embeddings.
     input: UserInput,
-    reply: Box<dyn Reply>,
+    reply: VectorReply,
 }
 
-/// Where a job's vector goes: straight back to the request, or first through the work the
+impl Job {
+    fn is_closed(&self) -> bool {
+        match self {
+            Job::Encode(e) => e.reply.is_closed(),
+            Job::Run(r) => r.is_closed(),
+        }
+    }
+}
+
+/// Where a job's result goes: straight back to the request, or first through the work the
 /// request does next with it ([`EncoderHandle::encode_then`]).
 trait Reply: Send {
-    /// The request gave up (deadline, cancellation): it needs no vector.
+    /// The user vector, or `()` for work that needs none.
+    type Input;
+    /// The request gave up (deadline, cancellation): it needs no answer.
     fn is_closed(&self) -> bool;
-    fn send(self: Box<Self>, vector: Encoded);
+    fn send(self: Box<Self>, input: Result<Self::Input, String>);
 }
 
-struct Then<R, F> {
+/// A reply that first applies `then` to what the worker computed (of type `I`).
+struct Then<I, R, F> {
     tx: oneshot::Sender<Result<R, String>>,
     then: F,
+    input: PhantomData<fn(I)>,
 }
 
-impl<R: Send, F: FnOnce(Vec<f32>) -> R + Send> Reply for Then<R, F> {
+impl<I, R, F> Then<I, R, F> {
+    fn new(tx: oneshot::Sender<Result<R, String>>, then: F) -> Self {
+        Then {
+            tx,
+            then,
+            input: PhantomData,
+        }
+    }
+}
+
+impl<I, R: Send, F: FnOnce(I) -> R + Send> Reply for Then<I, R, F> {
+    type Input = I;
+
     fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
 
-    fn send(self: Box<Self>, vector: Encoded) {
-        let Then { tx, then } = *self;
-        let result = vector.and_then(|v| {
+    fn send(self: Box<Self>, input: Result<I, String>) {
+        let Then { tx, then, .. } = *self;
+        let result = input.and_then(|v| {
             std::panic::catch_unwind(AssertUnwindSafe(|| then(v))).map_err(|panic| {
-                format!("after the user tower (our bug): {}", panic_message(&*panic))
+                format!(
+                    "on a user-tower worker (our bug): {}",
+                    panic_message(&*panic)
+                )
             })
         });
         let _ = tx.send(result);
@@ -125,12 +169,30 @@ impl EncoderHandle {
         F: FnOnce(Vec<f32>) -> R + Send + 'static,
     {
         let (tx, done) = oneshot::channel();
-        let reply = Box::new(Then { tx, then });
-        self.tx
-            .send(Job { snap, input, reply })
-            .map_err(|_| "the user-tower workers stopped".to_string())?;
+        let reply = Box::new(Then::new(tx, then));
+        self.send(Job::Encode(Encode { snap, input, reply }))?;
         done.await
             .map_err(|_| "a user-tower worker dropped the request".to_string())?
+    }
+
+    /// `work` run on a worker: CPU work of a request that needs no user vector, with the
+    /// workers' priority. Skipped if the request gives up before a worker takes it.
+    pub async fn run<R, F>(&self, work: F) -> Result<R, String>
+    where
+        R: Send + 'static,
+        F: FnOnce() -> R + Send + 'static,
+    {
+        let (tx, done) = oneshot::channel();
+        let then = move |()| work();
+        self.send(Job::Run(Box::new(Then::new(tx, then))))?;
+        done.await
+            .map_err(|_| "a user-tower worker dropped the request".to_string())?
+    }
+
+    fn send(&self, job: Job) -> Result<(), String> {
+        self.tx
+            .send(job)
+            .map_err(|_| "the user-tower workers stopped".to_string())
     }
 }
 
@@ -148,22 +210,35 @@ fn worker(idx: usize, rx: &Mutex<mpsc::Receiver<Job>>, max_batch: usize, metrics
             }
             jobs
         };
-        // Requests that gave up (deadline, cancellation) need no vector.
-        jobs.retain(|j| !j.reply.is_closed());
+        // Requests that gave up (deadline, cancellation) need no answer.
+        jobs.retain(|j| !j.is_closed());
+        let mut runs = Vec::new();
+        let mut encodes: Vec<Encode> = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            match job {
+                Job::Encode(e) => encodes.push(e),
+                Job::Run(r) => runs.push(r),
+            }
+        }
         // A reload may put jobs of two snapshots in one take: encode each with its own model.
-        while !jobs.is_empty() {
-            let snap = jobs[0].snap.clone();
-            let (same, rest): (Vec<Job>, Vec<Job>) =
-                jobs.into_iter().partition(|j| Arc::ptr_eq(&j.snap, &snap));
-            jobs = rest;
+        while !encodes.is_empty() {
+            let snap = encodes[0].snap.clone();
+            let (same, rest): (Vec<Encode>, Vec<Encode>) = encodes
+                .into_iter()
+                .partition(|j| Arc::ptr_eq(&j.snap, &snap));
+            encodes = rest;
             run_batch(idx, &snap, same, metrics);
+        }
+        // A search queued behind a batch may have given up while the batch ran.
+        for run in runs.into_iter().filter(|r| !r.is_closed()) {
+            run.send(Ok(()));
         }
     }
 }
 
-fn run_batch(idx: usize, snap: &Snapshot, jobs: Vec<Job>, metrics: &Metrics) {
+fn run_batch(idx: usize, snap: &Snapshot, jobs: Vec<Encode>, metrics: &Metrics) {
     let started = Instant::now();
-    let (inputs, replies): (Vec<UserInput>, Vec<Box<dyn Reply>>) =
+    let (inputs, replies): (Vec<UserInput>, Vec<VectorReply>) =
         jobs.into_iter().map(|j| (j.input, j.reply)).unzip();
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| encode(idx, snap, inputs)))
         .unwrap_or_else(|panic| {
@@ -235,4 +310,79 @@ fn encode(
         ));
     }
     Ok(values.chunks(dim).map(<[f32]>::to_vec).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    fn encoder(workers: usize) -> Encoder {
+        Encoder::start(workers, 8, Arc::new(Metrics::new()))
+    }
+
+    #[tokio::test]
+    async fn a_search_without_a_user_vector_runs_on_a_user_tower_worker() {
+        let pool = encoder(2);
+        let name = pool
+            .handle()
+            .run(|| std::thread::current().name().map(str::to_string))
+            .await
+            .unwrap();
+        assert!(name.unwrap_or_default().starts_with("user-tower-"));
+        pool.close();
+    }
+
+    #[tokio::test]
+    async fn work_that_panics_on_a_worker_is_an_error_and_the_worker_goes_on() {
+        let pool = encoder(1);
+        let handle = pool.handle();
+        let err = handle.run(|| -> u32 { panic!("boom") }).await.unwrap_err();
+        assert!(err.contains("our bug") && err.contains("boom"), "{err}");
+        assert_eq!(handle.run(|| 7).await.unwrap(), 7);
+        pool.close();
+    }
+
+    #[tokio::test]
+    async fn work_of_a_request_that_gave_up_is_skipped() {
+        let pool = encoder(1);
+        let handle = pool.handle();
+        // Hold the only worker until the abandoned work is queued behind it.
+        let (release, held) = mpsc::channel::<()>();
+        let (started, running) = mpsc::channel::<()>();
+        let blocker = tokio::spawn({
+            let handle = handle.clone();
+            async move {
+                handle
+                    .run(move || {
+                        started.send(()).unwrap();
+                        held.recv().unwrap()
+                    })
+                    .await
+            }
+        });
+        tokio::task::spawn_blocking(move || running.recv().unwrap())
+            .await
+            .unwrap();
+        let ran = Arc::new(AtomicBool::new(false));
+        let mut abandoned = Box::pin(handle.run({
+            let ran = ran.clone();
+            move || ran.store(true, Ordering::SeqCst)
+        }));
+        // One poll queues the work; dropping the future is the request giving up.
+        let polled = tokio::time::timeout(Duration::from_millis(1), &mut abandoned).await;
+        assert!(
+            polled.is_err(),
+            "the worker is held, so the work cannot have run"
+        );
+        drop(abandoned);
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        // Work queued after it has run, so the abandoned work was taken and skipped.
+        handle.run(|| ()).await.unwrap();
+        assert!(!ran.load(Ordering::SeqCst));
+        pool.close();
+    }
 }

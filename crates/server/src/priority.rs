@@ -6,8 +6,9 @@
 //! admitted throughput falls to a fraction of capacity (`ServeConfig::grpc_thread_nice`).
 //! Lowering the runtime's threads (raising their nice value) needs no privileges, unlike raising
 //! the user-tower workers. The runtime's blocking pool is lowered with them (its threads start
-//! from lowered ones and inherit their priority, and could not come back up without privileges),
-//! so the `SimilarItems` searches it runs share the gRPC threads' priority, as before.
+//! from lowered ones and inherit their priority, and could not come back up without privileges);
+//! it only loads reloaded snapshots, while the CPU work of every admitted request, `SimilarItems`
+//! searches included, runs on the user-tower workers.
 
 use std::io;
 

@@ -193,11 +193,14 @@ impl SearchJob {
         }
     }
 
-    /// [`SearchJob::run`] on the blocking pool.
-    async fn spawn(self, query: Vec<f32>) -> Result<Vec<Scored>, Status> {
-        tokio::task::spawn_blocking(move || self.run(&query))
+    /// [`SearchJob::run`] on a user-tower worker, for a request without a user vector: at the
+    /// workers' priority, as every admitted request's CPU work.
+    async fn on_worker(self, shared: &Shared, query: Vec<f32>) -> Result<Vec<Scored>, Status> {
+        shared
+            .encoder
+            .run(move || self.run(&query))
             .await
-            .map_err(|e| Status::internal(format!("search task failed (our bug): {e}")))?
+            .and_then(|found| found)
             .map_err(Status::internal)
     }
 }
@@ -385,7 +388,7 @@ async fn similar_items(
     filter.exclude_ids.insert(item_id);
     let query = version.embeddings.vector(row as usize).to_vec();
     let found = SearchJob::new(&shared, snap.clone(), filter, k, None, None)
-        .spawn(query)
+        .on_worker(&shared, query)
         .await?;
     Ok(proto::SimilarItemsResponse {
         items: items(&snap, &found),
