@@ -245,7 +245,27 @@ fn bad_inputs_fail_clearly_and_leave_current_untouched() {
             "idx",
         ])
         .fails();
-    assert!(err.contains("the largest id FAISS can store"), "{err}");
+    assert!(
+        err.contains("huge.parquet: row 1: column `item_id`")
+            && err.contains("the largest id an index can store"),
+        "{err}"
+    );
+    // A CSV file, and a table without rows, are named and change nothing.
+    std::fs::write(dir.join("new.csv"), "item_id,title\n7,Hat\n").unwrap();
+    let add = |file: &str| {
+        dir.command(&[
+            "index", "add", "--items", file, "--model", "model", "--index", "idx",
+        ])
+        .fails()
+    };
+    let err = add("new.csv");
+    assert!(
+        err.contains("new.csv") && err.contains("Parquet items table"),
+        "{err}"
+    );
+    features::write_table::<features::Item>(&dir.join("none.parquet"), &[]).unwrap();
+    let err = add("none.parquet");
+    assert!(err.contains("none.parquet: no items to add"), "{err}");
 
     // Removing every item would publish an empty catalog.
     let items: Vec<features::Item> = features::read_table(&dir.join("data/items.parquet")).unwrap();

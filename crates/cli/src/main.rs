@@ -76,8 +76,44 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_chain(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes, as `{:#}` prints them, less each cause that the message before it
+/// already ends with: the library errors print their source in their own message (so that a
+/// log line without the chain still says it), which `{:#}` would repeat.
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = err.to_string();
+    let mut previous = out.clone();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !previous.ends_with(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+        previous = cause;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_is_not_printed_twice() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let err = anyhow::Error::new(features::error::Error::io("items.csv", io));
+        assert_eq!(error_chain(&err), "items.csv: No such file or directory");
+        let err = err.context("reading the items");
+        assert_eq!(
+            error_chain(&err),
+            "reading the items: items.csv: No such file or directory"
+        );
+        let err = anyhow::anyhow!("outer").context("context");
+        assert_eq!(error_chain(&err), "context: outer");
     }
 }

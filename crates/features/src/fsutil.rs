@@ -89,6 +89,132 @@ fn sync_tree(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(dir, e))
 }
 
+/// Refuses to let a stage replace `dest` unless it is new, an empty directory, or what an earlier
+/// run of the stage wrote (it holds one of `markers`). The swap deletes the old directory whole,
+/// so an `--out` pointed at a folder of the user's own files (their input files among them) must
+/// fail before anything is written, not delete them. `flag` and `what` name the option and the
+/// output in the message.
+pub fn check_replaceable(dest: &Path, flag: &str, what: &str, markers: &[&str]) -> Result<()> {
+    let refuse = |reason: String| {
+        Err(Error::setting(
+            flag,
+            format!("{}: {reason}", dest.display()),
+        ))
+    };
+    if dest.file_name().is_none() {
+        return refuse("name the output directory itself (not `.` or `..`)".into());
+    }
+    let meta = match std::fs::symlink_metadata(dest) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(dest, e)),
+        Ok(meta) => meta,
+    };
+    if meta.file_type().is_symlink() {
+        return refuse(
+            "is a symbolic link, which the new output would replace: give the directory it points to"
+                .into(),
+        );
+    }
+    if !meta.is_dir() {
+        return refuse(format!(
+            "exists and is not a directory: give a new or empty directory, or an earlier {what}"
+        ));
+    }
+    let mut entries = std::fs::read_dir(dest).map_err(|e| Error::io(dest, e))?;
+    if entries.next().is_none() || markers.iter().any(|m| dest.join(m).exists()) {
+        return Ok(());
+    }
+    refuse(format!(
+        "is not empty and is not an earlier {what} (it has no {}); writing there would delete what \
+         it holds: give a new or empty directory",
+        markers.join(" or ")
+    ))
+}
+
+/// A directory built beside its destination and swapped into place by [`StagingDir::publish`]:
+/// dropped before that (an error, a full disk), it is removed, so a failed run leaves nothing
+/// behind. Creating one also removes what killed runs left for the same destination.
+pub struct StagingDir {
+    path: PathBuf,
+    published: bool,
+}
+
+impl StagingDir {
+    /// An empty staging directory for `dest` (`.NAME.TAG-PID`).
+    pub fn create(dest: &Path, tag: &str) -> Result<StagingDir> {
+        remove_stale_siblings(dest, tag);
+        let path = hidden_sibling(dest, tag);
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(StagingDir {
+            path,
+            published: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Puts the directory at `dest` ([`replace_dir`]).
+    pub fn publish(mut self, dest: &Path) -> Result<()> {
+        replace_dir(&self.path, dest)?;
+        self.published = true;
+        Ok(())
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Removes the hidden siblings `.NAME.TAG-PID` of `path` whose process is gone: what a killed
+/// run (kill -9, power loss) left, which no later run would otherwise remove, since each run
+/// names its own by its process id. Those of a live process (another run) are left alone.
+pub fn remove_stale_siblings(path: &Path, tag: &str) {
+    let Some(name) = path.file_name() else { return };
+    let prefix = format!(".{}.{tag}-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(parent_dir(path)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let stale = entry.path();
+        let removed = if stale.is_dir() {
+            std::fs::remove_dir_all(&stale)
+        } else {
+            std::fs::remove_file(&stale)
+        };
+        if removed.is_ok() {
+            tracing::info!(path = %stale.display(), "removed what a killed run left behind");
+        }
+    }
+}
+
+/// Whether process `pid` is running; where that cannot be told, it counts as running (nothing
+/// is removed).
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
+}
+
 /// A hidden path beside `path`, unique to this process (`.NAME.TAG-PID`): where a file or
 /// directory is built before it is renamed into place, or where the old one waits meanwhile.
 pub fn hidden_sibling(path: &Path, tag: &str) -> PathBuf {
@@ -156,6 +282,35 @@ mod tests {
             Some(s)
         };
         Some((read("model.json")?, read("vocab/title.json")?))
+    }
+
+    #[test]
+    fn only_a_new_empty_or_earlier_output_directory_may_be_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let check = |p: &Path| check_replaceable(p, "out", "model directory", &["model.json"]);
+        check(&tmp.path().join("new")).unwrap();
+        let dir = tmp.path().join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        check(&dir).unwrap();
+        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+        let err = check(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("`out`") && err.contains("no model.json"),
+            "{err}"
+        );
+        std::fs::write(dir.join("model.json"), "{}").unwrap();
+        check(&dir).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(check(&link)
+            .unwrap_err()
+            .to_string()
+            .contains("symbolic link"));
+        assert!(check(Path::new("..")).is_err());
+        assert!(check(&dir.join("model.json"))
+            .unwrap_err()
+            .to_string()
+            .contains("not a directory"));
     }
 
     #[test]

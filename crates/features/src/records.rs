@@ -135,16 +135,35 @@ pub fn hour_and_weekday(ts_ms: i64) -> (u8, u8) {
     (hour, weekday)
 }
 
+/// The last millisecond of the year 9999 (UTC): the latest time accepted anywhere. A larger
+/// integer is not a date in milliseconds but most likely one in micro- or nanoseconds.
+pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
+
 /// Parses a time given as integer milliseconds since the Unix epoch, or as an RFC 3339 /
-/// ISO 8601 date or date-time (UTC when it has no offset), into milliseconds.
+/// ISO 8601 date or date-time (UTC when it has no offset), into milliseconds. Dates up to the
+/// year 9999 parse (`9999-12-31` is a common "never").
 pub fn parse_time_ms(s: &str) -> Option<i64> {
     let s = s.trim();
     match s.parse::<i64>() {
         Ok(ms) => Some(ms),
-        Err(_) => arrow::compute::kernels::cast_utils::string_to_timestamp_nanos(s)
+        Err(_) => arrow::compute::kernels::cast_utils::string_to_datetime(&chrono::Utc, s)
             .ok()
-            .map(|ns| ns.div_euclid(1_000_000)),
+            .map(|t| t.timestamp_millis()),
     }
+}
+
+/// Why `ts_ms` is not a usable time, if it is not: before 1970, or after the year 9999.
+pub fn check_time_ms(ts_ms: i64) -> Result<(), String> {
+    if ts_ms < 0 {
+        return Err(format!("negative timestamp {ts_ms}"));
+    }
+    if ts_ms > MAX_TIME_MS {
+        return Err(format!(
+            "timestamp {ts_ms} is after the year 9999 as milliseconds since 1970 (the unit \
+             expected): is it in micro- or nanoseconds?"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -182,6 +201,9 @@ mod tests {
             Some(1_704_115_800_000)
         );
         assert_eq!(parse_time_ms("2024-01-01"), Some(1_704_067_200_000));
+        // Past 2262, where nanoseconds in an i64 end.
+        assert_eq!(parse_time_ms("9999-12-31T23:59:59.999Z"), Some(MAX_TIME_MS));
+        assert_eq!(parse_time_ms("3000-01-01"), Some(32_503_680_000_000));
         assert_eq!(parse_time_ms("yesterday"), None);
     }
 }

@@ -31,6 +31,37 @@ pub struct AddOptions {
     pub settings: PublishSettings,
 }
 
+/// The items of `--items`: a Parquet items table (`docs/data.md`) with at least one row, each
+/// item checked as `prepare` checks the user's own files.
+fn read_new_items(path: &Path) -> Result<Vec<Item>> {
+    let is_parquet = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
+    if !is_parquet && path.is_file() {
+        return Err(Error::invalid(format!(
+            "{}: index add reads a Parquet items table (`.parquet`, schema in docs/data.md), not this file type",
+            path.display()
+        )));
+    }
+    let items = features::read_table::<Item>(path)?;
+    if items.is_empty() {
+        return Err(Error::invalid(format!(
+            "{}: no items to add",
+            path.display()
+        )));
+    }
+    for (row, item) in items.iter().enumerate() {
+        features::table::validate_item(item).map_err(|(column, reason)| {
+            Error::invalid(format!(
+                "{}: row {}: column `{column}`: {reason}",
+                path.display(),
+                row + 1
+            ))
+        })?;
+    }
+    Ok(items)
+}
+
 /// Publishes `CURRENT` plus the new items, minus the removed ones.
 pub fn add_items(opts: &AddOptions) -> Result<Manifest> {
     if opts.items.is_none() && opts.remove.is_none() {
@@ -49,7 +80,7 @@ pub fn add_items(opts: &AddOptions) -> Result<Manifest> {
     }
     let vocabs = model.vocabularies()?;
     let new_items = match &opts.items {
-        Some(path) => features::read_table::<Item>(path)?,
+        Some(path) => read_new_items(path)?,
         None => Vec::new(),
     };
     let mut new_ids = HashSet::new();

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use features::error::{Error, Result};
+use features::fsutil::{check_replaceable, StagingDir};
 use features::layout::{Counts, DataLayout, DatasetInfo, PrepareConfig, Provenance};
 use features::progress::Progress;
 use features::records::{Event, EventType, Example, Item, User};
@@ -15,7 +16,6 @@ use features::tokenizer::{words, Counter, Vocabularies};
 
 /// Streams tables and examples into a temporary directory, then publishes it.
 pub(crate) struct DatasetWriter {
-    tmp: PathBuf,
     out: PathBuf,
     cfg: PrepareConfig,
     provenance: Provenance,
@@ -32,14 +32,17 @@ pub(crate) struct DatasetWriter {
     user_features: Counter,
     min_ts: i64,
     max_ts: i64,
+    /// Last, so that the table writers inside it close before a failed run removes it.
+    staging: StagingDir,
 }
 
 impl DatasetWriter {
     pub(crate) fn create(out: &Path, cfg: PrepareConfig, provenance: Provenance) -> Result<Self> {
-        let tmp = features::fsutil::hidden_sibling(out, "tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(tmp.join("splits")).map_err(|e| Error::io(&tmp, e))?;
-        let layout = DataLayout(tmp.clone());
+        check_replaceable(out, "out", "prepared dataset", &["dataset.json"])?;
+        let staging = StagingDir::create(out, "tmp")?;
+        let splits_dir = staging.path().join("splits");
+        std::fs::create_dir_all(&splits_dir).map_err(|e| Error::io(&splits_dir, e))?;
+        let layout = DataLayout(staging.path().to_path_buf());
         let split_writer = |s: Split| TableWriter::<Example>::create(&layout.split(s));
         Ok(DatasetWriter {
             items: TableWriter::create(&layout.items())?,
@@ -50,7 +53,7 @@ impl DatasetWriter {
                 split_writer(Split::Valid)?,
                 split_writer(Split::Test)?,
             ],
-            tmp,
+            staging,
             out: out.to_path_buf(),
             cfg,
             provenance,
@@ -142,10 +145,11 @@ impl DatasetWriter {
         if self.counts.events == 0 {
             return Err(Error::bad_file(&self.provenance.events_label, "no events"));
         }
+        self.check_examples()?;
         progress.start("building vocabularies", Some(self.counts.items));
         let vocabs = self.build_vocabularies(items);
         progress.finish();
-        let vocab_checksum = vocabs.save(&self.tmp.join("vocab"))?;
+        let vocab_checksum = vocabs.save(&self.staging.path().join("vocab"))?;
         let [train, valid, test] = self.splits;
         self.counts.train = train.finish()?;
         self.counts.valid = valid.finish()?;
@@ -163,9 +167,45 @@ impl DatasetWriter {
             vocab_checksum,
             prepare_seconds: started.elapsed().as_secs_f64(),
         };
-        features::fsutil::write_json(&DataLayout(self.tmp.clone()).info(), &info)?;
-        features::fsutil::replace_dir(&self.tmp, &self.out)?;
+        let layout = DataLayout(self.staging.path().to_path_buf());
+        features::fsutil::write_json(&layout.info(), &info)?;
+        self.staging.publish(&self.out)?;
         Ok(info)
+    }
+
+    /// Refuses data that gives nothing to train on, and warns about what would quietly make a
+    /// poor dataset: no validation or test examples, and times that look like seconds.
+    fn check_examples(&self) -> Result<()> {
+        let label = &self.provenance.events_label;
+        let c = &self.counts;
+        let [train, valid, test] = self.splits.each_ref().map(|s| s.rows());
+        if train == 0 {
+            return Err(Error::bad_file(
+                label,
+                format!(
+                    "no training examples from {} events of {} users: every item event went to \
+                     validation or test, or came after the time split's cutoff (docs/data.md)",
+                    c.events, c.users
+                ),
+            ));
+        }
+        if valid == 0 || test == 0 {
+            tracing::warn!(
+                valid,
+                test,
+                "no validation or no test examples: training cannot stop early or be evaluated"
+            );
+        }
+        // Unix seconds of any date since 2001 read as milliseconds land in January 1970 to 1973.
+        if (1_000_000_000..100_000_000_000).contains(&self.max_ts) {
+            tracing::warn!(
+                file = %label.display(),
+                latest_ms = self.max_ts,
+                "every event time is before 1973 as milliseconds since 1970: if they are Unix \
+                 seconds, multiply them by 1000 (time gaps, hours and weekdays would be wrong)"
+            );
+        }
+        Ok(())
     }
 
     fn build_vocabularies(&mut self, items: impl Iterator<Item = Item>) -> Vocabularies {

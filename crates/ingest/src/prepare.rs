@@ -13,6 +13,7 @@ use std::path::Path;
 
 use crate::dataset_writer::DatasetWriter;
 use crate::raw::RawData;
+use crate::sources::files::LOGGED_BAD_ROWS;
 use crate::sources::BadRows;
 use features::error::{Error, Result};
 pub use features::layout::{Counts, DataLayout, DatasetInfo, PrepareConfig, Provenance};
@@ -209,17 +210,22 @@ fn validate_event_items(
     }
     let mut row = 0usize;
     let mut first_error = None;
+    let mut dropped = 0u64;
     events.retain(|e| {
         row += 1;
         match check_event_item(e, ids, label, row) {
             Ok(()) => true,
             Err(err) => {
-                *skipped += 1;
+                dropped += 1;
+                if on_bad_rows == BadRows::Skip && dropped <= LOGGED_BAD_ROWS {
+                    tracing::warn!(error = %err, "skipping a bad event row");
+                }
                 first_error.get_or_insert(err);
                 false
             }
         }
     });
+    *skipped += dropped;
     match (on_bad_rows, first_error) {
         (BadRows::Fail, Some(err)) => Err(err),
         (BadRows::Skip, _) if events.is_empty() => Err(Error::bad_file(label, "no valid events")),
@@ -548,6 +554,78 @@ mod tests {
         .unwrap();
         assert_eq!(info.counts.skipped_rows, 1);
         assert_eq!(info.counts.events, 19);
+    }
+
+    fn prepare_into(out: &Path, raw: RawData) -> Result<DatasetInfo> {
+        prepare_raw(
+            raw,
+            provenance(),
+            out,
+            &PrepareConfig::default(),
+            BadRows::Fail,
+            &NoProgress,
+        )
+    }
+
+    #[test]
+    fn prepare_into_a_folder_of_the_users_own_files_refuses_and_deletes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("mydata");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("items.csv"), "item_id,title\n").unwrap();
+        let err = prepare_into(&out, raw()).unwrap_err().to_string();
+        assert!(
+            err.contains("out") && err.contains("mydata") && err.contains("not empty"),
+            "{err}"
+        );
+        assert!(out.join("items.csv").exists());
+        // A file as --out is refused before anything is moved.
+        let file = tmp.path().join("afile");
+        std::fs::write(&file, "precious").unwrap();
+        let err = prepare_into(&file, raw()).unwrap_err().to_string();
+        assert!(err.contains("not a directory"), "{err}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+        // An empty directory and an earlier dataset are fine.
+        std::fs::remove_file(out.join("items.csv")).unwrap();
+        prepare_into(&out, raw()).unwrap();
+        prepare_into(&out, raw()).unwrap();
+        let names: HashSet<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, HashSet::from(["mydata".into(), "afile".into()]));
+    }
+
+    #[test]
+    fn a_failed_or_killed_prepare_leaves_no_staging_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("data");
+        // What a killed run left (its process is gone), and one of a live run.
+        let killed = tmp.path().join(".data.tmp-4294967295");
+        std::fs::create_dir_all(killed.join("splits")).unwrap();
+        let live = tmp
+            .path()
+            .join(format!(".data.tmp-{}", std::os::unix::process::parent_id()));
+        std::fs::create_dir(&live).unwrap();
+        // Only searches: no item to train on, found after the staging began.
+        let mut searches = raw();
+        for e in &mut searches.events {
+            e.event_type = EventType::Search;
+            e.item_id = None;
+            e.query = Some("red shoes".into());
+        }
+        let err = prepare_into(&out, searches).unwrap_err().to_string();
+        assert!(err.contains("no training examples"), "{err}");
+        assert!(
+            !killed.exists(),
+            "a killed run's staging directory is removed"
+        );
+        assert!(
+            live.exists(),
+            "a live run's staging directory is left alone"
+        );
+        std::fs::remove_dir(&live).unwrap();
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     }
 
     #[test]

@@ -104,6 +104,14 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
     cfg.tower.vocab = data.vocab_sizes();
     cfg.tower.validate()?;
 
+    // A model directory is swapped in whole at the end: refuse a folder of other files now,
+    // before the hours of training, rather than delete it then.
+    features::fsutil::check_replaceable(
+        &opts.out,
+        "out",
+        "model directory",
+        &["model.json", "checkpoint"],
+    )?;
     progress.start("loading examples", None);
     let train_set = Arc::new(data.examples(Split::Train, &cfg.tower)?);
     let valid_set = data.examples(Split::Valid, &cfg.tower)?;
@@ -385,6 +393,7 @@ fn write_artifacts(layout: &ModelLayout, a: &Artifacts<'_>) -> Result<()> {
     // Everything is written to a staging directory beside MODEL_DIR and swapped in at once: a
     // server or an indexing job reading MODEL_DIR meanwhile sees the old model or the new one,
     // never new weights beside an old model.json. The checkpoint (for --resume) moves along.
+    features::fsutil::remove_stale_siblings(&layout.0, "staging");
     let staged = ModelLayout(features::fsutil::hidden_sibling(&layout.0, "staging"));
     let _ = std::fs::remove_dir_all(&staged.0);
     std::fs::create_dir_all(&staged.0).map_err(|e| Error::io(&staged.0, e))?;

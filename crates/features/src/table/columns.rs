@@ -148,13 +148,9 @@ impl<'a> Columns<'a> {
             self.no_nulls(name, &col)?;
         }
         let ts = col.as_primitive::<TimestampMillisecondType>();
-        if let Some(i) = (0..ts.len()).find(|&i| ts.is_valid(i) && ts.value(i) < 0) {
-            return Err(Error::bad_value(
-                self.file,
-                self.row(i),
-                name,
-                format!("negative timestamp {}", ts.value(i)),
-            ));
+        for i in (0..ts.len()).filter(|&i| ts.is_valid(i)) {
+            crate::records::check_time_ms(ts.value(i))
+                .map_err(|reason| Error::bad_value(self.file, self.row(i), name, reason))?;
         }
         Ok(ts.iter().collect())
     }

@@ -84,8 +84,9 @@ impl Table for Event {
 /// Checks that an event has what its type needs: an item, or for a search a query.
 /// Returns the offending column and the reason.
 pub fn validate_event(e: &Event) -> std::result::Result<(), (&'static str, String)> {
-    if e.ts_ms < 0 {
-        return Err(("ts", format!("negative timestamp {}", e.ts_ms)));
+    crate::records::check_time_ms(e.ts_ms).map_err(|reason| ("ts", reason))?;
+    if let Some(v) = e.value.filter(|v| !v.is_finite()) {
+        return Err(("value", format!("{v} is not a finite number")));
     }
     match (e.event_type, e.item_id, e.query.as_deref()) {
         (EventType::Search, Some(_), _) => Err(("item_id", "a search event has no item_id".into())),

@@ -59,3 +59,28 @@ impl Table for Item {
             .collect())
     }
 }
+
+/// The largest item id an index can hold (FAISS stores ids as `i64`).
+pub const MAX_ITEM_ID: u64 = i64::MAX as u64;
+
+/// Checks an item given by a user (their own files, `index add`): an id the index can store,
+/// a title, a time that is a date. Refused here, the item is named by file and row, rather than
+/// at indexing, after training. Returns the offending column and the reason.
+pub fn validate_item(item: &Item) -> std::result::Result<(), (&'static str, String)> {
+    if item.item_id > MAX_ITEM_ID {
+        return Err((
+            "item_id",
+            format!(
+                "{} is above {MAX_ITEM_ID}, the largest id an index can store",
+                item.item_id
+            ),
+        ));
+    }
+    if item.title.trim().is_empty() {
+        return Err(("title", "missing value".into()));
+    }
+    if let Some(ms) = item.created_at_ms {
+        crate::records::check_time_ms(ms).map_err(|reason| ("created_at", reason))?;
+    }
+    Ok(())
+}

@@ -22,6 +22,7 @@ mod writer;
 
 pub use columns::Columns;
 pub use event::{read_events_lenient, validate_event};
+pub use item::{validate_item, MAX_ITEM_ID};
 pub(crate) use reader::open_parquet;
 pub use reader::{read_table, row_group_count, TableReader};
 pub use writer::{write_table, TableWriter};

@@ -36,6 +36,8 @@ pub struct TableWriter<T: Table> {
     rows: u64,
     /// Rows given one at a time, encoded together once there are enough.
     pending: Vec<T>,
+    /// The file is in place at `path`; until then a drop removes the temporary file.
+    finished: bool,
 }
 
 /// Rows gathered by [`TableWriter::push`] before they are encoded as one Arrow batch: per-row
@@ -86,6 +88,7 @@ impl<T: Table> TableWriter<T> {
             path: path.to_path_buf(),
             rows: 0,
             pending: Vec::new(),
+            finished: false,
         })
     }
 
@@ -154,6 +157,7 @@ impl<T: Table> TableWriter<T> {
         file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         drop(file);
         std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        self.finished = true;
         crate::fsutil::sync_parent(&self.path)?;
         Ok(self.rows)
     }
@@ -161,9 +165,12 @@ impl<T: Table> TableWriter<T> {
 
 impl<T: Table> Drop for TableWriter<T> {
     fn drop(&mut self) {
+        // Not finished (an error, or a write that failed while closing: a full disk): stop the
+        // encoder and never leave a half-written file behind.
         if self.encoder.is_some() {
-            // Not finished: stop the encoder and never leave a half-written file behind.
             let _ = self.join_encoder();
+        }
+        if !self.finished {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }

@@ -9,7 +9,7 @@
 //! bad line does not stop a large import. Items and users are never skipped: a missing item
 //! would silently change what can be recommended.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -47,7 +47,7 @@ impl std::str::FromStr for BadRows {
 }
 
 /// Bad rows logged individually before only counting.
-const LOGGED_BAD_ROWS: u64 = 10;
+pub(crate) const LOGGED_BAD_ROWS: u64 = 10;
 
 /// Loads the user's files. Without a users file every user of the events gets a row without
 /// features.
@@ -60,7 +60,11 @@ pub fn load_files(
     let items = read_items(items)?;
     let (events, skipped_rows) = read_events(events, on_bad_rows)?;
     let users = match users {
-        Some(path) => read_users(path)?,
+        Some(path) => {
+            let users = read_users(path)?;
+            warn_about_users_without_rows(path, &users, &events);
+            users
+        }
         None => {
             let ids: BTreeSet<u64> = events.iter().map(|e| e.user_id).collect();
             ids.into_iter()
@@ -110,6 +114,15 @@ fn parquet_rows<T: Table>(path: &Path) -> Result<Vec<T>> {
 }
 
 fn read_items(path: &Path) -> Result<Vec<Item>> {
+    let items = read_item_rows(path)?;
+    for (i, item) in items.iter().enumerate() {
+        features::table::validate_item(item)
+            .map_err(|(column, reason)| Error::bad_value(path, i + 1, column, reason))?;
+    }
+    Ok(items)
+}
+
+fn read_item_rows(path: &Path) -> Result<Vec<Item>> {
     if format_of(path)? == Format::Parquet {
         return parquet_rows(path);
     }
@@ -138,7 +151,45 @@ fn read_items(path: &Path) -> Result<Vec<Item>> {
     Ok(items)
 }
 
+/// Users of the events missing from the users file are kept, without features; a warning says
+/// how many, since it usually means the wrong users file.
+fn warn_about_users_without_rows(path: &Path, users: &[User], events: &[Event]) {
+    let listed: HashSet<u64> = users.iter().map(|u| u.user_id).collect();
+    let missing: BTreeSet<u64> = events
+        .iter()
+        .map(|e| e.user_id)
+        .filter(|u| !listed.contains(u))
+        .collect();
+    if let Some(first) = missing.first() {
+        tracing::warn!(
+            file = %path.display(),
+            users = missing.len(),
+            first,
+            "users of the events have no row in the users file; they are kept without features"
+        );
+    }
+}
+
 fn read_users(path: &Path) -> Result<Vec<User>> {
+    let users = read_user_rows(path)?;
+    let mut first_row = HashMap::with_capacity(users.len());
+    for (i, user) in users.iter().enumerate() {
+        if let Some(prev) = first_row.insert(user.user_id, i + 1) {
+            return Err(Error::bad_value(
+                path,
+                i + 1,
+                "user_id",
+                format!(
+                    "duplicate user_id {} (first seen in row {prev})",
+                    user.user_id
+                ),
+            ));
+        }
+    }
+    Ok(users)
+}
+
+fn read_user_rows(path: &Path) -> Result<Vec<User>> {
     if format_of(path)? == Format::Parquet {
         return parquet_rows(path);
     }
@@ -418,6 +469,44 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn ids_an_index_cannot_hold_and_times_in_the_wrong_unit_are_refused_at_their_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let items = "item_id,title\n1,Shoe\n9223372036854775808,Hat\n";
+        assert_names(
+            load(d, items, EVENTS, BadRows::Fail).unwrap_err(),
+            "items.csv",
+            Some(2),
+            "item_id",
+        );
+        // Nanoseconds since 1970 are no millisecond date; the year 9999 is.
+        let events = "user_id,ts,event_type,item_id,query,value\n7,1704067200000000000,view,1,,\n";
+        let err = load(d, ITEMS, events, BadRows::Fail).unwrap_err();
+        assert!(err.to_string().contains("nanoseconds"), "{err}");
+        assert_names(err, "events.csv", Some(1), "ts");
+        let events = "user_id,ts,event_type,item_id,query,value\n7,1704067200000,purchase,1,,NaN\n";
+        assert_names(
+            load(d, ITEMS, events, BadRows::Fail).unwrap_err(),
+            "events.csv",
+            Some(1),
+            "value",
+        );
+        let items = "item_id,title,created_at\n1,Shoe,9999-12-31\n2,Hat,3000-01-01T00:00:00Z\n";
+        let raw = load(d, items, EVENTS, BadRows::Fail).unwrap();
+        assert_eq!(raw.items[1].created_at_ms, Some(32_503_680_000_000));
+        // A duplicate user is named in the users file itself.
+        let users = write(d, "users.csv", "user_id\n7\n8\n7\n");
+        let err = load_files(
+            &write(d, "items.csv", ITEMS),
+            &write(d, "events.csv", EVENTS),
+            Some(&users),
+            BadRows::Fail,
+        )
+        .unwrap_err();
+        assert_names(err, "users.csv", Some(3), "user_id");
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub(crate) enum Dialect {
 /// An open table whose header has been read.
 pub(crate) struct TextTable {
     path: PathBuf,
+    dialect: Dialect,
     headers: Vec<String>,
     reader: csv::Reader<File>,
 }
@@ -55,6 +56,7 @@ impl TextTable {
         }
         Ok(TextTable {
             path: path.to_path_buf(),
+            dialect,
             headers,
             reader,
         })
@@ -85,6 +87,7 @@ impl TextTable {
     ) -> Result<usize> {
         let mut record = csv::ByteRecord::new();
         let mut n = 0;
+        let mut last_start = None;
         loop {
             match self.reader.read_byte_record(&mut record) {
                 Ok(false) => break,
@@ -92,6 +95,7 @@ impl TextTable {
                 Err(e) => return Err(csv_error(&self.path, n + 1, e)),
             }
             n += 1;
+            last_start = record.position().cloned();
             let row = Row {
                 file: &self.path,
                 n,
@@ -116,8 +120,59 @@ impl TextTable {
         if n == 0 {
             return Err(Error::bad_file(&self.path, "no rows"));
         }
+        if let (Dialect::Csv, Some(start)) = (self.dialect, last_start) {
+            check_last_quote_closed(&self.path, n, &start)?;
+        }
         Ok(n)
     }
+}
+
+/// Refuses a file whose last row opens a quoted field that is never closed. A CSV reader takes
+/// everything after such a quote, newlines and all, as that one field, so a single missing `"`
+/// would silently turn the rest of the file into one title or query. Only the last row can end
+/// that way (an unclosed quote runs to the end of the file), so only its bytes are scanned.
+fn check_last_quote_closed(path: &Path, row: usize, start: &csv::Position) -> Result<()> {
+    use std::io::{BufRead, BufReader, Seek, SeekFrom};
+    let io = |e| Error::io(path, e);
+    let mut file = File::open(path).map_err(io)?;
+    file.seek(SeekFrom::Start(start.byte())).map_err(io)?;
+    let mut reader = BufReader::new(file);
+    let (mut in_quotes, mut field_start, mut quote_pending) = (false, true, false);
+    loop {
+        let buf = reader.fill_buf().map_err(io)?;
+        if buf.is_empty() {
+            break;
+        }
+        for &b in buf {
+            if in_quotes {
+                // `""` inside quotes is an escaped quote; a lone `"` closes the field.
+                if !quote_pending {
+                    quote_pending = b == b'"';
+                    continue;
+                }
+                quote_pending = false;
+                if b == b'"' {
+                    continue;
+                }
+                // The quote before this byte closed the field; the byte is read as outside.
+            }
+            in_quotes = b == b'"' && field_start;
+            field_start = matches!(b, b',' | b'\n' | b'\r');
+        }
+        let used = buf.len();
+        reader.consume(used);
+    }
+    if in_quotes && !quote_pending {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "row {row} (line {}): a quoted field is never closed (a missing `\"`), so every \
+                 line after it would be read as part of this row",
+                start.line()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn csv_error(path: &Path, row: usize, e: csv::Error) -> Error {
@@ -197,14 +252,16 @@ impl Row<'_> {
     }
 
     /// A time as integer milliseconds since the epoch or an RFC 3339 / ISO 8601 date-time
-    /// (UTC when it has no offset); `None` when empty. Negative times are refused.
+    /// (UTC when it has no offset); `None` when empty. Times before 1970 or after the year 9999
+    /// are refused ([`features::records::check_time_ms`]).
     pub(crate) fn opt_time_ms(&self, col: usize) -> Result<Option<i64>> {
         let Some(s) = self.opt(col)? else {
             return Ok(None);
         };
         match features::records::parse_time_ms(s) {
-            Some(ms) if ms < 0 => Err(self.error(col, format!("negative timestamp `{s}`"))),
-            Some(ms) => Ok(Some(ms)),
+            Some(ms) => features::records::check_time_ms(ms)
+                .map(|()| Some(ms))
+                .map_err(|reason| self.error(col, reason)),
             None => Err(self.error(
                 col,
                 format!("expected milliseconds since the Unix epoch or an RFC 3339 date-time, found `{s}`"),
@@ -255,6 +312,51 @@ pub(crate) fn split_title_year(title: &str) -> (&str, Option<u16>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The titles of `items.csv` holding `body`, or the error.
+    fn titles(body: &str) -> Result<Vec<String>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("items.csv");
+        std::fs::write(&path, body).unwrap();
+        let table = TextTable::open(&path, Dialect::Csv)?;
+        let title = table.column("title")?;
+        let mut out = Vec::new();
+        table.for_each_row(|row| {
+            out.push(row?.req(title)?.to_string());
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn an_unclosed_quote_does_not_swallow_the_rest_of_the_file() {
+        let err = titles("item_id,title\n1,Red hat\n2,\"Green scarf\n3,Yellow sock\n4,Tie\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("items.csv")
+                && err.contains("row 2 (line 3)")
+                && err.contains("never closed"),
+            "{err}"
+        );
+        // Without a newline after the last row too.
+        assert!(titles("item_id,title\n1,\"Red hat").is_err());
+    }
+
+    #[test]
+    fn closed_quotes_escaped_quotes_and_quotes_inside_a_field_are_read() {
+        let body = "item_id,title\n1,\"Hat, red\"\n2,\"Two\nlines\"\n3,\"A \"\"quoted\"\" word\"\n4,12\" pizza\n5,\"Last\"";
+        assert_eq!(
+            titles(body).unwrap(),
+            [
+                "Hat, red",
+                "Two\nlines",
+                "A \"quoted\" word",
+                "12\" pizza",
+                "Last"
+            ]
+        );
+    }
 
     #[test]
     fn title_years_are_split_off_only_when_they_are_years() {
