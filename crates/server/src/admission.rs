@@ -153,6 +153,17 @@ impl Admission {
         }
     }
 
+    /// Whether [`Admission::try_admit`] would admit one more request now; a `false` counts as a
+    /// refusal. For the check made from a request's headers, which takes no place: a request
+    /// takes its place once its body has come (a stream that never sends one holds nothing).
+    pub fn has_room(&self) -> bool {
+        let room = self.in_flight.load(Ordering::Acquire) < self.limit.load(Ordering::Acquire);
+        if !room {
+            self.refused.store(true, Ordering::Relaxed);
+        }
+        room
+    }
+
     /// The current limit on requests in flight.
     pub fn limit(&self) -> usize {
         self.limit.load(Ordering::Acquire)

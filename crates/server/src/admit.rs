@@ -5,13 +5,14 @@
 //! about 40% of it (`docs/benchmarks.md`, session 18). Refused here, below the token check and
 //! above tonic's codec, a request is answered with a trailers-only `RESOURCE_EXHAUSTED` before its
 //! body is read or decoded and before any handler runs (measured, this did not raise admitted
-//! throughput visibly: most of a refusal's cost is HTTP/2 and loopback TCP, session 19). An
-//! admitted request carries its place ([`Admitted`]) to the handler, which reports its time in the
-//! server when it finishes. Since the place is held from the headers on, a body that never comes
-//! would hold it; the transport's timeout (`server.rs`, `request_timeout_ms` + 1 s) drops such a
-//! request and frees it.
+//! throughput visibly: most of a refusal's cost is HTTP/2 and loopback TCP, session 19).
+//! The check takes no place: the handler takes it once the body has come and decoded, and reports
+//! its time in the server when it finishes. A place taken from the headers on would be held by a
+//! stream whose body never comes, and one connection sending 64 such streams every few seconds
+//! kept every other client out (a hostile-client audit, session 21). Between the check and the
+//! handler another request may take the last place; the handler then refuses, after the decode.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::{self, Either, Ready};
@@ -19,25 +20,13 @@ use tonic::codegen::{http, Context, Poll, Service};
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 
-use crate::admission::{Admission, Permit};
+use crate::admission::Admission;
 use crate::gate::Arrival;
 use crate::metrics::Metrics;
 use crate::service::code_name;
 
-/// An admitted request's place, in its extensions. Dropped with the request when no handler takes
-/// it (a body that does not decode, a cancelled call), it frees the place.
-#[derive(Debug, Clone)]
-pub struct Admitted(Arc<Mutex<Option<Permit>>>);
-
-impl Admitted {
-    /// The place, for the handler to finish (once).
-    pub fn take(&self) -> Option<Permit> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-}
-
-/// Wraps the `Recommender` service: each call to one of its methods takes a place under the
-/// admission limit or is refused from its headers alone.
+/// Wraps the `Recommender` service: each call to one of its methods is refused from its headers
+/// alone while the server is at its admission limit.
 #[derive(Clone)]
 pub struct Admit<S> {
     inner: S,
@@ -72,19 +61,15 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
         // Paths outside the service's methods are left to tonic (UNIMPLEMENTED), and never
         // become a metrics label.
         let Some(rpc) = rpc_of(req.uri().path()) else {
             return Either::Left(self.inner.call(req));
         };
-        match self.admission.try_admit() {
-            Some(permit) => {
-                let place = Admitted(Arc::new(Mutex::new(Some(permit))));
-                req.extensions_mut().insert(place);
-                Either::Left(self.inner.call(req))
-            }
-            None => {
+        match self.admission.has_room() {
+            true => Either::Left(self.inner.call(req)),
+            false => {
                 let arrived = req.extensions().get::<Arrival>().map(|a| a.0);
                 let in_server = arrived.unwrap_or_else(Instant::now).elapsed();
                 count(
@@ -150,13 +135,15 @@ pub(crate) fn refusal(rpc: &str, admission: &Admission) -> Status {
 mod tests {
     use std::convert::Infallible;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
 
     use super::*;
     use crate::admission::Target;
 
-    /// Stands where tonic's codec and handlers are: counts the requests that reach it.
+    /// Stands where tonic's codec and handlers are: counts the requests that reach it, and keeps
+    /// them, as a stream whose body has not come yet is kept.
     #[derive(Clone, Default)]
-    struct Behind(Arc<AtomicUsize>);
+    struct Behind(Arc<AtomicUsize>, Arc<Mutex<Vec<http::Request<()>>>>);
 
     impl Service<http::Request<()>> for Behind {
         type Response = http::Response<()>;
@@ -169,8 +156,7 @@ mod tests {
 
         fn call(&mut self, req: http::Request<()>) -> Self::Future {
             self.0.fetch_add(1, Ordering::SeqCst);
-            // The place travels with the request and frees itself when the request is done.
-            drop(req.extensions().get::<Admitted>().and_then(Admitted::take));
+            self.1.lock().unwrap().push(req);
             future::ready(Ok(http::Response::new(())))
         }
     }
@@ -227,5 +213,27 @@ mod tests {
         call(&mut svc, "/twotower.v1.Recommender/RecordEvents");
         assert_eq!(behind.0.load(Ordering::SeqCst), 2);
         assert!(admission.try_admit().is_some(), "the place was freed");
+    }
+
+    #[test]
+    fn streams_whose_bodies_never_come_hold_no_place() {
+        let admission = Admission::new(2, 1, Target::Off);
+        let behind = Behind::default();
+        let mut svc = Admit::new(behind.clone(), admission.clone(), Arc::new(Metrics::new()));
+        for _ in 0..64 {
+            let passed = call(&mut svc, "/twotower.v1.Recommender/Recommend");
+            assert!(Status::from_header_map(passed.headers()).is_none());
+        }
+        assert_eq!(
+            behind.1.lock().unwrap().len(),
+            64,
+            "all still waiting for a body"
+        );
+        // A request whose body has come takes its place in the handler, as before.
+        let (a, b) = (admission.try_admit(), admission.try_admit());
+        assert!(a.is_some() && b.is_some());
+        let refused = call(&mut svc, "/twotower.v1.Recommender/GetModelInfo");
+        let status = Status::from_header_map(refused.headers()).unwrap();
+        assert_eq!(status.code(), Code::ResourceExhausted);
     }
 }

@@ -25,8 +25,8 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::commit::Recorded;
-use crate::dedup::DedupWindow;
+use crate::commit::{RecordError, Recorded};
+use crate::dedup::{batch_digest, DedupWindow, KeySeen};
 use crate::error::{Error, Result};
 use crate::history::HistoryStore;
 use crate::logrecord::{self, Record};
@@ -352,13 +352,18 @@ impl BusHandle {
         &self,
         events: Vec<Event>,
         key: Option<String>,
-    ) -> std::result::Result<Recorded, String> {
+    ) -> std::result::Result<Recorded, RecordError> {
         if let Some(k) = &key {
-            if let Some(n) = self.dedup.lock().expect("dedup lock").get(k) {
-                return Ok(Recorded {
-                    events: n,
-                    duplicate: true,
-                });
+            let digest = batch_digest(&events);
+            match self.dedup.lock().expect("dedup lock").check(k, digest) {
+                KeySeen::New => {}
+                KeySeen::Repeat(n) => {
+                    return Ok(Recorded {
+                        events: n,
+                        duplicate: true,
+                    })
+                }
+                KeySeen::Reused => return Err(RecordError::KeyReused(k.clone())),
             }
         }
         let record = logrecord::encode_batch(&events, key.as_deref());

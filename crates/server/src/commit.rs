@@ -20,7 +20,7 @@ use features::Event;
 use tokio::sync::oneshot;
 
 use crate::compact::{self, CompactSettings, Compacted};
-use crate::dedup::DedupWindow;
+use crate::dedup::{batch_digest, DedupWindow, KeySeen};
 use crate::eventlog::{encode_record, EventLog};
 use crate::history::{HistoryStore, StoredEvent};
 use crate::metrics::Metrics;
@@ -45,11 +45,34 @@ pub struct Recorded {
     pub duplicate: bool,
 }
 
+/// Why a batch was not recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// The log or the bus could not take it; a retry may succeed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Its idempotency key was recorded with other events: acknowledging it as a repeat would
+    /// drop it silently.
+    #[error(
+        "idempotency_key: `{0}` was already used for a different batch (within the last \
+         idempotency_window keys); a retry must send the same events, and a new batch a new key"
+    )]
+    KeyReused(String),
+}
+
+impl From<String> for RecordError {
+    fn from(reason: String) -> Self {
+        RecordError::Unavailable(reason)
+    }
+}
+
 struct Pending {
     record: Vec<u8>,
     events: Vec<Event>,
     key: Option<String>,
-    ack: oneshot::Sender<Result<Recorded, String>>,
+    /// [`batch_digest`] of `events`, for a keyed batch.
+    digest: u64,
+    ack: oneshot::Sender<Result<Recorded, RecordError>>,
 }
 
 enum Msg {
@@ -120,10 +143,11 @@ impl CommitHandle {
         &self,
         events: Vec<Event>,
         key: Option<String>,
-    ) -> Result<Recorded, String> {
+    ) -> Result<Recorded, RecordError> {
         let (ack, done) = oneshot::channel();
         let pending = Pending {
             record: encode_record(&events, key.as_deref()),
+            digest: key.as_ref().map_or(0, |_| batch_digest(&events)),
             events,
             key,
             ack,
@@ -247,7 +271,7 @@ fn commit(
                     store.record(e.user_id, StoredEvent::from_event(e));
                 }
                 if let Some(k) = &p.key {
-                    dedup.insert(k, p.events.len() as u64);
+                    dedup.insert(k, p.events.len() as u64, Some(p.digest));
                 }
                 let _ = p.ack.send(Ok(Recorded {
                     events: p.events.len() as u64,
@@ -265,7 +289,9 @@ fn commit(
         Err(e) => {
             tracing::error!(error = %e, "event log append failed; the batch is not recorded");
             for p in fresh.into_iter().chain(repeats.into_iter().map(|(_, p)| p)) {
-                let _ = p.ack.send(Err(format!("event log: {e}")));
+                let _ = p
+                    .ack
+                    .send(Err(RecordError::Unavailable(format!("event log: {e}"))));
             }
         }
     }
@@ -285,16 +311,25 @@ fn split_repeats(
             fresh.push(p);
             continue;
         };
-        if let Some(events) = dedup.get(&key) {
-            let _ = p.ack.send(Ok(Recorded {
-                events,
-                duplicate: true,
-            }));
-        } else if let Some(&first) = first_of.get(&key) {
-            repeats.push((first, p));
-        } else {
-            first_of.insert(key, fresh.len());
-            fresh.push(p);
+        let reused = |p: Pending, key: String| {
+            let _ = p.ack.send(Err(RecordError::KeyReused(key)));
+        };
+        match dedup.check(&key, p.digest) {
+            KeySeen::Repeat(events) => {
+                let _ = p.ack.send(Ok(Recorded {
+                    events,
+                    duplicate: true,
+                }));
+            }
+            KeySeen::Reused => reused(p, key),
+            KeySeen::New => match first_of.get(&key) {
+                Some(&first) if fresh[first].digest != p.digest => reused(p, key),
+                Some(&first) => repeats.push((first, p)),
+                None => {
+                    first_of.insert(key, fresh.len());
+                    fresh.push(p);
+                }
+            },
         }
     }
     (fresh, repeats)
@@ -329,5 +364,60 @@ mod tests {
             // The next server opens (and locks) the same log straight away.
             EventLog::open(&path, &mut |_: Record| {}).unwrap();
         }
+    }
+
+    fn purchase(user_id: u64, item: u64) -> Event {
+        Event {
+            user_id,
+            ts_ms: 1_000,
+            event_type: features::EventType::Purchase,
+            item_id: Some(item),
+            query: None,
+            value: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_reused_for_other_events_is_refused_not_dropped_as_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        let start = |dedup| {
+            let (log, _) = EventLog::open(&path, &mut |_: Record| {}).unwrap();
+            let store = Arc::new(HistoryStore::new(
+                8,
+                TieOrder::ItemId,
+                HistoryProtocol::Strict,
+            ));
+            Committer::start(log, store, Arc::new(Metrics::new()), dedup, None)
+        };
+        let committer = start(DedupWindow::new(16));
+        let h = committer.handle();
+        let key = || Some("k".to_string());
+        let first = h.record(vec![purchase(1, 10)], key()).await.unwrap();
+        assert!(!first.duplicate);
+        // The retry of the same batch is a duplicate; another batch under the key is refused.
+        assert!(
+            h.record(vec![purchase(1, 10)], key())
+                .await
+                .unwrap()
+                .duplicate
+        );
+        let other = vec![purchase(2, 11), purchase(2, 12), purchase(2, 13)];
+        let err = h.record(other.clone(), key()).await.unwrap_err();
+        assert_eq!(err, RecordError::KeyReused("k".into()));
+        assert!(err.to_string().starts_with("idempotency_key: `k`"), "{err}");
+        drop(h);
+        committer.close();
+        // After a restart the window, rebuilt from the log, still tells them apart.
+        let mut dedup = DedupWindow::new(16);
+        let store = HistoryStore::new(8, TieOrder::ItemId, HistoryProtocol::Strict);
+        EventLog::open(&path, &mut |r: Record| {
+            crate::seed::apply_record(&store, None, &mut dedup, r)
+        })
+        .unwrap();
+        assert_eq!(
+            dedup.check("k", crate::dedup::batch_digest(&other)),
+            KeySeen::Reused
+        );
     }
 }

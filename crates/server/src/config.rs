@@ -71,6 +71,13 @@ pub struct ServeConfig {
     /// HTTP/2 keepalive pings every this many ms on idle connections (dead peers are dropped
     /// after a further 20 s without an answer).
     pub keepalive_interval_ms: u64,
+    /// Most client connections open at once; one more is closed as it is accepted (and counted
+    /// in `twotower_connections_refused_total`). Lowered at start-up to what the open-file limit
+    /// leaves after 256 descriptors for the server's own files (`connections.rs`).
+    pub max_connections: usize,
+    /// A connection that sends no byte (no HTTP/2 preface, no TLS hello) within this many ms is
+    /// closed: it would hold a descriptor for nothing.
+    pub handshake_timeout_ms: u64,
     /// Most users the history store holds. `RecordEvents` for a user beyond it is refused with
     /// `RESOURCE_EXHAUSTED` naming this setting (users already held keep recording), so a
     /// client inventing user ids cannot grow memory without limit. About 1 KB a user.
@@ -115,6 +122,8 @@ impl Default for ServeConfig {
             admission_target_ms: Target::Off,
             max_concurrent_streams: 256,
             keepalive_interval_ms: 30_000,
+            max_connections: 10_000,
+            handshake_timeout_ms: 10_000,
             max_users: 10_000_000,
             compact_log_bytes: 64 << 20,
             history_slack: 0,
@@ -177,6 +186,8 @@ impl ServeConfig {
                 self.max_concurrent_streams as usize,
             ),
             ("keepalive_interval_ms", self.keepalive_interval_ms as usize),
+            ("max_connections", self.max_connections),
+            ("handshake_timeout_ms", self.handshake_timeout_ms as usize),
             ("max_users", self.max_users),
         ];
         for (name, v) in positive {

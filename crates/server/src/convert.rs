@@ -309,6 +309,14 @@ pub fn record_events(
         let proto::UserEvents { user_id, events } = u;
         for (j, e) in events.iter().enumerate() {
             let field = format!("users[{i}].events[{j}]");
+            if e.ts_ms == 0 {
+                // A recorded event keeps its time for good; 1970 is no one's, and stored it would
+                // sit at the start of the history, out of every window.
+                return Err(invalid(
+                    &format!("{field}.ts_ms"),
+                    "missing (0 is the unset value): send the event's time in milliseconds since the Unix epoch",
+                ));
+            }
             if e.ts_ms > latest_ms {
                 return Err(invalid(
                     &format!("{field}.ts_ms"),
@@ -370,6 +378,25 @@ mod tests {
         assert!(
             err.message().starts_with("users[0].events[1].ts_ms:")
                 && err.message().contains("ahead of the server's clock"),
+            "{}",
+            err.message()
+        );
+    }
+
+    #[test]
+    fn a_recorded_event_without_a_time_is_refused_not_stored_in_1970() {
+        let req = proto::RecordEventsRequest {
+            users: vec![proto::UserEvents {
+                user_id: 7,
+                events: vec![ev(5, Some(2), None, 0)],
+            }],
+            idempotency_key: String::new(),
+        };
+        let err = record_events(&req, 10, now_ms()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message()
+                .starts_with("users[0].events[0].ts_ms: missing"),
             "{}",
             err.message()
         );

@@ -16,6 +16,7 @@ pub mod client;
 pub mod commit;
 pub mod compact;
 pub mod config;
+pub mod connections;
 pub mod convert;
 pub mod dedup;
 pub mod encoder;

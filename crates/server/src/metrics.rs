@@ -58,6 +58,10 @@ pub struct Metrics {
     /// The time in the server that counts as a standing queue: `admission_target_ms`, or the
     /// measured one (0 while off or not yet measured).
     pub admission_target: Gauge,
+    /// Client connections open now (bounded by `max_connections`).
+    pub connections: IntGauge,
+    /// Connections closed as they were accepted, past `max_connections`.
+    pub connections_refused: IntCounter,
     /// Users the history store holds (bounded by `max_users`).
     pub users: IntGauge,
     /// Seen items summed over users: grows with every new (user, item) pair, by design
@@ -190,6 +194,16 @@ impl Metrics {
                 "time in the server above which an interval's quickest request means a standing queue (admission_target_ms, or measured)",
             )
             .expect("valid metric"),
+            connections: IntGauge::new(
+                "twotower_connections",
+                "client connections open now (bounded by max_connections)",
+            )
+            .expect("valid metric"),
+            connections_refused: IntCounter::new(
+                "twotower_connections_refused_total",
+                "connections closed as they were accepted, past max_connections",
+            )
+            .expect("valid metric"),
             users: IntGauge::new("twotower_users", "users the history store holds")
                 .expect("valid metric"),
             seen_items: IntGauge::new(
@@ -199,7 +213,7 @@ impl Metrics {
             .expect("valid metric"),
         };
         let r = &m.registry;
-        let all: [Box<dyn prometheus::core::Collector>; 22] = [
+        let all: [Box<dyn prometheus::core::Collector>; 24] = [
             Box::new(m.requests.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.user_tower.clone()),
@@ -220,6 +234,8 @@ impl Metrics {
             Box::new(m.ready.clone()),
             Box::new(m.admission_limit.clone()),
             Box::new(m.admission_target.clone()),
+            Box::new(m.connections.clone()),
+            Box::new(m.connections_refused.clone()),
             Box::new(m.users.clone()),
             Box::new(m.seen_items.clone()),
         ];

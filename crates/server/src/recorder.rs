@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use features::Event;
 
 use crate::bus::{BusHandle, BusSettings};
-use crate::commit::{CommitHandle, Recorded};
+use crate::commit::{CommitHandle, RecordError, Recorded};
 
 /// Where a server keeps recorded events.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,7 +43,7 @@ impl Recorder {
         &self,
         events: Vec<Event>,
         key: Option<String>,
-    ) -> Result<Recorded, String> {
+    ) -> Result<Recorded, RecordError> {
         match self {
             Recorder::Log(log) => log.record(events, key).await,
             Recorder::Bus(bus) => bus.record(events, key).await,

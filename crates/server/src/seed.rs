@@ -36,7 +36,8 @@ pub fn apply_record(
     match record {
         Record::Batch { events, key } => {
             if let Some(k) = key {
-                dedup.insert(&k, events.len() as u64);
+                let digest = crate::dedup::batch_digest(&events);
+                dedup.insert(&k, events.len() as u64, Some(digest));
             }
             for e in &events {
                 match counts.as_deref_mut() {
@@ -55,7 +56,7 @@ pub fn apply_record(
         }
         Record::Keys(keys) => {
             for (k, n) in keys {
-                dedup.insert(&k, n);
+                dedup.insert(&k, n, None);
             }
         }
     }

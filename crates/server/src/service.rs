@@ -10,7 +10,8 @@ use arc_swap::ArcSwap;
 use tonic::{Code, Request, Response, Status};
 
 use crate::admission::Admission;
-use crate::admit::{self, Admitted};
+use crate::admit;
+use crate::commit::RecordError;
 use crate::config::ServeConfig;
 use crate::convert::{self, FilterSpec, RecommendQuery};
 use crate::encoder::EncoderHandle;
@@ -63,14 +64,16 @@ impl RecommenderService {
         let started = arrival.map_or_else(Instant::now, |a| a.0);
         let budget = Duration::from_millis(self.shared.config.request_timeout_ms);
         let deadline = gate::deadline(req.metadata(), arrival, budget);
-        // The place taken in front of the codec (`admit.rs`), or one taken here when the
-        // service runs without that wrapper.
+        // The place, taken once the body has come (`admit.rs` only refuses from the headers
+        // while the server is full).
         let admission = &self.shared.admission;
-        let permit = req
-            .extensions()
-            .get::<Admitted>()
-            .and_then(Admitted::take)
-            .or_else(|| admission.try_admit());
+        let permit = admission.try_admit();
+        // A call the client cancels is dropped here, mid-await: counted then, as CANCELLED.
+        let mut uncounted = Uncounted {
+            shared: &self.shared,
+            rpc: Some(rpc),
+            started,
+        };
         let msg = req.into_inner();
         let result = if permit.is_none() {
             Err(admit::refusal(rpc, admission))
@@ -85,13 +88,7 @@ impl RecommenderService {
             permit.finish(started.elapsed());
         }
         let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
-        admit::count(
-            &self.shared.metrics,
-            admission,
-            rpc,
-            code,
-            started.elapsed(),
-        );
+        uncounted.count(code);
         if let Err(s) = &result {
             if matches!(code, Code::Internal | Code::Unavailable) {
                 tracing::warn!(
@@ -103,6 +100,30 @@ impl RecommenderService {
             }
         }
         result.map(Response::new)
+    }
+}
+
+/// A request not yet counted in the metrics: counted as CANCELLED if dropped before
+/// [`Uncounted::count`], which a cancelled call's handler future is.
+struct Uncounted<'a> {
+    shared: &'a Shared,
+    /// `None` once counted.
+    rpc: Option<&'static str>,
+    started: Instant,
+}
+
+impl Uncounted<'_> {
+    fn count(&mut self, code: Code) {
+        if let Some(rpc) = self.rpc.take() {
+            let s = self.shared;
+            admit::count(&s.metrics, &s.admission, rpc, code, self.started.elapsed());
+        }
+    }
+}
+
+impl Drop for Uncounted<'_> {
+    fn drop(&mut self) {
+        self.count(Code::Cancelled);
     }
 }
 
@@ -335,7 +356,10 @@ async fn record_events(
         .events
         .record(batch.events, batch.key)
         .await
-        .map_err(Status::unavailable)?;
+        .map_err(|e| match e {
+            RecordError::Unavailable(reason) => Status::unavailable(reason),
+            reused @ RecordError::KeyReused(_) => Status::already_exists(reused.to_string()),
+        })?;
     Ok(proto::RecordEventsResponse {
         recorded: recorded.events,
         duplicate: recorded.duplicate,

@@ -378,10 +378,11 @@ async fn bad_requests_get_invalid_argument_naming_the_field() {
     s.running.stop().await.unwrap();
 }
 
-/// The admission place is taken from a request's headers, before its body is read: a caller who
-/// sends the headers and never the body must not hold it for good.
+/// A caller who sends a request's headers and never its body holds no admission place (one
+/// connection of such streams kept every other client out when the place was taken from the
+/// headers), and the server ends the stream after its request timeout.
 #[tokio::test]
-async fn a_request_whose_body_never_comes_gives_its_place_back() {
+async fn a_request_whose_body_never_comes_holds_no_place() {
     let state = tempfile::tempdir().unwrap();
     let mut opts = options(state.path());
     opts.config.max_in_flight = 1;
@@ -415,10 +416,9 @@ async fn a_request_whose_body_never_comes_gives_its_place_back() {
             .await
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let refused = recommend().await.unwrap_err();
-    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
-    // The server gives up on the body after its request timeout (and a margin), and with it the
-    // place.
+    // The only place (max_in_flight = 1) is free for a caller whose body comes.
+    recommend().await.unwrap();
+    // The server gives up on the missing body after its request timeout (and a margin).
     let ended = tokio::time::timeout(Duration::from_secs(10), stalled).await;
     assert!(ended
         .expect("the stalled call was never ended")
