@@ -52,6 +52,10 @@ impl TextTable {
                 Dialect::RecBole => h.split(':').next().unwrap_or(h),
                 Dialect::Csv => h,
             };
+            if headers.iter().any(|h| h == name) {
+                // Which copy holds the data is anyone's guess.
+                return Err(Error::bad_column(path, name, "appears twice in the header"));
+            }
             headers.push(name.to_string());
         }
         Ok(TextTable {
@@ -341,6 +345,14 @@ mod tests {
         );
         // Without a newline after the last row too.
         assert!(titles("item_id,title\n1,\"Red hat").is_err());
+    }
+
+    #[test]
+    fn a_column_named_twice_in_the_header_is_refused() {
+        let err = titles("item_id,title,title\n1,Hat,Cap\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`title`") && err.contains("twice"), "{err}");
     }
 
     #[test]
