@@ -122,3 +122,36 @@ fn paths_in_a_pipeline_file_are_refused() {
         .fails();
     assert!(err.contains("`out` is set by the pipeline runner"), "{err}");
 }
+
+#[test]
+fn a_failed_retrain_leaves_the_previous_model_servable() {
+    let dir = Dir::new();
+    std::fs::write(dir.join("p.toml"), PIPELINE).unwrap();
+    let run = || {
+        dir.command(&[
+            "pipeline",
+            "run",
+            "p.toml",
+            "--workdir",
+            "w",
+            "--device",
+            "cpu",
+        ])
+    };
+    run().ok();
+    let before = std::fs::read(dir.join("w/model/model.json")).unwrap();
+    // A retrain that fails (here on its settings, as a kill or a full disk would midway) used to
+    // find the served model already deleted.
+    std::fs::write(
+        dir.join("p.toml"),
+        PIPELINE.replace("epochs = 1", "epochs = 1\nlr = -1.0"),
+    )
+    .unwrap();
+    let err = run().fails();
+    assert!(err.contains("lr"), "{err}");
+    assert_eq!(
+        std::fs::read(dir.join("w/model/model.json")).unwrap(),
+        before
+    );
+    assert!(dir.join("w/model/model.safetensors").is_file());
+}

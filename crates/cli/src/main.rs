@@ -12,6 +12,31 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `print!` that does not panic when stdout cannot be written (a full disk, a closed pipe): a
+/// batch job's exit status must say whether its work was done, not whether its report was kept.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `println!` that does not panic when stdout cannot be written ([`out!`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that does not panic when stderr cannot be written ([`out!`]).
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod commands;
 mod omp;
 mod pipeline;
@@ -61,6 +86,9 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // A log that cannot be written (stderr on a full disk) must not end the job: the
+        // subscriber would report it with `eprintln!`, which panics then.
+        .log_internal_errors(false)
         .init();
     let result = match cli.command {
         Command::Prepare(args) => commands::prepare::run(args),
@@ -76,7 +104,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", error_chain(&err));
+            errln!("error: {}", error_chain(&err));
             ExitCode::FAILURE
         }
     }

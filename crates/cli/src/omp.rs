@@ -73,7 +73,7 @@ pub fn ensure_thread_environment() {
         .envs(missing.iter().copied())
         .exec();
     // exec only returns on failure; carry on with the defaults.
-    eprintln!("warning: could not re-execute with {missing:?}: {err}");
+    errln!("warning: could not re-execute with {missing:?}: {err}");
 }
 
 /// The OpenBLAS kernels to ask for when OpenBLAS fell back to its generic `Prescott` ones on a

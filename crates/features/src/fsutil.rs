@@ -120,6 +120,13 @@ pub fn check_replaceable(dest: &Path, flag: &str, what: &str, markers: &[&str]) 
             "exists and is not a directory: give a new or empty directory, or an earlier {what}"
         ));
     }
+    if is_mount_point(dest, &meta) {
+        return refuse(
+            "is a mount point, which a new output cannot be swapped into (the swap renames a \
+             directory built beside it): give a directory inside it"
+                .into(),
+        );
+    }
     let mut entries = std::fs::read_dir(dest).map_err(|e| Error::io(dest, e))?;
     if entries.next().is_none() || markers.iter().any(|m| dest.join(m).exists()) {
         return Ok(());
@@ -129,6 +136,53 @@ pub fn check_replaceable(dest: &Path, flag: &str, what: &str, markers: &[&str]) 
          it holds: give a new or empty directory",
         markers.join(" or ")
     ))
+}
+
+/// Holds an exclusive lock on `.NAME.lock` beside `dest` for as long as the file lives, so that
+/// two runs writing one output (two `train --out model`) fail fast instead of mixing one run's
+/// config with the other's weights. The second run fails at once, naming the lock.
+pub fn lock_beside(dest: &Path, what: &str) -> Result<File> {
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned());
+    let path = parent_dir(dest).join(format!(".{}.lock", name.unwrap_or_else(|| "out".into())));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::bad_file(
+            &path,
+            format!(
+                "another run is writing {} {} (it holds this lock); try again when it ends",
+                what,
+                dest.display()
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+    }
+}
+
+/// Whether `dir` (with metadata `meta`) sits on another file system than its parent.
+fn is_mount_point(dir: &Path, meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let parent = std::fs::canonicalize(dir)
+        .ok()
+        .and_then(|d| d.parent().map(Path::to_path_buf));
+    parent
+        .and_then(|p| std::fs::metadata(p).ok())
+        .is_some_and(|p| p.dev() != meta.dev())
+}
+
+/// Fails now, naming the directory, if files cannot be created in `dir` (created if missing):
+/// a job that writes its output at the end would otherwise find out after all its work.
+pub fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let probe = hidden_sibling(&dir.join("probe"), "writable");
+    File::create(&probe).map_err(|e| Error::io(dir, e))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 /// A directory built beside its destination and swapped into place by [`StagingDir::publish`]:
@@ -282,6 +336,22 @@ mod tests {
             Some(s)
         };
         Some((read("model.json")?, read("vocab/title.json")?))
+    }
+
+    #[test]
+    fn a_second_run_on_one_output_fails_at_once_naming_the_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("model");
+        let held = lock_beside(&dest, "model directory").unwrap();
+        let err = lock_beside(&dest, "model directory")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(".model.lock") && err.contains("another run"),
+            "{err}"
+        );
+        drop(held);
+        lock_beside(&dest, "model directory").unwrap();
     }
 
     #[test]

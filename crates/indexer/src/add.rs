@@ -67,6 +67,10 @@ pub fn add_items(opts: &AddOptions) -> Result<Manifest> {
     if opts.items.is_none() && opts.remove.is_none() {
         return Err(Error::invalid("index add needs --items, --remove or both"));
     }
+    // The lock first: a rebuild publishing between reading CURRENT and taking the lock would be
+    // replaced by this version, built on the parent it read.
+    let root = IndexRoot::new(&opts.index);
+    let _lock = opts.index.is_dir().then(|| root.lock()).transpose()?;
     let current = IndexVersion::open_current(&opts.index)?;
     let model = LoadedModel::load(&opts.model, opts.device)?;
     if model.info.weights_sha256 != current.manifest.model.weights_sha256 {
@@ -105,9 +109,7 @@ pub fn add_items(opts: &AddOptions) -> Result<Manifest> {
     }
     let dropped = |id: &u64| new_ids.contains(id) || removed.contains(id);
 
-    let root = IndexRoot::new(&opts.index);
     let version = new_version(&current.version);
-    let _lock = root.lock()?;
     let staging = root.stage(&version)?;
     let dir = staging.path().to_path_buf();
     let start = Instant::now();

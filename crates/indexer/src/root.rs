@@ -142,9 +142,12 @@ impl IndexRoot {
     }
 
     /// Creates (or empties) the staging directory of a new version. Checks first that the root
-    /// is writable, so an unwritable output fails before any work is done.
+    /// is writable, so an unwritable output fails before any work is done. Call it holding
+    /// [`lock`](Self::lock): every other staging directory is then a killed job's leftover, and
+    /// is removed first, so that on a tight disk one kill does not make every later job fail.
     pub fn stage(&self, version: &str) -> Result<StagingDir> {
         std::fs::create_dir_all(&self.0).map_err(|e| Error::io(&self.0, e))?;
+        self.remove_leftover_staging()?;
         let dir = self.0.join(format!("{STAGING_PREFIX}{version}"));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -200,21 +203,53 @@ impl IndexRoot {
             if Some(v) == current.as_ref() || leased.contains(v) {
                 continue;
             }
-            let dir = self.version_dir(v);
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            self.remove_version_dir(v)?;
             removed.push(v.clone());
         }
         let current_tmp = format!(".{CURRENT}.tmp-");
         for entry in std::fs::read_dir(&self.0).map_err(|e| Error::io(&self.0, e))? {
             let entry = entry.map_err(|e| Error::io(&self.0, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(STAGING_PREFIX) {
-                let _ = std::fs::remove_dir_all(entry.path());
+            let incomplete = is_version_name(&name)
+                && !VersionLayout(entry.path()).manifest().is_file()
+                && Some(&name) != current.as_ref()
+                && !leased.contains(&name);
+            if incomplete {
+                // What a garbage collection killed midway left before versions were renamed
+                // away first: never loadable, never listed, never collected otherwise.
+                self.remove_version_dir(&name)?;
             } else if name.starts_with(&current_tmp) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
+        self.remove_leftover_staging()?;
         Ok(removed)
+    }
+
+    /// Removes a version's directory: renamed out of the versions first (one atomic step), so a
+    /// kill midway leaves a staging leftover for the next job to remove, never a version whose
+    /// manifest outlived its index or whose files outlived its manifest.
+    fn remove_version_dir(&self, version: &str) -> Result<()> {
+        let dir = self.version_dir(version);
+        let doomed = self.0.join(format!("{STAGING_PREFIX}gc-{version}"));
+        std::fs::rename(&dir, &doomed).map_err(|e| Error::io(&dir, e))?;
+        std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
+    }
+
+    /// Removes every staging directory: under the lock, none is being written.
+    fn remove_leftover_staging(&self) -> Result<()> {
+        for entry in std::fs::read_dir(&self.0).map_err(|e| Error::io(&self.0, e))? {
+            let entry = entry.map_err(|e| Error::io(&self.0, e))?;
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(STAGING_PREFIX)
+            {
+                let path = entry.path();
+                std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+            }
+        }
+        Ok(())
     }
 
     fn lease_path(&self, holder: &str) -> PathBuf {
@@ -395,6 +430,32 @@ mod tests {
         assert!(!staged_path.exists());
         root.set_current(&b).unwrap();
         assert_eq!(root.collect_garbage(1).unwrap(), vec![a]);
+    }
+
+    #[test]
+    fn what_killed_jobs_left_is_removed_by_the_next_job() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = IndexRoot::new(tmp.path().join("idx"));
+        let a = publish(&root, "a");
+        // A garbage collection killed midway: a version directory that lost its manifest, and
+        // one renamed away but not yet deleted; a build killed while staging.
+        let half = new_version("half");
+        std::fs::create_dir(root.version_dir(&half)).unwrap();
+        std::fs::write(root.version_dir(&half).join("index.faiss"), "x").unwrap();
+        let renamed = root.0.join(format!("{STAGING_PREFIX}gc-{half}x"));
+        std::fs::create_dir(&renamed).unwrap();
+        let killed = root.stage(&new_version("killed")).unwrap();
+        let killed_build = killed.path().to_path_buf();
+        std::mem::forget(killed); // a kill runs no destructor
+        std::fs::write(killed_build.join("big"), vec![0u8; 1024]).unwrap();
+        // The next build's staging removes the killed build's and the renamed one at once.
+        let next = root.stage(&new_version("next")).unwrap();
+        assert!(!killed_build.exists() && !renamed.exists() && next.path().exists());
+        // Garbage collection removes the version that lost its manifest, not the current one.
+        assert!(root.collect_garbage(5).unwrap().is_empty());
+        assert!(!root.version_dir(&half).exists());
+        assert_eq!(root.versions().unwrap(), vec![a.clone()]);
+        assert_eq!(root.current().unwrap(), Some(a));
     }
 
     #[test]

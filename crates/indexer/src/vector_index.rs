@@ -216,13 +216,39 @@ impl VectorIndex {
         Ok(hits)
     }
 
-    /// Writes the index to `path` (not atomically: callers write inside a staging directory).
+    /// Writes the index to `path` (not atomically: callers write inside a staging directory),
+    /// fsynced. Through a `FILE` of our own rather than FAISS's by-name write, which reports a
+    /// failed final flush (a full disk, a quota, NFS) only as a `close error` line on stderr: the
+    /// truncated file was then published as the current version.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let p = path_str(path)?;
-        faiss::write_index(&self.inner, p).map_err(|e| Error::Faiss {
-            op: format!("write {}", path.display()),
-            reason: e.to_string(),
-        })
+        let name = std::ffi::CString::new(path_str(path)?).map_err(|_| Error::BadFile {
+            path: path.to_path_buf(),
+            reason: "path holds a NUL byte".into(),
+        })?;
+        let io_err = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        // SAFETY: a valid C string and mode; the FILE is closed exactly once below.
+        let file = unsafe { libc::fopen(name.as_ptr(), c"wb".as_ptr()) };
+        if file.is_null() {
+            return Err(io_err(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a live index and an open FILE.
+        let rc = unsafe { sys::faiss_write_index(self.inner.inner_ptr(), file.cast()) };
+        // SAFETY: the FILE is open; after fclose it is not used again.
+        let flushed = unsafe { libc::fflush(file) == 0 && libc::fsync(libc::fileno(file)) == 0 };
+        let flush_error = std::io::Error::last_os_error();
+        let closed = unsafe { libc::fclose(file) == 0 };
+        let close_error = std::io::Error::last_os_error();
+        check(&format!("write {}", path.display()), rc)?;
+        if !flushed {
+            return Err(io_err(flush_error));
+        }
+        if !closed {
+            return Err(io_err(close_error));
+        }
+        Ok(())
     }
 
     /// Reads an index written by [`write`](Self::write).
@@ -384,5 +410,19 @@ mod tests {
             back.search(q, 5, None).unwrap(),
             index.search(q, 5, None).unwrap()
         );
+    }
+
+    #[test]
+    fn an_index_file_the_disk_could_not_take_is_an_error_not_a_truncated_file() {
+        // Small enough to sit in the FILE's buffer until the final flush.
+        let (n, dim) = (10, 8);
+        let data = unit_vectors(n, dim, 5);
+        let ids: Vec<u64> = (0..n as u64).collect();
+        let mut index = VectorIndex::new("Flat", dim).unwrap();
+        index.add(&ids, &data).unwrap();
+        // Every write to /dev/full fails with ENOSPC; buffered, FAISS's own writes may only fail
+        // at the final flush, which its by-name write left unreported.
+        let err = index.write(Path::new("/dev/full")).unwrap_err().to_string();
+        assert!(err.contains("/dev/full"), "{err}");
     }
 }

@@ -3,8 +3,10 @@
 //! When either changes, it loads what changed on the blocking pool (the unchanged half is
 //! reused), pairs and checks model and index ([`Snapshot::pair`]: same weights, same dim, a probe
 //! query answers), and swaps the new snapshot in atomically. Requests already running keep the
-//! old one. A version that fails is logged, counted and remembered: it is not loaded again until
-//! `CURRENT` or `model.json` changes, and the old one keeps serving. An empty or garbled
+//! old one. A version that fails is logged, counted and remembered: it is tried again only after
+//! 30 s, then after twice as long each time up to 10 min (so that files copied out of order,
+//! `CURRENT` before its version, heal by themselves), or at once when `CURRENT` or `model.json`
+//! changes; the old one keeps serving. An empty or garbled
 //! `CURRENT` is a warning (once per distinct problem) and a count on every poll.
 //!
 //! The watcher also keeps this server's lease on the version it serves
@@ -43,6 +45,11 @@ pub struct Reloader {
     pub lease_holder: String,
 }
 
+/// The first wait before a rejected version is tried again, and the longest, in polls: 30 s and
+/// 10 min at the default interval of a second.
+const REJECTED_RETRY_FIRST_POLLS: u32 = 30;
+const REJECTED_RETRY_MAX_POLLS: u32 = 600;
+
 /// What the files say should be served: `model.json`'s bytes and the version `CURRENT` names.
 #[derive(Debug, Clone, PartialEq)]
 struct Wanted {
@@ -54,7 +61,8 @@ impl Reloader {
     /// Polls until `stop` turns true, then gives up the lease.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let this = Arc::new(self);
-        let mut rejected: Option<Wanted> = None;
+        // The version last rejected, when it may be tried again, and the wait after that.
+        let mut rejected: Option<(Wanted, Instant, Duration)> = None;
         let mut unreadable: Option<String> = None;
         let mut lease = LeaseKeeper::default();
         loop {
@@ -90,7 +98,8 @@ impl Reloader {
                     continue;
                 }
             };
-            if rejected.as_ref() == Some(&wanted) {
+            if matches!(&rejected, Some((w, retry_at, _)) if *w == wanted && Instant::now() < *retry_at)
+            {
                 continue;
             }
             let me = this.clone();
@@ -121,13 +130,23 @@ impl Reloader {
                         tracing::info!(error = %e, "reload: files changed while loading; trying again");
                         continue;
                     }
+                    // Tried again after a wait that doubles: files copied out of order (CURRENT
+                    // before the version) heal by themselves, and a broken version is not
+                    // reloaded at every poll.
+                    let wait = match &rejected {
+                        Some((w, _, wait)) if *w == wanted => {
+                            (*wait * 2).min(this.interval * REJECTED_RETRY_MAX_POLLS)
+                        }
+                        _ => this.interval * REJECTED_RETRY_FIRST_POLLS,
+                    };
                     tracing::error!(
                         index_version = %wanted.index_version,
                         error = %e,
-                        "reload rejected; still serving the previous version (not tried again until CURRENT or model.json changes)"
+                        retry_in_s = wait.as_secs(),
+                        "reload rejected; still serving the previous version"
                     );
                     this.metrics.reloads.with_label_values(&["rejected"]).inc();
-                    rejected = Some(wanted);
+                    rejected = Some((wanted, Instant::now() + wait, wait));
                 }
             }
         }

@@ -112,6 +112,8 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         "model directory",
         &["model.json", "checkpoint"],
     )?;
+    let _one_run = features::fsutil::lock_beside(&opts.out, "model directory")?;
+    features::fsutil::check_writable(&opts.out)?;
     progress.start("loading examples", None);
     let train_set = Arc::new(data.examples(Split::Train, &cfg.tower)?);
     let valid_set = data.examples(Split::Valid, &cfg.tower)?;
@@ -397,20 +399,34 @@ fn write_artifacts(layout: &ModelLayout, a: &Artifacts<'_>) -> Result<()> {
     let staged = ModelLayout(features::fsutil::hidden_sibling(&layout.0, "staging"));
     let _ = std::fs::remove_dir_all(&staged.0);
     std::fs::create_dir_all(&staged.0).map_err(|e| Error::io(&staged.0, e))?;
+    // The checkpoint is linked, not moved, into the staging directory: a kill before the swap
+    // leaves it where `--resume` looks.
     let result = write_model_dir(&staged, a).and_then(|()| {
         if layout.checkpoint().exists() {
-            std::fs::rename(layout.checkpoint(), staged.checkpoint())
-                .map_err(|e| Error::io(staged.checkpoint(), e))?;
+            link_tree(&layout.checkpoint(), &staged.checkpoint())?;
         }
         Ok(features::fsutil::replace_dir(&staged.0, &layout.0)?)
     });
     if result.is_err() {
-        if staged.checkpoint().exists() && !layout.checkpoint().exists() {
-            let _ = std::fs::rename(staged.checkpoint(), layout.checkpoint());
-        }
         let _ = std::fs::remove_dir_all(&staged.0);
     }
     result
+}
+
+/// A copy of the directory `from` at `to`, its files hard-linked (copied where links fail: another
+/// file system).
+fn link_tree(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let src = entry.map_err(|e| Error::io(from, e))?.path();
+        let dst = to.join(src.file_name().unwrap_or_default());
+        if src.is_dir() {
+            link_tree(&src, &dst)?;
+        } else if std::fs::hard_link(&src, &dst).is_err() {
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&dst, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes a complete model directory: weights, `model.json`, metrics, log, curves, vocabularies.

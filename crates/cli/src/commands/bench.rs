@@ -53,7 +53,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             if let Some(out) = &args.out {
                 std::fs::write(out, &json).with_context(|| format!("writing {}", out.display()))?;
             }
-            println!("{json}");
+            outln!("{json}");
             Ok(())
         }
         BenchCommand::Serve(args) => super::serve::bench(args),

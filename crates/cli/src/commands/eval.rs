@@ -73,6 +73,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             args.data.display()
         )
     })?;
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    outln!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }

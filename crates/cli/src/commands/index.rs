@@ -76,12 +76,15 @@ impl PublishArgs {
         if self.train_per_centroid == 0 {
             anyhow::bail!("--train-per-centroid must be at least 1");
         }
+        if self.keep == 0 {
+            anyhow::bail!("--keep must be at least 1 (the current version is always kept)");
+        }
         Ok(PublishSettings {
             train_per_centroid: self.train_per_centroid,
             factory: self.factory.clone(),
             nprobe: self.nprobe,
             rerank: self.rerank,
-            keep: self.keep.max(1),
+            keep: self.keep,
             seed: self.seed,
             ..PublishSettings::default()
         })
@@ -162,7 +165,7 @@ struct MergeArgs {
 
 pub fn run(args: IndexArgs) -> anyhow::Result<()> {
     if let Some(manifest) = execute(args)? {
-        println!("{}", serde_json::to_string_pretty(&manifest)?);
+        outln!("{}", serde_json::to_string_pretty(&manifest)?);
     }
     Ok(())
 }
@@ -214,7 +217,7 @@ pub fn execute(args: IndexArgs) -> anyhow::Result<Option<indexer::Manifest>> {
             if opts.shard.is_some() {
                 let info = indexer::embed_shard(&opts, &Bars::new())
                     .with_context(|| format!("embedding shard into {}", opts.out.display()))?;
-                println!("{}", serde_json::to_string_pretty(&info)?);
+                outln!("{}", serde_json::to_string_pretty(&info)?);
                 return Ok(None);
             }
             build(&opts)?
@@ -250,7 +253,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<indexer::Manifest> {
 
 /// The one-line summary of a published version, on stderr.
 pub fn report(manifest: &indexer::Manifest) {
-    eprintln!(
+    errln!(
         "published index version {} ({} items, {}, nprobe {}, recall@10 {:.3} and recall@100 {:.3} vs exact; peak RSS {:.0} MiB)",
         manifest.version,
         manifest.count,

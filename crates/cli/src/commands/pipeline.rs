@@ -60,13 +60,13 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let file = PipelineFile::load(&a.file)?;
     let outcomes = pipeline::run(&file, &a.workdir, a.force, &a.device)?;
     let dirs = Workdir(a.workdir.clone());
-    println!();
-    println!("pipeline {} in {}", a.file.display(), a.workdir.display());
+    outln!();
+    outln!("pipeline {} in {}", a.file.display(), a.workdir.display());
     for o in &outcomes {
         if o.ran {
-            println!("  {:<8} ran in {:>7.1} s", o.stage, o.seconds);
+            outln!("  {:<8} ran in {:>7.1} s", o.stage, o.seconds);
         } else {
-            println!("  {:<8} up to date (skipped)", o.stage);
+            outln!("  {:<8} up to date (skipped)", o.stage);
         }
     }
     let metrics = dirs.model().join("metrics.json");
@@ -74,20 +74,20 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         &std::fs::read(&metrics).with_context(|| format!("reading {}", metrics.display()))?,
     )
     .with_context(|| format!("reading {}", metrics.display()))?;
-    println!();
+    outln!();
     super::train::print_metrics(&report);
     let index = indexer::IndexVersion::open_current(&dirs.index())
         .with_context(|| format!("opening {}", dirs.index().display()))?;
     let m = &index.manifest;
-    println!();
-    println!("artifacts:");
-    println!("  data   {}", dirs.data().display());
-    println!(
+    outln!();
+    outln!("artifacts:");
+    outln!("  data   {}", dirs.data().display());
+    outln!(
         "  model  {} (version {})",
         dirs.model().display(),
         m.model.version
     );
-    println!(
+    outln!(
         "  index  {} (version {}, {} items, {}, nprobe {}, recall@100 {:.3} vs exact)",
         dirs.index().display(),
         m.version,

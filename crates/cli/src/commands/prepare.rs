@@ -247,7 +247,7 @@ pub fn prepare_dataset(args: &PrepareSettings, out: &Path) -> anyhow::Result<()>
         prepare::prepare_raw(raw, provenance, out, &cfg, on_bad_rows, &bars)?
     };
     let c = &info.counts;
-    println!(
+    outln!(
         "prepared {} into {}: {} items, {} users, {} events; examples: {} train, {} valid, {} test{}{} ({:.1} s, {:.0} events/s, peak RSS {:.0} MiB)",
         info.provenance.source,
         out.display(),

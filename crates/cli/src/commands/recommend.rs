@@ -100,7 +100,7 @@ pub fn run(args: RecommendArgs) -> anyhow::Result<()> {
     if let (Some(data), Some(user)) = (&args.history_from, args.user) {
         let titles = recent_titles(data, user, args.history)
             .with_context(|| format!("reading user {user}'s history from {}", data.display()))?;
-        println!(
+        outln!(
             "user {user} recently: {}",
             if titles.is_empty() {
                 "(nothing)".into()
@@ -110,9 +110,9 @@ pub fn run(args: RecommendArgs) -> anyhow::Result<()> {
         );
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&reply))?);
+        outln!("{}", serde_json::to_string_pretty(&to_json(&reply))?);
     } else {
-        print!("{}", table(&reply));
+        out!("{}", table(&reply));
     }
     Ok(())
 }
@@ -222,6 +222,6 @@ pub fn health(args: HealthArgs) -> anyhow::Result<()> {
     if !serving {
         anyhow::bail!("{} is up but not SERVING", opts.url);
     }
-    println!("SERVING");
+    outln!("SERVING");
     Ok(())
 }

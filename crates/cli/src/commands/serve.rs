@@ -329,7 +329,7 @@ pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
     if let Some(out) = &args.out {
         std::fs::write(out, &json).with_context(|| format!("writing {}", out.display()))?;
     }
-    println!("{json}");
+    outln!("{json}");
     Ok(())
 }
 

@@ -78,9 +78,9 @@ pub fn train(opts: TrainOptions) -> anyhow::Result<()> {
     let (data, out) = (opts.data.clone(), opts.out.clone());
     let report = trainer::train(opts, &Bars::new())
         .with_context(|| format!("training on {}", data.display()))?;
-    println!("model written to {}", out.display());
+    outln!("model written to {}", out.display());
     print_metrics(&report);
-    println!(
+    outln!(
         "{} epochs (best {}), {:.0} examples/s on {}, {:.1} s, peak RSS {:.0} MiB",
         report.train.epochs,
         report.train.best_epoch,
@@ -96,9 +96,12 @@ pub fn train(opts: TrainOptions) -> anyhow::Result<()> {
 /// when the data holds cold items).
 pub fn print_metrics(report: &trainer::TrainReport) {
     let get = |m: &trainer::ranking::Metrics, k: &str| m.get(k).copied().unwrap_or(f64::NAN);
-    println!(
+    outln!(
         "{:<22} {:>10} {:>10} {:>10}",
-        "test (full ranking)", "recall@10", "ndcg@10", "recall@50"
+        "test (full ranking)",
+        "recall@10",
+        "ndcg@10",
+        "recall@50"
     );
     // With a second stage, `test` is the two stages as served and the towers get their own row.
     let mut rows = match &report.test_two_tower {
@@ -114,7 +117,7 @@ pub fn print_metrics(report: &trainer::TrainReport) {
         ("item-kNN", &report.baseline_item_knn),
     ]);
     for (name, m) in rows {
-        println!(
+        outln!(
             "{name:<22} {:>10.4} {:>10.4} {:>10.4}",
             get(m, "recall@10"),
             get(m, "ndcg@10"),
@@ -128,23 +131,24 @@ pub fn print_metrics(report: &trainer::TrainReport) {
             } else {
                 "chosen on validation"
             };
-            println!(
+            outln!(
                 "second stage: co-occurrence re-rank of the top {} at weight {:.4}, {how}",
-                r.depth, r.weight
+                r.depth,
+                r.weight
             );
         } else {
-            println!("second stage: left out (no weight beat the towers alone on validation)");
+            outln!("second stage: left out (no weight beat the towers alone on validation)");
         }
     }
     if let (Some(cold), Some(warm)) = (&report.cold_items, &report.warm_items) {
-        println!(
+        outln!(
             "{:<22} {:>10.4} {:>10.4} {:>10.4}",
             "  cold-item targets",
             get(cold, "recall@10"),
             get(cold, "ndcg@10"),
             get(cold, "recall@50")
         );
-        println!(
+        outln!(
             "{:<22} {:>10.4} {:>10.4} {:>10.4}",
             "  warm-item targets",
             get(warm, "recall@10"),

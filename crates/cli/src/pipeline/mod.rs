@@ -90,7 +90,7 @@ pub fn run(
             .is_some_and(|r| r.inputs == inputs && outputs_exist(stage, &dirs));
         let forced = force.is_some_and(|f| stage >= f);
         if done && !forced && !upstream_ran {
-            eprintln!("[pipeline] {stage}: up to date, skipped");
+            errln!("[pipeline] {stage}: up to date, skipped");
             outcomes.push(StageOutcome {
                 stage,
                 ran: false,
@@ -98,7 +98,7 @@ pub fn run(
             });
             continue;
         }
-        eprintln!("[pipeline] {stage}: running");
+        errln!("[pipeline] {stage}: running");
         record::remove(workdir, stage.name());
         let start = Instant::now();
         run_stage(stage, file, &dirs, device)
@@ -115,7 +115,7 @@ pub fn run(
                 seconds,
             },
         )?;
-        eprintln!("[pipeline] {stage}: done in {seconds:.1} s");
+        errln!("[pipeline] {stage}: done in {seconds:.1} s");
         upstream_ran = true;
         outcomes.push(StageOutcome {
             stage,
@@ -196,10 +196,13 @@ fn run_stage(
     match stage {
         Stage::Prepare => prepare::prepare_dataset(&file.prepare_settings()?, &dirs.data()),
         Stage::Train => {
-            // A rerun starts from scratch, not from an old run's checkpoint.
-            if dirs.model().exists() {
-                std::fs::remove_dir_all(dirs.model())
-                    .with_context(|| format!("removing {}", dirs.model().display()))?;
+            // A rerun starts from scratch, not from an old run's checkpoint. The model itself
+            // stays until training swaps the new one in whole: a server may be serving it, and a
+            // retrain that fails or is killed must leave it servable.
+            let checkpoint = towers::ModelLayout(dirs.model()).checkpoint();
+            if checkpoint.exists() {
+                std::fs::remove_dir_all(&checkpoint)
+                    .with_context(|| format!("removing {}", checkpoint.display()))?;
             }
             // `trainer::train` validates the config.
             train::train(trainer::TrainOptions {

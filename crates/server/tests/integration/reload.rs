@@ -149,6 +149,45 @@ fn publish_bad_copy(root: &Path, from: &str, bad: &str) {
     std::fs::write(root.join("CURRENT"), format!("{bad}\n")).unwrap();
 }
 
+/// Files copied out of order (a replica sync that writes `CURRENT` before the version's files):
+/// the version is rejected, then served once its files are whole, without a new publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_version_is_tried_again_and_served_once_its_files_are_whole() {
+    let state = tempfile::tempdir().unwrap();
+    let root = state.path().join("index");
+    copy_dir(shared_index(), &root);
+    let good = std::fs::read_to_string(root.join("CURRENT"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut opts = options(state.path());
+    opts.index_root = root.clone();
+    let mut s = start_with(opts, state).await;
+    let late = "20991231T235959Z-1a7e1a7e";
+    publish_bad_copy(&root, &good, late);
+    // Rejected (the manifest does not match the model yet) ...
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let metrics = crate::state::http_get(s.running.metrics_addr.unwrap(), "/metrics");
+    assert!(
+        metrics.contains(r#"twotower_reloads_total{result="rejected"} 1"#),
+        "{metrics}"
+    );
+    // ... until the rest of its files arrive: 30 polls later it is tried again.
+    let good_manifest = std::fs::read(root.join(&good).join("manifest.json")).unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&good_manifest).unwrap();
+    m["version"] = late.into();
+    std::fs::write(
+        root.join(late).join("manifest.json"),
+        serde_json::to_vec(&m).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        wait_for_version(&mut s.client, late).await,
+        "never tried again"
+    );
+    s.running.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_current_at_start_up_falls_back_to_the_newest_valid_version_unless_strict() {
     let state = tempfile::tempdir().unwrap();
