@@ -12,12 +12,13 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `print!` that does not panic when stdout cannot be written (a full disk, a closed pipe): a
-/// batch job's exit status must say whether its work was done, not whether its report was kept.
+/// `print!` that does not panic when stdout cannot be written (a full disk): the job goes on to
+/// finish its work, and then exits with a failure that says its report was lost
+/// ([`STDOUT_LOST`]). A closed pipe (`| head`) is no failure.
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = write!(std::io::stdout(), $($arg)*);
+        $crate::note_stdout(write!(std::io::stdout(), $($arg)*));
     }};
 }
 
@@ -25,7 +26,7 @@ macro_rules! out {
 macro_rules! outln {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
+        $crate::note_stdout(writeln!(std::io::stdout(), $($arg)*));
     }};
 }
 
@@ -35,6 +36,17 @@ macro_rules! errln {
         use std::io::Write as _;
         let _ = writeln!(std::io::stderr(), $($arg)*);
     }};
+}
+
+/// Set when a report could not be written to stdout (other than into a closed pipe).
+static STDOUT_LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn note_stdout(written: std::io::Result<()>) {
+    if let Err(e) = written {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            STDOUT_LOST.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 mod commands;
@@ -101,7 +113,13 @@ fn main() -> ExitCode {
         Command::Pipeline(args) => commands::pipeline::run(args),
         Command::Bench(cmd) => commands::bench::run(cmd),
     };
+    let flushed = std::io::Write::flush(&mut std::io::stdout());
+    note_stdout(flushed);
     match result {
+        Ok(()) if STDOUT_LOST.load(std::sync::atomic::Ordering::Relaxed) => {
+            errln!("error: the work is done, but its report could not be written to stdout");
+            ExitCode::FAILURE
+        }
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             errln!("error: {}", error_chain(&err));

@@ -143,7 +143,9 @@ pub fn check_replaceable(dest: &Path, flag: &str, what: &str, markers: &[&str]) 
 /// config with the other's weights. The second run fails at once, naming the lock.
 pub fn lock_beside(dest: &Path, what: &str) -> Result<File> {
     let name = dest.file_name().map(|n| n.to_string_lossy().into_owned());
-    let path = parent_dir(dest).join(format!(".{}.lock", name.unwrap_or_else(|| "out".into())));
+    let parent = parent_dir(dest);
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let path = parent.join(format!(".{}.lock", name.unwrap_or_else(|| "out".into())));
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

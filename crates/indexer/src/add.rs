@@ -34,10 +34,12 @@ pub struct AddOptions {
 /// The items of `--items`: a Parquet items table (`docs/data.md`) with at least one row, each
 /// item checked as `prepare` checks the user's own files.
 fn read_new_items(path: &Path) -> Result<Vec<Item>> {
-    let is_parquet = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
-    if !is_parquet && path.is_file() {
+    // By content, not by name: Parquet files start with `PAR1`.
+    let mut magic = [0u8; 4];
+    let is_parquet = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok_and(|()| &magic == b"PAR1");
+    if !is_parquet && path.is_file() && std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
         return Err(Error::invalid(format!(
             "{}: index add reads a Parquet items table (`.parquet`, schema in docs/data.md), not this file type",
             path.display()

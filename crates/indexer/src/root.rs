@@ -236,7 +236,8 @@ impl IndexRoot {
         std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
     }
 
-    /// Removes every staging directory: under the lock, none is being written.
+    /// Removes every staging directory: under the lock, none is being written. One that cannot
+    /// be removed (a file held open on NFS, permissions) is a warning, not every later job's end.
     fn remove_leftover_staging(&self) -> Result<()> {
         for entry in std::fs::read_dir(&self.0).map_err(|e| Error::io(&self.0, e))? {
             let entry = entry.map_err(|e| Error::io(&self.0, e))?;
@@ -246,7 +247,9 @@ impl IndexRoot {
                 .starts_with(STAGING_PREFIX)
             {
                 let path = entry.path();
-                std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+                if let Err(e) = std::fs::remove_dir_all(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a leftover staging directory");
+                }
             }
         }
         Ok(())

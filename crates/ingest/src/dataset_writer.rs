@@ -183,8 +183,9 @@ impl DatasetWriter {
             return Err(Error::bad_file(
                 label,
                 format!(
-                    "no training examples from {} events of {} users: every item event went to \
-                     validation or test, or came after the time split's cutoff (docs/data.md)",
+                    "no training examples from {} events of {} users: no item event is a \
+                     training target (only searches, every target a held-out cold item, or \
+                     every event after the time split's cutoff; docs/data.md)",
                     c.events, c.users
                 ),
             ));

@@ -353,8 +353,8 @@ impl BusHandle {
         events: Vec<Event>,
         key: Option<String>,
     ) -> std::result::Result<Recorded, RecordError> {
+        let digest = batch_digest(&events);
         if let Some(k) = &key {
-            let digest = batch_digest(&events);
             match self.dedup.lock().expect("dedup lock").check(k, digest) {
                 KeySeen::New => {}
                 KeySeen::Repeat(n) => {
@@ -387,9 +387,17 @@ impl BusHandle {
         }
         let n = events.len() as u64;
         if ack.duplicate {
-            let first = key.and_then(|k| self.dedup.lock().expect("dedup lock").get(&k));
+            // Another replica (or a concurrent request) recorded this key first: a repeat only
+            // if it was the same batch, which the window, now applied, tells.
+            let seen = key.as_deref().map(|k| {
+                let window = self.dedup.lock().expect("dedup lock");
+                (window.check(k, digest), window.get(k))
+            });
+            if let (Some((KeySeen::Reused, _)), Some(k)) = (seen, key) {
+                return Err(RecordError::KeyReused(k));
+            }
             return Ok(Recorded {
-                events: first.unwrap_or(n),
+                events: seen.and_then(|(_, first)| first).unwrap_or(n),
                 duplicate: true,
             });
         }

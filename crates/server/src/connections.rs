@@ -1,6 +1,9 @@
 //! Accepted connections, bounded: at most `max_connections` open at once (a connection beyond
 //! it is closed as it is accepted, and counted), and each must send its first byte within
 //! `handshake_timeout_ms`.
+//! What must come in time is the first [`HANDSHAKE_BYTES`] bytes, the length of HTTP/2's
+//! connection preface (a TLS client hello is longer): one byte, then silence, would otherwise
+//! hold a connection for good.
 //!
 //! An idle TCP connection costs the server a file descriptor and nothing else, so without a bound
 //! a client opening about a thousand of them, sending nothing, used up the descriptors that
@@ -24,6 +27,9 @@ use tokio::time::Sleep;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::metrics::Metrics;
+
+/// Bytes a client must send within the handshake timeout: HTTP/2's connection preface.
+const HANDSHAKE_BYTES: usize = 24;
 
 /// Descriptors kept for everything but client connections: the model and index files a reload
 /// opens, the event log, leases, the metrics endpoint, libtorch and FAISS.
@@ -103,7 +109,8 @@ pub fn bounded(
                 let _ = stream.set_nodelay(true);
                 let conn = Conn {
                     inner: stream,
-                    first_byte: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
+                    handshake: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
+                    received: 0,
                     _slot: Slot::take(open.clone(), metrics.clone()),
                 };
                 return Some((Ok(conn), listener));
@@ -133,11 +140,14 @@ impl Drop for Slot {
     }
 }
 
-/// A client connection: a TCP stream that fails its first read if no byte comes in time.
+/// A client connection: a TCP stream whose reads fail if its first [`HANDSHAKE_BYTES`] bytes do
+/// not come in time.
 pub struct Conn {
     inner: TcpStream,
-    /// Until the first byte has come.
-    first_byte: Option<Pin<Box<Sleep>>>,
+    /// Until the handshake's bytes have come.
+    handshake: Option<Pin<Box<Sleep>>>,
+    /// Bytes read so far, counted up to [`HANDSHAKE_BYTES`].
+    received: usize,
     _slot: Slot,
 }
 
@@ -158,18 +168,21 @@ impl AsyncRead for Conn {
         let this = &mut *self;
         let before = buf.filled().len();
         let read = Pin::new(&mut this.inner).poll_read(cx, buf);
-        let Some(deadline) = this.first_byte.as_mut() else {
+        let Some(deadline) = this.handshake.as_mut() else {
             return read;
         };
-        match read {
-            Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                this.first_byte = None;
-                Poll::Ready(Ok(()))
+        if let Poll::Ready(Ok(())) = read {
+            this.received += buf.filled().len() - before;
+            if this.received >= HANDSHAKE_BYTES {
+                this.handshake = None;
             }
+            return Poll::Ready(Ok(()));
+        }
+        match read {
             Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    "the client sent nothing within handshake_timeout_ms",
+                    "the client did not begin HTTP/2 or TLS within handshake_timeout_ms",
                 )))
             }
             other => other,
@@ -253,12 +266,24 @@ mod tests {
         let mut buf = [0u8; 8];
         let err = conn.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        // One that speaks in time is read as usual, and later silences are its own business.
+        // One byte, then silence, is no handshake either.
+        let mut dribbler = TcpStream::connect(addr).await.unwrap();
+        let mut conn = conns.next().await.unwrap().unwrap();
+        dribbler.write_all(b"P").await.unwrap();
+        assert_eq!(conn.read(&mut buf).await.unwrap(), 1);
+        let err = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // One that sends its preface in time is read as usual, and later silences are its own
+        // business (an idle gRPC channel).
         let mut talker = TcpStream::connect(addr).await.unwrap();
         let mut conn = conns.next().await.unwrap().unwrap();
-        talker.write_all(b"PRI").await.unwrap();
-        assert_eq!(conn.read(&mut buf).await.unwrap(), 3);
+        talker
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut preface = [0u8; 24];
+        conn.read_exact(&mut preface).await.unwrap();
         let quiet = tokio::time::timeout(Duration::from_millis(400), conn.read(&mut buf)).await;
-        assert!(quiet.is_err(), "no timeout after the first byte");
+        assert!(quiet.is_err(), "no timeout after the handshake");
     }
 }

@@ -202,7 +202,9 @@ fn worker(idx: usize, rx: &Mutex<mpsc::Receiver<Job>>, max_batch: usize, metrics
             let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
             let Ok(first) = rx.recv() else { return };
             let mut jobs = vec![first];
-            while jobs.len() < max_batch {
+            // At most one job without a user vector per take, and last: a second one waits for
+            // another worker rather than behind this one (they do not batch).
+            while jobs.len() < max_batch && !matches!(jobs.last(), Some(Job::Run(_))) {
                 match rx.try_recv() {
                     Ok(j) => jobs.push(j),
                     Err(_) => break,

@@ -110,7 +110,13 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         &opts.out,
         "out",
         "model directory",
-        &["model.json", "checkpoint"],
+        // A run killed while checkpointing leaves only the checkpoint's temporaries.
+        &[
+            "model.json",
+            "checkpoint",
+            ".checkpoint.tmp",
+            ".checkpoint.old",
+        ],
     )?;
     let _one_run = features::fsutil::lock_beside(&opts.out, "model directory")?;
     features::fsutil::check_writable(&opts.out)?;

@@ -52,7 +52,7 @@ impl TextTable {
                 Dialect::RecBole => h.split(':').next().unwrap_or(h),
                 Dialect::Csv => h,
             };
-            if headers.iter().any(|h| h == name) {
+            if !name.is_empty() && headers.iter().any(|h| h == name) {
                 // Which copy holds the data is anyone's guess.
                 return Err(Error::bad_column(path, name, "appears twice in the header"));
             }
@@ -353,6 +353,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("`title`") && err.contains("twice"), "{err}");
+        // Trailing commas (a spreadsheet export) are unnamed columns, not a repeated one.
+        assert_eq!(titles("item_id,title,,\n1,Hat,,\n").unwrap(), ["Hat"]);
     }
 
     #[test]

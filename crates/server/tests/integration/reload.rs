@@ -166,12 +166,16 @@ async fn a_rejected_version_is_tried_again_and_served_once_its_files_are_whole()
     let late = "20991231T235959Z-1a7e1a7e";
     publish_bad_copy(&root, &good, late);
     // Rejected (the manifest does not match the model yet) ...
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let metrics = crate::state::http_get(s.running.metrics_addr.unwrap(), "/metrics");
-    assert!(
-        metrics.contains(r#"twotower_reloads_total{result="rejected"} 1"#),
-        "{metrics}"
-    );
+    let addr = s.running.metrics_addr.unwrap();
+    let rejected = || {
+        crate::state::http_get(addr, "/metrics")
+            .contains(r#"twotower_reloads_total{result="rejected"} 1"#)
+    };
+    let start = Instant::now();
+    while !rejected() && start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rejected(), "the incomplete version was never rejected");
     // ... until the rest of its files arrive: 30 polls later it is tried again.
     let good_manifest = std::fs::read(root.join(&good).join("manifest.json")).unwrap();
     let mut m: serde_json::Value = serde_json::from_slice(&good_manifest).unwrap();
