@@ -31,6 +31,17 @@ keep = 2
 addr = "127.0.0.1:50051"
 "#;
 
+/// `pipeline run` of `p.toml` into `w`, on the CPU.
+const RUN: [&str; 7] = [
+    "pipeline",
+    "run",
+    "p.toml",
+    "--workdir",
+    "w",
+    "--device",
+    "cpu",
+];
+
 fn stages_run(stderr_and_stdout: &str) -> Vec<&str> {
     ["prepare", "train", "index"]
         .into_iter()
@@ -43,15 +54,7 @@ fn stages_run_once_then_skip_until_inputs_change() {
     let dir = Dir::new();
     std::fs::write(dir.join("p.toml"), PIPELINE).unwrap();
     let run = |extra: &[&str]| {
-        let mut args = vec![
-            "pipeline",
-            "run",
-            "p.toml",
-            "--workdir",
-            "w",
-            "--device",
-            "cpu",
-        ];
+        let mut args = RUN.to_vec();
         args.extend_from_slice(extra);
         dir.command(&args).ok()
     };
@@ -127,17 +130,7 @@ fn paths_in_a_pipeline_file_are_refused() {
 fn a_failed_retrain_leaves_the_previous_model_servable() {
     let dir = Dir::new();
     std::fs::write(dir.join("p.toml"), PIPELINE).unwrap();
-    let run = || {
-        dir.command(&[
-            "pipeline",
-            "run",
-            "p.toml",
-            "--workdir",
-            "w",
-            "--device",
-            "cpu",
-        ])
-    };
+    let run = || dir.command(&RUN);
     run().ok();
     let before = std::fs::read(dir.join("w/model/model.json")).unwrap();
     // A retrain that fails (here on its settings, as a kill or a full disk would midway) used to

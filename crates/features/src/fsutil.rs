@@ -146,23 +146,31 @@ pub fn lock_beside(dest: &Path, what: &str) -> Result<File> {
     let parent = parent_dir(dest);
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let path = parent.join(format!(".{}.lock", name.unwrap_or_else(|| "out".into())));
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::bad_file(
+    try_lock_file(&path)?.ok_or_else(|| {
+        Error::bad_file(
             &path,
             format!(
                 "another run is writing {} {} (it holds this lock); try again when it ends",
                 what,
                 dest.display()
             ),
-        )),
-        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+        )
+    })
+}
+
+/// The lock file at `path` (created if missing), locked exclusively for as long as the file
+/// lives, or `None` when another process holds it.
+pub fn try_lock_file(path: &Path) -> Result<Option<File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(path, e)),
     }
 }
 

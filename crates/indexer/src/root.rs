@@ -125,19 +125,12 @@ impl IndexRoot {
     pub fn lock(&self) -> Result<RootLock> {
         std::fs::create_dir_all(&self.0).map_err(|e| Error::io(&self.0, e))?;
         let path = self.0.join(".lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        match file.try_lock() {
-            Ok(()) => Ok(RootLock(file)),
-            Err(std::fs::TryLockError::WouldBlock) => Err(Error::invalid(format!(
+        match features::fsutil::try_lock_file(&path)? {
+            Some(file) => Ok(RootLock(file)),
+            None => Err(Error::invalid(format!(
                 "{}: another indexing job is running on this index root (it holds the lock); try again when it ends",
                 path.display()
             ))),
-            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
         }
     }
 

@@ -149,17 +149,21 @@ fn publish_bad_copy(root: &Path, from: &str, bad: &str) {
     std::fs::write(root.join("CURRENT"), format!("{bad}\n")).unwrap();
 }
 
+/// A state directory holding a copy of the shared index, its root, and the version it serves.
+fn copied_index() -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let state = tempfile::tempdir().unwrap();
+    let root = state.path().join("index");
+    copy_dir(shared_index(), &root);
+    let current = std::fs::read_to_string(root.join("CURRENT")).unwrap();
+    let good = current.trim().to_string();
+    (state, root, good)
+}
+
 /// Files copied out of order (a replica sync that writes `CURRENT` before the version's files):
 /// the version is rejected, then served once its files are whole, without a new publish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_version_is_tried_again_and_served_once_its_files_are_whole() {
-    let state = tempfile::tempdir().unwrap();
-    let root = state.path().join("index");
-    copy_dir(shared_index(), &root);
-    let good = std::fs::read_to_string(root.join("CURRENT"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let (state, root, good) = copied_index();
     let mut opts = options(state.path());
     opts.index_root = root.clone();
     let mut s = start_with(opts, state).await;
@@ -194,13 +198,7 @@ async fn a_rejected_version_is_tried_again_and_served_once_its_files_are_whole()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_current_at_start_up_falls_back_to_the_newest_valid_version_unless_strict() {
-    let state = tempfile::tempdir().unwrap();
-    let root = state.path().join("index");
-    copy_dir(shared_index(), &root);
-    let good = std::fs::read_to_string(root.join("CURRENT"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let (state, root, good) = copied_index();
     let bad = "20991231T235959Z-deadbeef";
     publish_bad_copy(&root, &good, bad);
     let mut opts = options(state.path());
