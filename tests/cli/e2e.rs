@@ -45,16 +45,7 @@ fn pipeline_serve_recommend_and_a_cold_start_item_after_hot_reload() {
     let dir = Dir::new();
     std::fs::write(dir.join("p.toml"), PIPELINE).unwrap();
     std::fs::write(dir.join("serve.toml"), "reload_interval_ms = 200\n").unwrap();
-    dir.command(&[
-        "pipeline",
-        "run",
-        "p.toml",
-        "--workdir",
-        "w",
-        "--device",
-        "cpu",
-    ])
-    .ok();
+    dir.command(&crate::pipeline::RUN).ok();
 
     // The model beats popularity on the fixture's held-out (test) examples.
     let metrics = json(&dir.join("w/model/metrics.json"));

@@ -32,7 +32,7 @@ addr = "127.0.0.1:50051"
 "#;
 
 /// `pipeline run` of `p.toml` into `w`, on the CPU.
-const RUN: [&str; 7] = [
+pub(crate) const RUN: [&str; 7] = [
     "pipeline",
     "run",
     "p.toml",

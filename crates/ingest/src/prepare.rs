@@ -166,17 +166,24 @@ fn validate_items(items: &[Item], label: &Path) -> Result<HashSet<u64>> {
     if items.is_empty() {
         return Err(Error::bad_file(label, "no items"));
     }
-    let mut first_row = HashMap::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        if let Some(prev) = first_row.insert(item.item_id, i + 1) {
+    unique_ids(items.iter().map(|i| i.item_id), label, "item_id")
+}
+
+/// The ids of a table's rows, or an error naming the first one repeated, by row (1-based) in
+/// `label` and `column`.
+pub(crate) fn unique_ids(
+    ids: impl ExactSizeIterator<Item = u64>,
+    label: &Path,
+    column: &str,
+) -> Result<HashSet<u64>> {
+    let mut first_row = HashMap::with_capacity(ids.len());
+    for (i, id) in ids.enumerate() {
+        if let Some(prev) = first_row.insert(id, i + 1) {
             return Err(Error::bad_value(
                 label,
                 i + 1,
-                "item_id",
-                format!(
-                    "duplicate item_id {} (first seen in row {prev})",
-                    item.item_id
-                ),
+                column,
+                format!("duplicate {column} {id} (first seen in row {prev})"),
             ));
         }
     }

@@ -9,7 +9,7 @@
 //! bad line does not stop a large import. Items and users are never skipped: a missing item
 //! would silently change what can be recommended.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -172,20 +172,7 @@ fn warn_about_users_without_rows(path: &Path, users: &[User], events: &[Event]) 
 
 fn read_users(path: &Path) -> Result<Vec<User>> {
     let users = read_user_rows(path)?;
-    let mut first_row = HashMap::with_capacity(users.len());
-    for (i, user) in users.iter().enumerate() {
-        if let Some(prev) = first_row.insert(user.user_id, i + 1) {
-            return Err(Error::bad_value(
-                path,
-                i + 1,
-                "user_id",
-                format!(
-                    "duplicate user_id {} (first seen in row {prev})",
-                    user.user_id
-                ),
-            ));
-        }
-    }
+    crate::prepare::unique_ids(users.iter().map(|u| u.user_id), path, "user_id")?;
     Ok(users)
 }
 
