@@ -141,6 +141,9 @@ fn check_last_quote_closed(path: &Path, row: usize, start: &csv::Position) -> Re
     let mut file = File::open(path).map_err(io)?;
     file.seek(SeekFrom::Start(start.byte())).map_err(io)?;
     let mut reader = BufReader::new(file);
+    // With CRLF line ends the reader ends a record at `\r` and counts the `\n` into the next
+    // one, whose position then names the line before it.
+    let line = start.line() + u64::from(reader.fill_buf().map_err(io)?.first() == Some(&b'\n'));
     let (mut in_quotes, mut field_start, mut quote_pending) = (false, true, false);
     loop {
         let buf = reader.fill_buf().map_err(io)?;
@@ -172,7 +175,7 @@ fn check_last_quote_closed(path: &Path, row: usize, start: &csv::Position) -> Re
             format!(
                 "row {row} (line {}): a quoted field is never closed (a missing `\"`), so every \
                  line after it would be read as part of this row",
-                start.line()
+                line
             ),
         ));
     }
@@ -343,8 +346,12 @@ mod tests {
                 && err.contains("never closed"),
             "{err}"
         );
-        // Without a newline after the last row too.
+        // Without a newline after the last row too, and with CRLF line ends.
         assert!(titles("item_id,title\n1,\"Red hat").is_err());
+        let err = titles("item_id,title\r\n1,Red hat\r\n2,\"Green scarf\r\n3,Sock\r\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("row 2 (line 3)"), "{err}");
     }
 
     #[test]
