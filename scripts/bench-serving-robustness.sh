@@ -166,7 +166,7 @@ if os.path.exists(soak):
     after_warmup = [int(x["rss_mib"]) for x in rows if int(x["seconds"]) >= 60]
     drift = (after_warmup[-1] - after_warmup[0]) / after_warmup[0] if after_warmup else float("nan")
     print(f"\nsoak {s['duration_s']:.0f} s: {s['qps']:.0f} Recommend/s p99 {s['p99_ms']:.2f} ms, {s['events_per_sec']:.0f} events/s, "
-          f"refused {s['refused']}, errors {s['errors']}, record errors {s['record_errors']}; "
+          f"refused {s['refused']}, errors {s['errors']}, record refused {s.get('record_refused', 0)}, record errors {s['record_errors']}; "
           f"RSS {after_warmup[0] if after_warmup else '?'} -> {after_warmup[-1] if after_warmup else '?'} MiB after warm-up (drift {drift * 100:.1f}%, max {max(after_warmup) if after_warmup else '?'} MiB)")
     seen = [(int(x["seconds"]), float(x["seen_items"]), int(x["anon_mib"])) for x in rows if x.get("seen_items") and int(x["seconds"]) >= 60]
     if len(seen) > 1:

@@ -68,6 +68,9 @@ pub struct BenchReport {
     /// Other failed requests.
     pub errors: u64,
     pub record_requests: u64,
+    /// `RecordEvents` calls refused with `RESOURCE_EXHAUSTED` (admission control).
+    pub record_refused: u64,
+    /// Other failed `RecordEvents` calls.
     pub record_errors: u64,
     pub events_recorded: u64,
     pub events_per_sec: f64,
@@ -185,7 +188,8 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
         .map_err(|s| Error::Transport(format!("warm-up call: {}", s.message())))?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (rec_ok, rec_err, rec_events) = (
+    let (rec_ok, rec_err, rec_refused, rec_events) = (
+        Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
@@ -195,6 +199,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
         let mut c = clients[r % clients.len()].clone();
         let (pool, stop) = (pool.clone(), stop.clone());
         let (ok, err, events) = (rec_ok.clone(), rec_err.clone(), rec_events.clone());
+        let refused = rec_refused.clone();
         let (batch, seed) = (opts.record_batch.max(1), opts.seed + 1000 + r as u64);
         // Each recorder's share of the event rate, as a time between calls.
         let pace = opts
@@ -220,8 +225,13 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
                         ok.fetch_add(1, Ordering::Relaxed);
                         events.fetch_add(r.into_inner().recorded, Ordering::Relaxed);
                     }
-                    Err(_) => {
-                        err.fetch_add(1, Ordering::Relaxed);
+                    Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(s) => {
+                        if err.fetch_add(1, Ordering::Relaxed) == 0 {
+                            tracing::warn!(code = ?s.code(), message = s.message(), "bench: a RecordEvents call failed");
+                        }
                     }
                 }
             }
@@ -348,6 +358,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
         refused,
         errors,
         record_requests: rec_ok.load(Ordering::Relaxed),
+        record_refused: rec_refused.load(Ordering::Relaxed),
         record_errors: rec_err.load(Ordering::Relaxed),
         events_recorded: events,
         events_per_sec: events as f64 / elapsed,
