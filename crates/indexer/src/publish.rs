@@ -122,11 +122,15 @@ pub fn publish_version(
             staged.source.display()
         )));
     }
-    if let Some(id) = emb.ids.iter().find(|&&id| id > crate::vector_index::MAX_ID) {
+    if let Some(id) = emb
+        .ids
+        .iter()
+        .find(|&&id| id > features::table::MAX_ITEM_ID)
+    {
         return Err(Error::invalid(format!(
             "item id {id} in {} is above {}, the largest id FAISS can store",
             staged.source.display(),
-            crate::vector_index::MAX_ID
+            features::table::MAX_ITEM_ID
         )));
     }
     let row_of = emb.row_of().map_err(|id| {

@@ -11,6 +11,7 @@ use std::path::Path;
 use faiss::index::IndexImpl;
 use faiss::{Idx, Index, MetricType};
 use faiss_sys as sys;
+use features::table::MAX_ITEM_ID;
 
 use crate::error::{Error, Result};
 
@@ -140,9 +141,9 @@ impl VectorIndex {
     /// Adds vectors under their item ids (at most 2^63 - 1: FAISS ids are signed).
     pub fn add(&mut self, ids: &[u64], vectors: &[f32]) -> Result<()> {
         debug_assert_eq!(ids.len() * self.dim, vectors.len());
-        if let Some(id) = ids.iter().find(|&&id| id > MAX_ID) {
+        if let Some(id) = ids.iter().find(|&&id| id > MAX_ITEM_ID) {
             return Err(Error::invalid(format!(
-                "item id {id} is above {MAX_ID}, the largest id FAISS can store"
+                "item id {id} is above {MAX_ITEM_ID}, the largest id FAISS can store"
             )));
         }
         let ids: Vec<Idx> = ids.iter().map(|&i| Idx::new(i)).collect();
@@ -273,9 +274,6 @@ impl VectorIndex {
         Ok(Self::wrap(inner, dim))
     }
 }
-
-/// Largest item id an index can hold (FAISS ids are `i64`, and -1 means "none").
-pub const MAX_ID: u64 = i64::MAX as u64;
 
 /// The inverted-file index inside `ptr`, looking through pre-transforms (`OPQ16_64,IVF…`);
 /// null when there is none.

@@ -389,15 +389,16 @@ impl BusHandle {
         if ack.duplicate {
             // Another replica (or a concurrent request) recorded this key first: a repeat only
             // if it was the same batch, which the window, now applied, tells.
-            let seen = key.as_deref().map(|k| {
-                let window = self.dedup.lock().expect("dedup lock");
-                (window.check(k, digest), window.get(k))
-            });
-            if let (Some((KeySeen::Reused, _)), Some(k)) = (seen, key) {
-                return Err(RecordError::KeyReused(k));
-            }
+            let seen = key
+                .as_deref()
+                .map(|k| self.dedup.lock().expect("dedup lock").check(k, digest));
+            let events = match (seen, key) {
+                (Some(KeySeen::Reused), Some(k)) => return Err(RecordError::KeyReused(k)),
+                (Some(KeySeen::Repeat(first)), _) => first,
+                _ => n,
+            };
             return Ok(Recorded {
-                events: seen.and_then(|(_, first)| first).unwrap_or(n),
+                events,
                 duplicate: true,
             });
         }

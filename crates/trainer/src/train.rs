@@ -126,7 +126,6 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
     let seen = Arc::new(SeenItems::load(&data.layout().events(), &data.catalog)?);
     progress.finish();
 
-    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let layout = ModelLayout(opts.out.clone());
     let mut session = Session::open(
         &data,
@@ -401,22 +400,16 @@ fn write_artifacts(layout: &ModelLayout, a: &Artifacts<'_>) -> Result<()> {
     // Everything is written to a staging directory beside MODEL_DIR and swapped in at once: a
     // server or an indexing job reading MODEL_DIR meanwhile sees the old model or the new one,
     // never new weights beside an old model.json. The checkpoint (for --resume) moves along.
-    features::fsutil::remove_stale_siblings(&layout.0, "staging");
-    let staged = ModelLayout(features::fsutil::hidden_sibling(&layout.0, "staging"));
-    let _ = std::fs::remove_dir_all(&staged.0);
-    std::fs::create_dir_all(&staged.0).map_err(|e| Error::io(&staged.0, e))?;
+    // A failed run's staging directory is removed when it drops.
+    let staging = features::fsutil::StagingDir::create(&layout.0, "staging")?;
+    let staged = ModelLayout(staging.path().to_path_buf());
+    write_model_dir(&staged, a)?;
     // The checkpoint is linked, not moved, into the staging directory: a kill before the swap
     // leaves it where `--resume` looks.
-    let result = write_model_dir(&staged, a).and_then(|()| {
-        if layout.checkpoint().exists() {
-            link_tree(&layout.checkpoint(), &staged.checkpoint())?;
-        }
-        Ok(features::fsutil::replace_dir(&staged.0, &layout.0)?)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staged.0);
+    if layout.checkpoint().exists() {
+        link_tree(&layout.checkpoint(), &staged.checkpoint())?;
     }
-    result
+    Ok(staging.publish(&layout.0)?)
 }
 
 /// A copy of the directory `from` at `to`, its files hard-linked (copied where links fail: another

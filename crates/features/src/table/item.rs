@@ -60,7 +60,7 @@ impl Table for Item {
     }
 }
 
-/// The largest item id an index can hold (FAISS stores ids as `i64`).
+/// The largest item id an index can hold (FAISS ids are `i64`, and -1 means "none").
 pub const MAX_ITEM_ID: u64 = i64::MAX as u64;
 
 /// Checks an item given by a user (their own files, `index add`): an id the index can store,
