@@ -8,7 +8,8 @@
 # 0 and 1) pin the server and the load generator apart, so that the generator's own scheduling
 # does not count as server latency; NORMAL_RATE (default 2000) is the "normal" open-loop rate;
 # MAX_IN_FLIGHT and ADMISSION_TARGET_MS (ms, or auto) set the server's admission control (docs/operations.md)
-# for every run but the unlimited one.
+# for every run but the unlimited one; EXTRA_CONFIG holds more serving-config lines for those runs
+# (e.g. EXTRA_CONFIG='grpc_thread_nice = 10').
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bin=${TWOTOWER_BIN:-target/release/twotower}
@@ -68,6 +69,7 @@ case "${ADMISSION_TARGET_MS:-}" in
   *[!0-9]*) echo "admission_target_ms = \"$ADMISSION_TARGET_MS\"" >>"$default_cfg" ;; # "auto"
   *) echo "admission_target_ms = $ADMISSION_TARGET_MS" >>"$default_cfg" ;;
 esac
+[ -n "${EXTRA_CONFIG:-}" ] && printf '%s\n' "$EXTRA_CONFIG" >>"$default_cfg"
 printf 'max_in_flight = 1000000\nadmission_target_ms = 0\n' >"$unlimited_cfg"
 echo "compact_log_bytes = 0" >"$nocompact_cfg"
 
@@ -76,13 +78,18 @@ if [ "${SKIP_SOAK:-0}" != 1 ]; then
   rm -f "$work/events.log"
   start_server "$default_cfg" "$out/serve-soak.log"
   bench warmup-soak --concurrency 32 --duration 20 --recorders 0
-  echo "seconds,rss_mib,anon_mib,seen_items" >"$out/soak-rss.csv"
+  # refused: RESOURCE_EXHAUSTED answers so far, all RPCs; compactions: successful ones, so that a
+  # stall can be placed in time and set beside a compaction.
+  echo "seconds,rss_mib,anon_mib,seen_items,refused,compactions" >"$out/soak-rss.csv"
   bench soak --rate 1000 --duration "$soak_s" --recorders 2 --record-batch 100 --record-rate 5000 &
   load=$!
   t=0
   while kill -0 "$load" 2>/dev/null; do
-    seen=$(curl -s "http://$metrics/metrics" | awk '$1 == "twotower_seen_items" { print $2 }')
-    echo "$t,$(rss_mib "$server_pid" VmRSS),$(rss_mib "$server_pid" RssAnon),${seen:-}" >>"$out/soak-rss.csv"
+    scrape=$(curl -s "http://$metrics/metrics" || true)
+    seen=$(awk '$1 == "twotower_seen_items" { print $2 }' <<<"$scrape")
+    refused=$(awk '/^twotower_requests_total\{/ && /RESOURCE_EXHAUSTED/ { n += $2 } END { print n + 0 }' <<<"$scrape")
+    compactions=$(awk '/^twotower_event_log_compactions_total\{/ && /result="ok"/ { n += $2 } END { print n + 0 }' <<<"$scrape")
+    echo "$t,$(rss_mib "$server_pid" VmRSS),$(rss_mib "$server_pid" RssAnon),${seen:-},$refused,$compactions" >>"$out/soak-rss.csv"
     sleep 10
     t=$((t + 10))
   done
@@ -158,7 +165,13 @@ print(f"| closed loop, 32 callers, no limit (capacity) | | {closed['qps']:.0f} |
 print(f"| normal: open loop | {normal['mode'].split(', ')[1]} | {normal['qps']:.0f} | {normal['p50_ms']:.2f} | {normal['p99_ms']:.2f} | {normal['refused']} | {normal['errors']} | |")
 for name, x, rss in [(f"3x capacity, max_in_flight {os.environ.get('MAX_IN_FLIGHT', '64 (default)')}, admission_target_ms {os.environ.get('ADMISSION_TARGET_MS', '0 (default: off)')}", lim, rss_limited), ("3x capacity, no limit (as before)", unl, rss_unlimited)]:
     print(f"| {name} | {lim['mode'].split(', ')[1]} | {x['qps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['refused']} | {x['errors']} | {rss} |")
+if os.environ.get("EXTRA_CONFIG"):
+    print(f"\nserving config beside the limit: {os.environ['EXTRA_CONFIG']}")
 print(f"\nadmitted p99 under 3x overload / normal p99: {lim['p99_ms'] / normal['p99_ms']:.2f}x (goal <= 2x)")
+cpu = lambda x: f"{x.get('client_cpu_percent', float('nan')):.0f}%"
+late = lambda x: f"{x.get('send_late_p99_ms', float('nan')):.2f} ms"
+print(f"load generator CPU (% of one core, of {normal.get('client_cores', '?')}): normal {cpu(normal)}, 3x {cpu(lim)}, 3x without a limit {cpu(unl)}; "
+      f"p99 of its sends' lateness: normal {late(normal)}, 3x {late(lim)}")
 soak = os.path.join(out, "soak.json")
 if os.path.exists(soak):
     s = json.load(open(soak))

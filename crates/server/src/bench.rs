@@ -74,6 +74,26 @@ pub struct BenchReport {
     pub record_errors: u64,
     pub events_recorded: u64,
     pub events_per_sec: f64,
+    /// The load generator's own CPU time over the run, in percent of one core, and the cores it
+    /// may run on. A generator near `100 × client_cores` is itself the bottleneck: its requests
+    /// go out late, and (measured from when they were due) that lateness counts as latency.
+    pub client_cpu_percent: f64,
+    pub client_cores: usize,
+    /// Open loop: the 99th percentile of how late the generator started a request against its
+    /// schedule (0 in a closed loop). That lateness is inside every latency above; where it is a
+    /// large share of p99, the figure measures the generator more than the server.
+    pub send_late_p99_ms: f64,
+}
+
+/// User plus system CPU time of this process so far.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 struct Pool {
@@ -239,6 +259,9 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
     }
 
     let started = Instant::now();
+    let cpu_at_start = process_cpu();
+    // Open loop: how late each request was started, against its schedule.
+    let mut lateness: Vec<f64> = Vec::new();
     let end = started + opts.duration;
     let (mut latencies, refused, errors, mode) = match opts.load {
         Load::Closed { concurrency } => {
@@ -281,8 +304,9 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
                 return Err(Error::setting("rate", "must be a positive number"));
             }
             let interval = Duration::from_secs_f64(1.0 / rate);
-            // Each request's latency in ms, or whether it was refused (true) or failed.
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<f64, bool>>();
+            // Each request's latency in ms, or whether it was refused (true) or failed, and how
+            // late (ms) the generator started it.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Result<f64, bool>, f64)>();
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
             // The schedule is kept by a thread of its own: tokio's timer wheel has 1 ms ticks, so
             // pacing with it would send late and in bursts, and count its own lateness as the
@@ -312,18 +336,21 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     // Latency counts from when the request was due, not when it went out.
+                    let late = scheduled.elapsed().as_secs_f64() * 1e3;
                     let r = c.recommend(req).await;
-                    let _ = tx.send(match r {
+                    let r = match r {
                         Ok(_) => Ok(scheduled.elapsed().as_secs_f64() * 1e3),
                         Err(s) => Err(s.code() == tonic::Code::ResourceExhausted),
-                    });
+                    };
+                    let _ = tx.send((r, late));
                 });
                 i += 1;
             }
             let _ = pacer.join();
             drop(tx);
             let (mut lat, mut refused, mut errors) = (Vec::new(), 0, 0);
-            while let Some(r) = rx.recv().await {
+            while let Some((r, late)) = rx.recv().await {
+                lateness.push(late);
                 match r {
                     Ok(ms) => lat.push(ms),
                     Err(true) => refused += 1,
@@ -339,11 +366,13 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
         }
     };
     let elapsed = started.elapsed().as_secs_f64();
+    let client_cpu = process_cpu().saturating_sub(cpu_at_start).as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for r in recorders {
         let _ = r.await;
     }
     latencies.sort_by(f64::total_cmp);
+    lateness.sort_by(f64::total_cmp);
     let requests = latencies.len() as u64;
     let events = rec_events.load(Ordering::Relaxed);
     Ok(BenchReport {
@@ -362,6 +391,9 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
         record_errors: rec_err.load(Ordering::Relaxed),
         events_recorded: events,
         events_per_sec: events as f64 / elapsed,
+        client_cpu_percent: 100.0 * client_cpu / elapsed,
+        send_late_p99_ms: percentile(&lateness, 0.99),
+        client_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
     })
 }
 

@@ -62,6 +62,10 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Connections closed as they were accepted, past `max_connections`.
     pub connections_refused: IntCounter,
+    /// Connections to this metrics endpoint open now (bounded, `connections.rs`).
+    pub metrics_connections: IntGauge,
+    /// Connections to this metrics endpoint closed as they were accepted, past its bound.
+    pub metrics_connections_refused: IntCounter,
     /// Users the history store holds (bounded by `max_users`).
     pub users: IntGauge,
     /// Seen items summed over users: grows with every new (user, item) pair, by design
@@ -204,6 +208,16 @@ impl Metrics {
                 "connections closed as they were accepted, past max_connections",
             )
             .expect("valid metric"),
+            metrics_connections: IntGauge::new(
+                "twotower_metrics_connections",
+                "connections to the metrics endpoint open now",
+            )
+            .expect("valid metric"),
+            metrics_connections_refused: IntCounter::new(
+                "twotower_metrics_connections_refused_total",
+                "connections to the metrics endpoint closed as they were accepted, past its bound",
+            )
+            .expect("valid metric"),
             users: IntGauge::new("twotower_users", "users the history store holds")
                 .expect("valid metric"),
             seen_items: IntGauge::new(
@@ -213,7 +227,7 @@ impl Metrics {
             .expect("valid metric"),
         };
         let r = &m.registry;
-        let all: [Box<dyn prometheus::core::Collector>; 24] = [
+        let all: [Box<dyn prometheus::core::Collector>; 26] = [
             Box::new(m.requests.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.user_tower.clone()),
@@ -236,6 +250,8 @@ impl Metrics {
             Box::new(m.admission_target.clone()),
             Box::new(m.connections.clone()),
             Box::new(m.connections_refused.clone()),
+            Box::new(m.metrics_connections.clone()),
+            Box::new(m.metrics_connections_refused.clone()),
             Box::new(m.users.clone()),
             Box::new(m.seen_items.clone()),
         ];
@@ -275,8 +291,10 @@ impl Default for Metrics {
 
 /// Serves `GET /metrics`, and `GET /ready` (200 while the server takes requests, 503 before
 /// and during shutdown: an HTTP health check for load balancers), until `shutdown` completes.
+/// Its connections are bounded like the gRPC ones (`connections.rs`), so that silent clients
+/// cannot use up the descriptors, or shut out the scraper and the health checks.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: crate::connections::BoundedListener,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -318,4 +336,95 @@ pub async fn serve(
 /// Binds the metrics address (so a port clash fails start-up, not later).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+/// The metrics endpoint's listener, under its bound
+/// ([`METRICS_MAX_CONNECTIONS`](crate::connections::METRICS_MAX_CONNECTIONS) connections, closed
+/// after [`METRICS_IDLE_TIMEOUT`](crate::connections::METRICS_IDLE_TIMEOUT) of silence and
+/// after [`METRICS_LIFETIME`](crate::connections::METRICS_LIFETIME) in any case).
+pub fn bounded_listener(
+    listener: tokio::net::TcpListener,
+    metrics: &Metrics,
+) -> crate::connections::BoundedListener {
+    use crate::connections::{
+        BoundedListener, ConnectionGauges, ReadDeadline, METRICS_IDLE_TIMEOUT, METRICS_LIFETIME,
+        METRICS_MAX_CONNECTIONS,
+    };
+    BoundedListener::new(
+        listener,
+        METRICS_MAX_CONNECTIONS,
+        ReadDeadline::Idle {
+            idle: METRICS_IDLE_TIMEOUT,
+            lifetime: METRICS_LIFETIME,
+        },
+        ConnectionGauges {
+            open: metrics.metrics_connections.clone(),
+            refused: metrics.metrics_connections_refused.clone(),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connections::{BoundedListener, ConnectionGauges, ReadDeadline};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// `GET /ready` on a new connection: the response, or what the closed connection gave.
+    async fn ready(addr: SocketAddr) -> String {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let _ = c
+            .write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out)).await;
+        assert!(
+            read.is_ok(),
+            "the metrics endpoint answered or closed within 5 s"
+        );
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn silent_connections_cannot_shut_the_health_check_out_of_the_metrics_endpoint() {
+        let metrics = Arc::new(Metrics::new());
+        metrics.ready.set(1);
+        let tcp = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let listener = BoundedListener::new(
+            tcp,
+            2,
+            ReadDeadline::Idle {
+                idle: Duration::from_millis(500),
+                lifetime: Duration::from_secs(60),
+            },
+            ConnectionGauges {
+                open: metrics.metrics_connections.clone(),
+                refused: metrics.metrics_connections_refused.clone(),
+            },
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(serve(listener, metrics.clone(), async move {
+            let _ = stopped.await;
+        }));
+        assert!(ready(addr).await.contains("200 OK"));
+        // Two clients that connect and say nothing fill the bound...
+        let _silent = [
+            TcpStream::connect(addr).await.unwrap(),
+            TcpStream::connect(addr).await.unwrap(),
+        ];
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(metrics.metrics_connections.get(), 2);
+        // ...so a third is closed at once, and counted...
+        assert_eq!(ready(addr).await, "");
+        assert_eq!(metrics.metrics_connections_refused.get(), 1);
+        // ...until their idle timeout closes them, and the health check is answered again.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(metrics.metrics_connections.get(), 0);
+        assert!(ready(addr).await.contains("200 OK"));
+        let _ = stop.send(());
+        served.await.unwrap().unwrap();
+    }
 }

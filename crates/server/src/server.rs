@@ -22,7 +22,7 @@ use crate::bus::BusSettings;
 use crate::commit::{AutoCompaction, Committer};
 use crate::compact::{self, CompactSettings};
 use crate::config::ServeConfig;
-use crate::connections;
+use crate::connections::{self, ConnectionGauges, ReadDeadline};
 use crate::dedup::DedupWindow;
 use crate::encoder::Encoder;
 use crate::error::{Error, Result};
@@ -427,14 +427,22 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
     let reload_task = tokio::spawn(reloader.run(down_rx.clone()));
     let metrics_task = metrics_listener.map(|l| {
         let mut down = down_rx.clone();
+        let l = metrics::bounded_listener(l, &metrics);
         tokio::spawn(metrics::serve(l, metrics.clone(), async move {
             let _ = down.wait_for(|d| *d).await;
         }))
     });
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);
     let max_connections = connections::fit_to_descriptors(cfg.max_connections);
-    let handshake = Duration::from_millis(cfg.handshake_timeout_ms);
-    let conn_metrics = metrics.clone();
+    let incoming = connections::BoundedListener::new(
+        listener,
+        max_connections,
+        ReadDeadline::handshake(Duration::from_millis(cfg.handshake_timeout_ms)),
+        ConnectionGauges {
+            open: metrics.connections.clone(),
+            refused: metrics.connections_refused.clone(),
+        },
+    );
     metrics.ready.set(1);
     let ready = metrics.clone();
     let task = tokio::spawn(async move {
@@ -447,8 +455,7 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
                 .await;
             let _ = down_tx.send(true);
         };
-        let incoming = connections::bounded(listener, max_connections, handshake, conn_metrics);
-        let serve = router.serve_with_incoming_shutdown(incoming, signal);
+        let serve = router.serve_with_incoming_shutdown(incoming.into_incoming(), signal);
         let mut down = down_rx.clone();
         let served = tokio::select! {
             r = serve => r.map_err(|e| Error::Transport(format!("serving: {e}"))),
@@ -471,8 +478,12 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
             let _ = t.await;
         }
         let _ = reload_task.await;
-        if let Some(t) = metrics_task {
-            let _ = t.await;
+        if let Some(mut t) = metrics_task {
+            // Its connections are bounded in time (`connections.rs`); this bounds the wait for
+            // them all the same, so that shutdown always ends.
+            if tokio::time::timeout(grace, &mut t).await.is_err() {
+                t.abort();
+            }
         }
         tracing::info!("stopped; event log flushed");
         served
