@@ -92,6 +92,8 @@ impl TextTable {
         let mut record = csv::ByteRecord::new();
         let mut n = 0;
         let mut last_start = None;
+        // Rows with a field that spans lines: how many, and the first (row, line, column).
+        let mut multiline = (0usize, None);
         loop {
             match self.reader.read_byte_record(&mut record) {
                 Ok(false) => break,
@@ -100,6 +102,13 @@ impl TextTable {
             }
             n += 1;
             last_start = record.position().cloned();
+            if self.dialect == Dialect::Csv {
+                if let Some(col) = multiline_field(&record) {
+                    multiline.0 += 1;
+                    let line = record.position().map_or(0, |p| p.line());
+                    multiline.1.get_or_insert((n, line, col));
+                }
+            }
             let row = Row {
                 file: &self.path,
                 n,
@@ -127,8 +136,27 @@ impl TextTable {
         if let (Dialect::Csv, Some(start)) = (self.dialect, last_start) {
             check_last_quote_closed(&self.path, n, &start)?;
         }
+        if let (count, Some((row, line, col))) = multiline {
+            let column = self.headers.get(col).map_or("?", |s| s.as_str());
+            tracing::warn!(
+                file = %self.path.display(),
+                rows = count,
+                "rows with a quoted field that spans lines: {count}, the first at row {row} \
+                 (line {line}, column `{column}`); if a closing `\"` is missing there, the lines \
+                 up to the next quote were read as that one field, not as rows"
+            );
+        }
         Ok(n)
     }
+}
+
+/// The first field of `record` that holds a line break: legal inside quotes, and also what a
+/// missing closing quote in the middle of a file looks like (the lines up to the next quote
+/// become one field), which no parse error reveals.
+fn multiline_field(record: &csv::ByteRecord) -> Option<usize> {
+    record
+        .iter()
+        .position(|f| f.iter().any(|&b| b == b'\n' || b == b'\r'))
 }
 
 /// Refuses a file whose last row opens a quoted field that is never closed. A CSV reader takes
@@ -352,6 +380,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("row 2 (line 3)"), "{err}");
+    }
+
+    #[test]
+    fn an_unclosed_quote_in_the_middle_of_a_file_is_found_as_a_field_that_spans_lines() {
+        // The quote opened in row 2 closes in row 4, swallowing row 3: a legal parse.
+        let body = "item_id,title\n1,Red hat\n2,\"Green scarf\n3,Yellow sock\n4,Tie\" x\n5,Cap\n";
+        let mut reader = csv::ReaderBuilder::new()
+            .flexible(true)
+            .from_reader(body.as_bytes());
+        let spans: Vec<Option<usize>> = reader
+            .byte_records()
+            .map(|r| multiline_field(&r.unwrap()))
+            .collect();
+        assert_eq!(spans, vec![None, Some(1), None]);
+        // The rows still read (a warning names the first such row), and quoted commas or
+        // quotes on one line are not taken for line breaks.
+        assert_eq!(titles(body).unwrap().len(), 3);
+        let one_line = "item_id,title\n1,\"Hat, red\"\n2,\"Say \"\"hi\"\"\"\n";
+        let mut reader = csv::Reader::from_reader(one_line.as_bytes());
+        assert!(reader
+            .byte_records()
+            .all(|r| multiline_field(&r.unwrap()).is_none()));
     }
 
     #[test]
