@@ -100,8 +100,8 @@ pub struct ServeConfig {
     /// left: 642–681 admitted Recommend/s under a 3x overload on one core, against
     /// 1,290–1,637/s at 5 (docs/benchmarks.md, session 20). Work already admitted goes first.
     /// Lower them too far and they cannot take requests in and answer them: at 5 and above,
-    /// admitted p99 under that overload ran to 8.5–32 ms (10 at 166 ms, 19 at seconds), at 3 it
-    /// held at 4.1–4.8 ms in five runs (session 22), which is the default.
+    /// admitted p99 under that overload ran to 7.7–32 ms (10 at 166 ms, 19 at seconds), at 3 it
+    /// held at 3.5–5.1 ms in seven runs (session 22), which is the default.
     /// `SimilarItems` searches run on the user-tower workers too, at their priority. 0: the
     /// workers' priority.
     pub grpc_thread_nice: i32,
