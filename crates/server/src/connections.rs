@@ -1,5 +1,5 @@
 //! Accepted connections, bounded: at most `max_connections` open at once (a connection beyond
-//! it is closed as it is accepted, and counted), each under a [`ReadDeadline`].
+//! it is closed as it is accepted, and counted), each under a [`Deadline`].
 //!
 //! - gRPC clients must send their first [`HANDSHAKE_BYTES`] bytes, the length of HTTP/2's
 //!   connection preface (a TLS client hello is longer), within `handshake_timeout_ms`: one byte,
@@ -91,9 +91,9 @@ fn raise_descriptor_limit() -> u64 {
     lim.rlim_cur
 }
 
-/// How long a connection may leave a read waiting before it is closed.
+/// How long a connection may leave a read or a write waiting before it is closed.
 #[derive(Debug, Clone, Copy)]
-pub enum ReadDeadline {
+pub enum Deadline {
     /// The first `bytes` must come within `timeout`; after that, silence is the client's
     /// business (an idle gRPC channel, which HTTP/2 keepalive pings watch).
     Opening { bytes: usize, timeout: Duration },
@@ -104,10 +104,10 @@ pub enum ReadDeadline {
     Idle { idle: Duration, lifetime: Duration },
 }
 
-impl ReadDeadline {
+impl Deadline {
     /// The gRPC listener's rule: HTTP/2's preface within `timeout`.
-    pub fn handshake(timeout: Duration) -> ReadDeadline {
-        ReadDeadline::Opening {
+    pub fn handshake(timeout: Duration) -> Deadline {
+        Deadline::Opening {
             bytes: HANDSHAKE_BYTES,
             timeout,
         }
@@ -115,8 +115,8 @@ impl ReadDeadline {
 
     fn timeout(self) -> Duration {
         match self {
-            ReadDeadline::Opening { timeout, .. } => timeout,
-            ReadDeadline::Idle { idle, .. } => idle,
+            Deadline::Opening { timeout, .. } => timeout,
+            Deadline::Idle { idle, .. } => idle,
         }
     }
 }
@@ -130,13 +130,13 @@ pub struct ConnectionGauges {
 }
 
 /// A listener that hands out at most `max_connections` connections at once, each under a
-/// [`ReadDeadline`]. Accept errors (out of descriptors, a connection reset before it was taken)
+/// [`Deadline`]. Accept errors (out of descriptors, a connection reset before it was taken)
 /// are logged and waited out, never the end of the listener: the server keeps serving the
 /// connections it has.
 pub struct BoundedListener {
     listener: TcpListener,
     max_connections: usize,
-    deadline: ReadDeadline,
+    deadline: Deadline,
     open: Arc<AtomicUsize>,
     gauges: ConnectionGauges,
 }
@@ -145,7 +145,7 @@ impl BoundedListener {
     pub fn new(
         listener: TcpListener,
         max_connections: usize,
-        deadline: ReadDeadline,
+        deadline: Deadline,
         gauges: ConnectionGauges,
     ) -> BoundedListener {
         BoundedListener {
@@ -181,10 +181,8 @@ impl BoundedListener {
                 deadline: self.deadline,
                 timer: Some(Box::pin(tokio::time::sleep(self.deadline.timeout()))),
                 closes_at: match self.deadline {
-                    ReadDeadline::Idle { lifetime, .. } => {
-                        Some(Box::pin(tokio::time::sleep(lifetime)))
-                    }
-                    ReadDeadline::Opening { .. } => None,
+                    Deadline::Idle { lifetime, .. } => Some(Box::pin(tokio::time::sleep(lifetime))),
+                    Deadline::Opening { .. } => None,
                 },
                 received: 0,
                 _slot: Slot::take(self.open.clone(), self.gauges.open.clone()),
@@ -237,11 +235,11 @@ impl Drop for Slot {
     }
 }
 
-/// A client connection: a TCP stream whose reads and writes fail once its [`ReadDeadline`] has
+/// A client connection: a TCP stream whose reads and writes fail once its [`Deadline`] has
 /// passed (checked whenever one would wait).
 pub struct Conn {
     inner: TcpStream,
-    deadline: ReadDeadline,
+    deadline: Deadline,
     /// While the deadline applies: gone once an opening's bytes have come.
     timer: Option<Pin<Box<Sleep>>>,
     /// The end of an idle-bounded connection's lifetime.
@@ -258,7 +256,7 @@ impl Conn {
             return;
         }
         match self.deadline {
-            ReadDeadline::Opening { bytes, .. } => {
+            Deadline::Opening { bytes, .. } => {
                 if read {
                     self.received += n;
                     if self.received >= bytes {
@@ -266,7 +264,7 @@ impl Conn {
                     }
                 }
             }
-            ReadDeadline::Idle { idle, .. } => {
+            Deadline::Idle { idle, .. } => {
                 if let Some(timer) = self.timer.as_mut() {
                     timer.as_mut().reset(tokio::time::Instant::now() + idle);
                 }
@@ -284,10 +282,10 @@ impl Conn {
             "the connection reached its maximum lifetime"
         } else if passed(&mut self.timer, cx) {
             match self.deadline {
-                ReadDeadline::Opening { .. } => {
+                Deadline::Opening { .. } => {
                     "the client did not begin HTTP/2 or TLS within handshake_timeout_ms"
                 }
-                ReadDeadline::Idle { .. } => "the connection was idle past its timeout",
+                Deadline::Idle { .. } => "the connection was idle past its timeout",
             }
         } else {
             return None;
@@ -400,7 +398,7 @@ mod tests {
     fn bounded(
         l: TcpListener,
         max: usize,
-        deadline: ReadDeadline,
+        deadline: Deadline,
         gauges: &ConnectionGauges,
     ) -> Pin<Box<impl Stream<Item = io::Result<Conn>>>> {
         Box::pin(BoundedListener::new(l, max, deadline, gauges.clone()).into_incoming())
@@ -410,12 +408,7 @@ mod tests {
     async fn connections_past_max_connections_are_closed_and_counted() {
         let (l, addr) = listener().await;
         let metrics = gauges();
-        let mut conns = bounded(
-            l,
-            2,
-            ReadDeadline::handshake(Duration::from_secs(60)),
-            &metrics,
-        );
+        let mut conns = bounded(l, 2, Deadline::handshake(Duration::from_secs(60)), &metrics);
         let _a = TcpStream::connect(addr).await.unwrap();
         let _b = TcpStream::connect(addr).await.unwrap();
         let first = conns.next().await.unwrap().unwrap();
@@ -441,7 +434,7 @@ mod tests {
         let mut conns = bounded(
             l,
             8,
-            ReadDeadline::handshake(Duration::from_millis(200)),
+            Deadline::handshake(Duration::from_millis(200)),
             &gauges(),
         );
         let _silent = TcpStream::connect(addr).await.unwrap();
@@ -476,7 +469,7 @@ mod tests {
         let mut conns = bounded(
             l,
             8,
-            ReadDeadline::Idle {
+            Deadline::Idle {
                 idle: Duration::from_millis(300),
                 lifetime: Duration::from_secs(60),
             },
@@ -502,7 +495,7 @@ mod tests {
     #[tokio::test]
     async fn a_metrics_client_that_dribbles_or_never_reads_is_closed_all_the_same() {
         let (l, addr) = listener().await;
-        let idle = ReadDeadline::Idle {
+        let idle = Deadline::Idle {
             idle: Duration::from_millis(300),
             lifetime: Duration::from_millis(800),
         };

@@ -11,6 +11,8 @@ use prometheus::{
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::connections::ConnectionGauges;
+
 /// Every metric the server exports.
 pub struct Metrics {
     registry: Registry,
@@ -283,6 +285,24 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The gauges of gRPC client connections (`max_connections`).
+    pub fn grpc_connection_gauges(&self) -> ConnectionGauges {
+        ConnectionGauges {
+            open: self.connections.clone(),
+            refused: self.connections_refused.clone(),
+        }
+    }
+
+    /// The gauges of this metrics endpoint's own connections.
+    pub fn endpoint_connection_gauges(&self) -> ConnectionGauges {
+        ConnectionGauges {
+            open: self.metrics_connections.clone(),
+            refused: self.metrics_connections_refused.clone(),
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -347,27 +367,23 @@ pub fn bounded_listener(
     metrics: &Metrics,
 ) -> crate::connections::BoundedListener {
     use crate::connections::{
-        BoundedListener, ConnectionGauges, ReadDeadline, METRICS_IDLE_TIMEOUT, METRICS_LIFETIME,
-        METRICS_MAX_CONNECTIONS,
+        BoundedListener, Deadline, METRICS_IDLE_TIMEOUT, METRICS_LIFETIME, METRICS_MAX_CONNECTIONS,
     };
     BoundedListener::new(
         listener,
         METRICS_MAX_CONNECTIONS,
-        ReadDeadline::Idle {
+        Deadline::Idle {
             idle: METRICS_IDLE_TIMEOUT,
             lifetime: METRICS_LIFETIME,
         },
-        ConnectionGauges {
-            open: metrics.metrics_connections.clone(),
-            refused: metrics.metrics_connections_refused.clone(),
-        },
+        metrics.endpoint_connection_gauges(),
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connections::{BoundedListener, ConnectionGauges, ReadDeadline};
+    use crate::connections::{BoundedListener, Deadline};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
@@ -396,14 +412,11 @@ mod tests {
         let listener = BoundedListener::new(
             tcp,
             2,
-            ReadDeadline::Idle {
+            Deadline::Idle {
                 idle: Duration::from_millis(500),
                 lifetime: Duration::from_secs(60),
             },
-            ConnectionGauges {
-                open: metrics.metrics_connections.clone(),
-                refused: metrics.metrics_connections_refused.clone(),
-            },
+            metrics.endpoint_connection_gauges(),
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(serve(listener, metrics.clone(), async move {

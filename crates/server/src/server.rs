@@ -22,7 +22,7 @@ use crate::bus::BusSettings;
 use crate::commit::{AutoCompaction, Committer};
 use crate::compact::{self, CompactSettings};
 use crate::config::ServeConfig;
-use crate::connections::{self, ConnectionGauges, ReadDeadline};
+use crate::connections::{self, Deadline};
 use crate::dedup::DedupWindow;
 use crate::encoder::Encoder;
 use crate::error::{Error, Result};
@@ -437,11 +437,8 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
     let incoming = connections::BoundedListener::new(
         listener,
         max_connections,
-        ReadDeadline::handshake(Duration::from_millis(cfg.handshake_timeout_ms)),
-        ConnectionGauges {
-            open: metrics.connections.clone(),
-            refused: metrics.connections_refused.clone(),
-        },
+        Deadline::handshake(Duration::from_millis(cfg.handshake_timeout_ms)),
+        metrics.grpc_connection_gauges(),
     );
     metrics.ready.set(1);
     let ready = metrics.clone();

@@ -93,7 +93,7 @@ impl TextTable {
         let mut n = 0;
         let mut last_start = None;
         // Rows with a field that spans lines: how many, and the first (row, line, column).
-        let mut multiline = (0usize, None);
+        let (mut multiline_rows, mut first_multiline) = (0usize, None);
         loop {
             match self.reader.read_byte_record(&mut record) {
                 Ok(false) => break,
@@ -104,9 +104,9 @@ impl TextTable {
             last_start = record.position().cloned();
             if self.dialect == Dialect::Csv {
                 if let Some(col) = multiline_field(&record) {
-                    multiline.0 += 1;
+                    multiline_rows += 1;
                     let line = record.position().map_or(0, |p| p.line());
-                    multiline.1.get_or_insert((n, line, col));
+                    first_multiline.get_or_insert((n, line, col));
                 }
             }
             let row = Row {
@@ -136,12 +136,12 @@ impl TextTable {
         if let (Dialect::Csv, Some(start)) = (self.dialect, last_start) {
             check_last_quote_closed(&self.path, n, &start)?;
         }
-        if let (count, Some((row, line, col))) = multiline {
+        if let Some((row, line, col)) = first_multiline {
             let column = self.headers.get(col).map_or("?", |s| s.as_str());
             tracing::warn!(
                 file = %self.path.display(),
-                rows = count,
-                "rows with a quoted field that spans lines: {count}, the first at row {row} \
+                rows = multiline_rows,
+                "rows with a quoted field that spans lines: {multiline_rows}, the first at row {row} \
                  (line {line}, column `{column}`); if a closing `\"` is missing there, the lines \
                  up to the next quote were read as that one field, not as rows"
             );
