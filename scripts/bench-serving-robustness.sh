@@ -163,7 +163,7 @@ print("| run | offered | admitted/s | p50 ms | p99 ms | refused | errors | serve
 print("|---|---|---|---|---|---|---|---|")
 print(f"| closed loop, 32 callers, no limit (capacity) | | {closed['qps']:.0f} | {closed['p50_ms']:.2f} | {closed['p99_ms']:.2f} | {closed['refused']} | {closed['errors']} | |")
 print(f"| normal: open loop | {normal['mode'].split(', ')[1]} | {normal['qps']:.0f} | {normal['p50_ms']:.2f} | {normal['p99_ms']:.2f} | {normal['refused']} | {normal['errors']} | |")
-for name, x, rss in [(f"3x capacity, max_in_flight {os.environ.get('MAX_IN_FLIGHT', '64 (default)')}, admission_target_ms {os.environ.get('ADMISSION_TARGET_MS', '0 (default: off)')}", lim, rss_limited), ("3x capacity, no limit (as before)", unl, rss_unlimited)]:
+for name, x, rss in [(f"3x capacity, max_in_flight {os.environ.get('MAX_IN_FLIGHT', '64 (default)')}, admission_target_ms {os.environ.get('ADMISSION_TARGET_MS', 'auto (default)')}", lim, rss_limited), ("3x capacity, no limit (as before)", unl, rss_unlimited)]:
     print(f"| {name} | {lim['mode'].split(', ')[1]} | {x['qps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['refused']} | {x['errors']} | {rss} |")
 if os.environ.get("EXTRA_CONFIG"):
     print(f"\nserving config beside the limit: {os.environ['EXTRA_CONFIG']}")

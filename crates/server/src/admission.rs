@@ -10,21 +10,27 @@
 //! the limit is not an overload, even one that arrives at once and makes its own quickest request
 //! wait behind a batch, and a closed loop of callers would only be refused and retry. While that
 //! minimum stays above the target, the limit shrinks in proportion (a minimum of 10x the target
-//! cuts it to a tenth, down to one request per user-tower worker) at once, so an overload's first
-//! second is not spent behind a full queue; once the minimum is back under, the limit grows again
-//! by one per interval up to `max_in_flight`, but while it still refuses only if the median request
-//! is within the target too (on the quickest request alone it climbed back until every request
-//! waited). Normal traffic keeps the whole `max_in_flight` for its bursts, and an overload is held
-//! to a queue whose typical request waits about the target.
+//! cuts it to a tenth, down to one request per user-tower worker) at once. An interval also ends
+//! early once the first few requests to finish after its first refusal all took longer than the
+//! target ([`EARLY_SAMPLES`]): an overload's first queue, the whole `max_in_flight`, is cut
+//! within milliseconds, and through the overload the limit is cut whenever a few requests in a
+//! row waited, not only when every request of an interval did. Under 3x on one core, admitted p99
+//! fell from 7.8–16.9 ms to 4.5–5.8 ms, admitting 41% of capacity instead of 49–57%
+//! (`docs/benchmarks.md`, session 23). Once the minimum is back under,
+//! the limit grows again by one per interval up to `max_in_flight`, but while it still refuses
+//! only if the median request is within the target too (on the quickest request alone it climbed
+//! back until every request waited). Normal traffic keeps the whole `max_in_flight` for its
+//! bursts, and an overload is held to a queue whose typical request waits about the target.
 //!
 //! The target is the operator's (`admission_target_ms`) or, with `"auto"`, measured: twice the time
 //! a request takes when it is admitted into an empty server ([`AUTO_FACTOR`]), a moving average of
 //! the quickest such request of each interval that refused nobody (under overload even a lone
 //! request waits for the CPU, and learning from it would let the target climb). What one request
 //! costs depends on the model, the index and the machine, so a fixed target would either never act
-//! (a slow model) or hold the limit at its floor (a fast one). The moving limit is off by default:
-//! it also refuses normal traffic around a pause of the whole server, and in a soak at 1,000/s on
-//! two shared cores it refused 512 requests (`docs/benchmarks.md`, sessions 17 and 18).
+//! (a slow model) or hold the limit at its floor (a fast one). `"auto"` is the default since
+//! session 23. It can also refuse normal traffic around a pause of the whole server: in soaks at
+//! 1,000/s on two shared cores it refused 512 and 603 requests in one stall each in sessions 17
+//! and 18, and none in session 22's or 23's (`docs/benchmarks.md`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +40,10 @@ use std::time::{Duration, Instant};
 /// that the first moments of an overload, spent behind the whole `max_in_flight`, are a small
 /// share of its requests (CoDel's 100 ms is sized for Internet round trips).
 pub const INTERVAL: Duration = Duration::from_millis(50);
+/// Requests that must finish after an interval's first refusal, every one of them over the
+/// target, before the interval ends early: enough that one slow batch is not a queue, few enough
+/// that an overload's first queue is cut within milliseconds, not at the interval's end.
+pub const EARLY_SAMPLES: usize = 8;
 /// The measured target: this many times a request's time in an empty server.
 pub const AUTO_FACTOR: u32 = 2;
 /// Weight of each interval's quickest lone request in the measured baseline.
@@ -82,6 +92,8 @@ struct Window {
     times: Vec<Duration>,
     /// Moving average of the intervals' `shortest_alone`: what a request costs without a queue.
     baseline: Option<Duration>,
+    /// Since this interval's first refusal: how many requests finished, and the quickest.
+    since_refusal: Option<(usize, Duration)>,
 }
 
 /// One admitted request; dropping it without [`Permit::finish`] (a cancelled request) only
@@ -129,6 +141,7 @@ impl Admission {
                 shortest_alone: None,
                 times: Vec::new(),
                 baseline: None,
+                since_refusal: None,
             }),
         })
     }
@@ -211,10 +224,22 @@ impl Admission {
         if w.times.len() < MAX_SAMPLES {
             w.times.push(in_server);
         }
-        if now.saturating_duration_since(w.started) < INTERVAL {
+        // A standing queue shows from the first requests to finish after a refusal: when none
+        // of them was quick, the interval ends now, so that an overload's first queue (the whole
+        // `max_in_flight`) is cut within milliseconds instead of waiting out the interval.
+        if self.refused.load(Ordering::Relaxed) {
+            let (n, quickest) = w.since_refusal.unwrap_or((0, in_server));
+            w.since_refusal = Some((n + 1, quickest.min(in_server)));
+        }
+        let early = w.since_refusal.is_some_and(|(n, quickest)| {
+            n >= EARLY_SAMPLES && self.target().is_some_and(|t| quickest > t)
+        });
+        if !early && now.saturating_duration_since(w.started) < INTERVAL {
             return;
         }
         let refused = self.refused.swap(false, Ordering::Relaxed);
+        // Ended early: the requests since the refusal are the ones that say how long the queue is.
+        let since_refusal = w.since_refusal.take().map(|(_, quickest)| quickest);
         // Only an interval that refused nobody says what a request costs: under overload even a
         // lone request shares the CPU with taking in and refusing the excess, and learning from
         // it would raise the target as the overload goes on, and the limit with it.
@@ -226,6 +251,7 @@ impl Admission {
         let target = self.target_given(w.baseline);
         self.target_ns.store(nanos(target), Ordering::Release);
         let shortest = w.shortest.take();
+        let shortest = if early { since_refusal } else { shortest };
         let median = median(&mut w.times);
         w.times.clear();
         w.started = now;
@@ -357,6 +383,36 @@ mod tests {
             interval(&a, &mut now, &[MS, 2 * MS, 2 * MS, 20 * MS]);
         }
         assert_eq!(a.limit(), cut + 10);
+    }
+
+    #[test]
+    fn an_overloads_first_queue_is_cut_within_a_few_requests_not_at_the_end_of_the_interval() {
+        let a = Admission::new(64, FLOOR, Target::Fixed(MS));
+        let mut now = Instant::now();
+        // Normal traffic early in the interval, then the limit fills and refuses.
+        a.observe(now, MS / 2, false);
+        a.refused.store(true, Ordering::Relaxed);
+        for _ in 0..EARLY_SAMPLES - 1 {
+            now += MS;
+            a.observe(now, 16 * MS, false);
+        }
+        assert_eq!(a.limit(), 64, "seven slow requests are not yet a queue");
+        now += MS;
+        a.observe(now, 20 * MS, false);
+        // 8 ms into a 50 ms interval, cut in proportion to the quickest since the refusal.
+        assert_eq!(a.limit(), 4);
+    }
+
+    #[test]
+    fn a_burst_over_the_limit_whose_first_request_is_quick_is_not_cut_early() {
+        let a = Admission::new(64, FLOOR, Target::Fixed(5 * MS));
+        let now = Instant::now();
+        a.refused.store(true, Ordering::Relaxed);
+        a.observe(now, MS, false);
+        for _ in 0..50 {
+            a.observe(now, 30 * MS, false);
+        }
+        assert_eq!(a.limit(), 64);
     }
 
     #[test]

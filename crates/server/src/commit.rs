@@ -8,7 +8,8 @@
 //!
 //! Idempotency keys are checked here, on the one thread that commits, so a retry racing its own
 //! first attempt is still recorded once: a repeat of a committed key is answered at once, and a
-//! repeat of a key earlier in the same group gets that batch's outcome.
+//! repeat of a key earlier in the same group gets that batch's outcome. So is `max_users`, exactly
+//! (`userlimit.rs`): batches checked together as they arrived could pass it between them.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -24,6 +25,7 @@ use crate::dedup::{batch_digest, DedupWindow, KeySeen};
 use crate::eventlog::{encode_record, EventLog};
 use crate::history::{HistoryStore, StoredEvent};
 use crate::metrics::Metrics;
+use crate::userlimit::UserLimit;
 
 /// Most bytes written per fsync; a backlog larger than this is committed in several rounds.
 const MAX_COMMIT_BYTES: usize = 8 << 20;
@@ -58,6 +60,9 @@ pub enum RecordError {
          idempotency_window keys); a retry must send the same events, and a new batch a new key"
     )]
     KeyReused(String),
+    /// It adds users past `max_users`.
+    #[error("{0}")]
+    UserLimit(String),
 }
 
 impl From<String> for RecordError {
@@ -94,18 +99,20 @@ pub struct CommitHandle {
 }
 
 impl Committer {
-    /// Starts the writer thread over an open, replayed log and the keys replay found.
+    /// Starts the writer thread over an open, replayed log and the keys replay found; batches
+    /// that would take `store` past `max_users` users are refused.
     pub fn start(
         log: EventLog,
         store: Arc<HistoryStore>,
         metrics: Arc<Metrics>,
         dedup: DedupWindow,
         compaction: Option<AutoCompaction>,
+        max_users: usize,
     ) -> Committer {
         let (tx, rx) = mpsc::channel::<Msg>();
         let thread = std::thread::Builder::new()
             .name("event-log".into())
-            .spawn(move || writer(log, rx, store, metrics, dedup, compaction))
+            .spawn(move || writer(log, rx, store, metrics, dedup, compaction, max_users))
             .expect("spawning the event-log thread");
         Committer {
             tx,
@@ -172,6 +179,7 @@ fn writer(
     metrics: Arc<Metrics>,
     mut dedup: DedupWindow,
     compaction: Option<AutoCompaction>,
+    max_users: usize,
 ) {
     let mut buf = Vec::new();
     let mut stopping = false;
@@ -196,6 +204,7 @@ fn writer(
             }
         }
         let (fresh, repeats) = split_repeats(batch, &dedup);
+        let (fresh, repeats) = refuse_past_user_limit(fresh, repeats, &store, max_users);
         if !fresh.is_empty() {
             commit(
                 &mut log, fresh, repeats, &mut buf, &store, &metrics, &mut dedup,
@@ -335,6 +344,49 @@ fn split_repeats(
     (fresh, repeats)
 }
 
+/// Refuses the batches of a group that would take the store past `max_users`, each counted
+/// after the new users of the batches before it; a repeat of a refused batch gets its refusal.
+fn refuse_past_user_limit(
+    fresh: Vec<Pending>,
+    repeats: Vec<(usize, Pending)>,
+    store: &HistoryStore,
+    max_users: usize,
+) -> (Vec<Pending>, Vec<(usize, Pending)>) {
+    let mut limit = UserLimit::new(store, max_users);
+    if limit.has_room_for(fresh.iter().map(|p| p.events.len()).sum()) {
+        return (fresh, repeats);
+    }
+    let refuse = |p: Pending, reason: &str| {
+        let _ = p.ack.send(Err(RecordError::UserLimit(reason.to_string())));
+    };
+    let mut kept = Vec::with_capacity(fresh.len());
+    // Where each batch went: its place in `kept`, or why it was refused.
+    let mut outcome: Vec<Result<usize, String>> = Vec::with_capacity(fresh.len());
+    for p in fresh {
+        match limit.admit(&p.events) {
+            Ok(()) => {
+                outcome.push(Ok(kept.len()));
+                kept.push(p);
+            }
+            Err(reason) => {
+                refuse(p, &reason);
+                outcome.push(Err(reason));
+            }
+        }
+    }
+    let repeats = repeats
+        .into_iter()
+        .filter_map(|(first, p)| match &outcome[first] {
+            Ok(i) => Some((*i, p)),
+            Err(reason) => {
+                refuse(p, reason);
+                None
+            }
+        })
+        .collect();
+    (kept, repeats)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,6 +410,7 @@ mod tests {
                 Arc::new(Metrics::new()),
                 DedupWindow::new(16),
                 None,
+                usize::MAX,
             );
             let _handle = committer.handle();
             drop(committer);
@@ -377,6 +430,43 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_repeat_of_a_batch_refused_at_max_users_gets_its_refusal_and_the_rest_keep_their_places() {
+        let store = HistoryStore::new(8, TieOrder::ItemId, HistoryProtocol::Strict);
+        store.record(1, StoredEvent::from_event(&purchase(1, 10)));
+        let pending = |events: Vec<Event>| {
+            let (ack, done) = oneshot::channel();
+            let p = Pending {
+                record: Vec::new(),
+                events,
+                key: None,
+                digest: 0,
+                ack,
+            };
+            (p, done)
+        };
+        // Room for two users: the held one and one more. A adds two, B one, C none.
+        let (a, mut a_done) = pending(vec![purchase(2, 10), purchase(3, 10)]);
+        let (b, _b_done) = pending(vec![purchase(4, 10)]);
+        let (c, _c_done) = pending(vec![purchase(1, 11)]);
+        let (a_again, mut a_again_done) = pending(vec![purchase(2, 10), purchase(3, 10)]);
+        let (c_again, _c_again_done) = pending(vec![purchase(1, 11)]);
+        let (kept, repeats) =
+            refuse_past_user_limit(vec![a, b, c], vec![(0, a_again), (2, c_again)], &store, 2);
+        let kept_users: Vec<u64> = kept.iter().map(|p| p.events[0].user_id).collect();
+        assert_eq!(kept_users, vec![4, 1]);
+        assert_eq!(repeats.len(), 1);
+        assert_eq!(repeats[0].0, 1, "C's repeat points at C's new place");
+        for done in [&mut a_done, &mut a_again_done] {
+            match done.try_recv() {
+                Ok(Err(RecordError::UserLimit(reason))) => {
+                    assert!(reason.contains("max_users = 2"), "{reason}")
+                }
+                other => panic!("expected a max_users refusal, got {other:?}"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_key_reused_for_other_events_is_refused_not_dropped_as_a_duplicate() {
         let dir = tempfile::tempdir().unwrap();
@@ -388,7 +478,14 @@ mod tests {
                 TieOrder::ItemId,
                 HistoryProtocol::Strict,
             ));
-            Committer::start(log, store, Arc::new(Metrics::new()), dedup, None)
+            Committer::start(
+                log,
+                store,
+                Arc::new(Metrics::new()),
+                dedup,
+                None,
+                usize::MAX,
+            )
         };
         let committer = start(DedupWindow::new(16));
         let h = committer.handle();

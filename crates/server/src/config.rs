@@ -59,11 +59,12 @@ pub struct ServeConfig {
     /// spends longer than this in the server (a queue that no longer drains), fewer than
     /// `max_in_flight` are taken at once, and while the median request does, no more are; so
     /// admitted requests typically wait about this long under overload; bursts that drain keep
-    /// the whole `max_in_flight` (`admission.rs`). `"auto"`: twice what a request takes when it
-    /// finds the server empty, measured as the server runs. A number of ms sets it by hand
+    /// the whole `max_in_flight` (`admission.rs`). `"auto"` (the default): twice what a request
+    /// takes when it finds the server empty, measured as the server runs, since what a request
+    /// costs depends on the model, the index and the machine. A number of ms sets it by hand
     /// (above what one request takes on an idle server, or every interval looks like a
-    /// standing queue). 0 (the default): a fixed limit of `max_in_flight`; the soak with
-    /// `"auto"` refused 603 of 600,000 requests around a 258 ms stall (docs/benchmarks.md).
+    /// standing queue). 0: a fixed limit of `max_in_flight`, which under overload queues that
+    /// many requests (15x normal p99 at 3x capacity on 2 cores, docs/benchmarks.md).
     #[serde(deserialize_with = "admission_target")]
     pub admission_target_ms: Target,
     /// Most concurrent HTTP/2 streams per client connection.
@@ -122,7 +123,7 @@ impl Default for ServeConfig {
             max_clock_skew_ms: 3_600_000,
             idempotency_window: 100_000,
             max_in_flight: 64,
-            admission_target_ms: Target::Off,
+            admission_target_ms: Target::Auto,
             max_concurrent_streams: 256,
             keepalive_interval_ms: 30_000,
             max_connections: 10_000,
@@ -240,7 +241,7 @@ mod tests {
     #[test]
     fn admission_target_takes_milliseconds_zero_or_auto() {
         let parse = |text: &str| toml::from_str::<ServeConfig>(text).map(|c| c.admission_target_ms);
-        assert_eq!(ServeConfig::default().admission_target_ms, Target::Off);
+        assert_eq!(ServeConfig::default().admission_target_ms, Target::Auto);
         assert_eq!(
             parse("admission_target_ms = \"auto\"").unwrap(),
             Target::Auto

@@ -38,6 +38,7 @@ pub mod server;
 pub mod service;
 pub mod snapshot;
 pub mod userinput;
+pub mod userlimit;
 
 pub use bus::BusSettings;
 pub use config::ServeConfig;

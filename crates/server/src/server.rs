@@ -309,7 +309,14 @@ pub async fn start(opts: ServeOptions) -> Result<Running> {
                 settings: compact_settings(&store, &cfg),
                 threshold: cfg.compact_log_bytes,
             });
-            let c = Committer::start(log, store.clone(), metrics.clone(), dedup, compaction);
+            let c = Committer::start(
+                log,
+                store.clone(),
+                metrics.clone(),
+                dedup,
+                compaction,
+                cfg.max_users,
+            );
             let handle = c.handle();
             committer = Some(c);
             Recorder::Log(handle)

@@ -23,6 +23,7 @@ use crate::recorder::Recorder;
 use crate::retrieve::{self, Scored, SearchParams};
 use crate::snapshot::Snapshot;
 use crate::userinput::{merge_history, user_input};
+use crate::userlimit::UserLimit;
 
 /// Everything the handlers share.
 pub struct Shared {
@@ -359,6 +360,7 @@ async fn record_events(
         .map_err(|e| match e {
             RecordError::Unavailable(reason) => Status::unavailable(reason),
             reused @ RecordError::KeyReused(_) => Status::already_exists(reused.to_string()),
+            RecordError::UserLimit(reason) => Status::resource_exhausted(reason),
         })?;
     Ok(proto::RecordEventsResponse {
         recorded: recorded.events,
@@ -366,28 +368,14 @@ async fn record_events(
     })
 }
 
-/// Refuses a batch that would take the store past `max_users` (approximately: concurrent
-/// batches are checked against the same count).
+/// Refuses a batch that would take the store past `max_users` as it arrives; the event-log
+/// writer checks again, counting the batches committed with it (`userlimit.rs`).
 fn check_user_limit(shared: &Shared, events: &[features::Event]) -> Result<(), Status> {
-    let max = shared.config.max_users;
-    let held = shared.store.user_count();
-    if held < max.saturating_sub(events.len()) {
-        return Ok(()); // room for every user in the batch, new or not
+    let mut limit = UserLimit::new(&shared.store, shared.config.max_users);
+    if limit.has_room_for(events.len()) {
+        return Ok(());
     }
-    let mut new: Vec<u64> = events
-        .iter()
-        .map(|e| e.user_id)
-        .filter(|&u| !shared.store.contains(u))
-        .collect();
-    new.sort_unstable();
-    new.dedup();
-    if !new.is_empty() && held + new.len() > max {
-        return Err(Status::resource_exhausted(format!(
-            "users: the server holds {held} users and this batch adds {} new ones, more than max_users = {max}",
-            new.len()
-        )));
-    }
-    Ok(())
+    limit.admit(events).map_err(Status::resource_exhausted)
 }
 
 async fn similar_items(

@@ -313,6 +313,46 @@ async fn record_events_for_users_beyond_max_users_are_refused_and_unknown_items_
     s.running.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_of_new_users_cannot_take_the_store_past_max_users() {
+    let f = fixture();
+    let users_held = |s: &crate::fixture::TestServer| {
+        metric(
+            &http_get(s.running.metrics_addr.unwrap(), "/metrics"),
+            "twotower_users",
+        )
+    };
+    let held = {
+        let state = tempfile::tempdir().unwrap();
+        let s = start_with(options(state.path()), state).await;
+        let held = users_held(&s);
+        s.running.stop().await.unwrap();
+        held
+    };
+    let state = tempfile::tempdir().unwrap();
+    let mut opts = options(state.path());
+    opts.config.max_users = held as usize + 10;
+    let s = start_with(opts, state).await;
+    let known = *f.items.keys().next().unwrap();
+    // 40 batches at once, each with two new users: room for five of them. Checked only as they
+    // arrived, against the same count, they all fitted.
+    let calls = (0..40u64).map(|i| {
+        let mut client = s.client.clone();
+        let mut req = record(1_000_000_000 + 2 * i, &[known], 1_700_000_000_000);
+        req.users
+            .extend(record(1_000_000_001 + 2 * i, &[known], 1_700_000_000_000).users);
+        async move { client.record_events(req).await }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    for err in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("max_users"), "{}", err.message());
+    }
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 5);
+    assert_eq!(users_held(&s), held + 10);
+    s.running.stop().await.unwrap();
+}
+
 /// Events a restarted server replays (from its event log or the stream), as its metrics say.
 async fn replayed_on_restart(events: &Events, state: tempfile::TempDir) -> u64 {
     let s = events.restart(state).await;
