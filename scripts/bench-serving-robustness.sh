@@ -9,7 +9,9 @@
 # does not count as server latency; NORMAL_RATE (default 2000) is the "normal" open-loop rate;
 # MAX_IN_FLIGHT and ADMISSION_TARGET_MS (ms, or auto) set the server's admission control (docs/operations.md)
 # for every run but the unlimited one; EXTRA_CONFIG holds more serving-config lines for those runs
-# (e.g. EXTRA_CONFIG='grpc_thread_nice = 10').
+# (e.g. EXTRA_CONFIG='grpc_thread_nice = 10'); OVERLOAD_AGAIN=1 follows the 3x run on the same
+# server with 3x again at once (the limit already cut), normal load for 10 s and 3x once more,
+# which tells how much of the admitted p99 is the overload's first queue.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bin=${TWOTOWER_BIN:-target/release/twotower}
@@ -55,7 +57,7 @@ bench() { # NAME ARGS... -> $out/NAME.json
   python3 - "$out/$name.json" "$name" <<'EOF' >&2
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"{sys.argv[2]}: {r['qps']:.0f}/s p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} ms, refused {r['refused']}, errors {r['errors']}, events/s {r['events_per_sec']:.0f}")
+print(f"{sys.argv[2]}: {r['qps']:.0f}/s p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} max {r['max_ms']:.1f} ms, refused {r['refused']}, errors {r['errors']}, events/s {r['events_per_sec']:.0f}")
 EOF
 }
 
@@ -150,6 +152,11 @@ start_server "$default_cfg" "$out/serve-overload.log"
 bench warmup --concurrency 32 --duration 20 --recorders 0
 bench normal --rate "${NORMAL_RATE:-2000}" --duration 20 --recorders 0
 bench overload-3x --rate $((3 * capacity)) --duration 20 --recorders 0
+if [ "${OVERLOAD_AGAIN:-0}" = 1 ]; then
+  bench overload-3x-again --rate $((3 * capacity)) --duration 20 --recorders 0
+  bench normal-again --rate "${NORMAL_RATE:-2000}" --duration 10 --recorders 0
+  bench overload-3x-after-normal --rate $((3 * capacity)) --duration 20 --recorders 0
+fi
 overload_rss=$(rss_mib "$server_pid" VmHWM)
 stop_server
 rm -f "$work/events.log"

@@ -18,11 +18,11 @@
 //! the interval count, so the queue left from before a cut, or built during a pause of the whole
 //! server, does not cut again. Under 3x on one core, admitted p99 was 4.8–8.9 ms against
 //! 7.8–16.9 ms without, admitting 43–49% of capacity instead of 49–57% (`docs/benchmarks.md`,
-//! session 23). Once the minimum is back under,
-//! the limit grows again by one per interval up to `max_in_flight`, but while it still refuses
-//! only if the median request is within the target too (on the quickest request alone it climbed
-//! back until every request waited). Normal traffic keeps the whole `max_in_flight` for its
-//! bursts, and an overload is held to a queue whose typical request waits about the target.
+//! session 23). Once the minimum is back under, the limit grows again by one per interval up to
+//! `max_in_flight`, but while it still refuses only if the median request is within the target
+//! too (on the quickest request alone it climbed back until every request waited). Normal traffic
+//! keeps the whole `max_in_flight` for its bursts, and an overload is held to a queue whose
+//! typical request waits about the target.
 //!
 //! The target is the operator's (`admission_target_ms`) or, with `"auto"`, measured: twice the time
 //! a request takes when it is admitted into an empty server ([`AUTO_FACTOR`]), a moving average of
@@ -233,20 +233,18 @@ impl Admission {
         // Only requests that arrived in this interval count: after a cut, the queue admitted under
         // the old limit is still finishing (and would cut again and again down to the floor), and
         // after a pause of the whole server, the queue built during it is not an overload.
-        let arrived_in_interval = in_server <= now.saturating_duration_since(w.started);
-        if arrived_in_interval && self.refused.load(Ordering::Relaxed) {
+        let age = now.saturating_duration_since(w.started);
+        if in_server <= age && self.refused.load(Ordering::Relaxed) {
             let (n, quickest) = w.since_refusal.unwrap_or((0, in_server));
             w.since_refusal = Some((n + 1, quickest.min(in_server)));
         }
         let early = w.since_refusal.is_some_and(|(n, quickest)| {
             n >= EARLY_SAMPLES && self.target().is_some_and(|t| quickest > t)
         });
-        if !early && now.saturating_duration_since(w.started) < INTERVAL {
+        if !early && age < INTERVAL {
             return;
         }
         let refused = self.refused.swap(false, Ordering::Relaxed);
-        // Ended early: the requests since the refusal are the ones that say how long the queue is.
-        let since_refusal = w.since_refusal.take().map(|(_, quickest)| quickest);
         // Only an interval that refused nobody says what a request costs: under overload even a
         // lone request shares the CPU with taking in and refusing the excess, and learning from
         // it would raise the target as the overload goes on, and the limit with it.
@@ -257,6 +255,8 @@ impl Admission {
         }
         let target = self.target_given(w.baseline);
         self.target_ns.store(nanos(target), Ordering::Release);
+        // Ended early, the requests since the refusal are the ones that say how long the queue is.
+        let since_refusal = w.since_refusal.take().map(|(_, quickest)| quickest);
         let shortest = w.shortest.take();
         let shortest = if early { since_refusal } else { shortest };
         let median = median(&mut w.times);
