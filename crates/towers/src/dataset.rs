@@ -305,6 +305,17 @@ impl SeenItems {
     }
 }
 
+/// `(user id, item id, catalog row)` in canonical order, as [`SeenItems::load`] reads them.
+impl FromIterator<(u64, u64, u32)> for SeenItems {
+    fn from_iter<I: IntoIterator<Item = (u64, u64, u32)>>(events: I) -> SeenItems {
+        let mut by_user: HashMap<u64, Vec<(u64, u32)>> = HashMap::new();
+        for (user, item, row) in events {
+            by_user.entry(user).or_default().push((item, row));
+        }
+        SeenItems { by_user }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,14 +67,30 @@ impl ItemEncoder {
 
     /// `[N, dim]` unit vectors.
     pub fn forward(&self, items: &ItemInputs, train: bool) -> Tensor {
-        let title = self.visible_title(&items.title, &items.ids, train);
+        let hiding = if train {
+            Hiding::Random
+        } else {
+            Hiding::Unseen
+        };
+        self.forward_hiding(items, train, hiding)
+    }
+
+    /// `[N, dim]` unit vectors with the id-like inputs hidden as `hiding` says.
+    pub fn forward_hiding(&self, items: &ItemInputs, train: bool, hiding: Hiding) -> Tensor {
+        let hide = |rate: f64| match hiding {
+            Hiding::Random => hidden_items(&items.ids, rate, true),
+            Hiding::Unseen => hidden_items(&items.ids, rate, false),
+            Hiding::All => items.ids.ones_like().to_kind(tch::Kind::Bool),
+        };
+        let title = self.visible_title(&items.title, hide);
         let mut parts = vec![
             self.title_emb.forward(&title),
             self.aspect_emb.forward(&items.aspects),
             self.category_emb.forward(&items.categories),
         ];
         if let Some(id_emb) = &self.id_emb {
-            parts.push(self.id_vectors(id_emb, &items.ids, train));
+            let keep = hide(self.id_dropout).logical_not();
+            parts.push(id_emb.forward(&items.ids) * keep.to_kind(tch::Kind::Float).unsqueeze(-1));
         }
         l2_normalize(&self.mlp.forward(&Tensor::cat(&parts, -1), train))
     }
@@ -83,21 +99,25 @@ impl ItemEncoder {
     /// training and, in training, for a random `hashed_word_dropout` share of the items. A word
     /// that lands in a bucket is rare by construction, so for a seen item it says "this item",
     /// and for a new one it says "some other item whose word shares the bucket": noise.
-    fn visible_title(&self, title: &Tensor, ids: &Tensor, train: bool) -> Tensor {
+    fn visible_title(&self, title: &Tensor, hidden: impl Fn(f64) -> Tensor) -> Tensor {
         let Some((dropout, first_bucket)) = self.hashed_words else {
             return title.shallow_clone();
         };
-        let hide = hidden_items(ids, dropout, train);
+        let hide = hidden(dropout);
         let hashed = title.ge(first_bucket);
         title.masked_fill(&hashed.logical_and(&hide.unsqueeze(-1)), 0)
     }
+}
 
-    /// `[N, item_id_dim]`: the id embedding, zeros for id 0 (not seen in training) and, in
-    /// training, for a random `id_dropout` share of the items.
-    fn id_vectors(&self, id_emb: &nn::Embedding, ids: &Tensor, train: bool) -> Tensor {
-        let keep = hidden_items(ids, self.id_dropout, train).logical_not();
-        id_emb.forward(ids) * keep.to_kind(tch::Kind::Float).unsqueeze(-1)
-    }
+/// Which items' id-like inputs (the id, hash-bucket title words) a forward hides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hiding {
+    /// Items not seen in training only: what serving and evaluation embed.
+    Unseen,
+    /// Items not seen in training and a random share of the rest: training.
+    Random,
+    /// Every item: the content-only vector a new item would get.
+    All,
 }
 
 /// `[N]` bool: the items whose id-like inputs are hidden in this forward, the ones not seen in

@@ -43,6 +43,7 @@ pub use error::{Error, Result};
 pub use inputs::{
     EventInput, GatheredItems, ItemBatchHost, ItemInputs, UserBatchHost, UserInput, UserInputs,
 };
+pub use item::Hiding;
 pub use model::TwoTower;
 
 #[cfg(test)]

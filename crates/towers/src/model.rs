@@ -12,7 +12,7 @@ use tch::{Device, Tensor};
 use crate::config::TowerConfig;
 use crate::error::{Error, Result};
 use crate::inputs::{ItemInputs, UserInputs};
-use crate::item::ItemEncoder;
+use crate::item::{Hiding, ItemEncoder};
 use crate::user::UserEncoder;
 
 /// Lowest and highest temperature a learned temperature may reach.
@@ -97,6 +97,11 @@ impl TwoTower {
     /// `[N, dim]` item vectors.
     pub fn encode_items(&self, items: &ItemInputs, train: bool) -> Tensor {
         self.item.forward(items, train)
+    }
+
+    /// `[N, dim]` item vectors with the id-like inputs hidden as `hiding` says.
+    pub fn encode_items_hiding(&self, items: &ItemInputs, train: bool, hiding: Hiding) -> Tensor {
+        self.item.forward_hiding(items, train, hiding)
     }
 
     /// `[B, dim]` user vectors; `item_vecs` are the vectors of the items the histories point at.

@@ -317,11 +317,7 @@ mod tests {
             ev(3, 8, Some(99)),
         ];
         features::write_table(&path, &events).unwrap();
-        let catalog = Catalog {
-            ids: vec![10, 20],
-            tokens: Vec::new(),
-            row_of: HashMap::from([(10, 0), (20, 1)]),
-        };
+        let catalog = crate::cooccurrence::tests::bare_catalog(vec![10, 20]);
         assert_eq!(interaction_counts(&path, &catalog, 5, 9).unwrap(), [2, 1]);
     }
 
@@ -364,15 +360,7 @@ mod tests {
     fn the_second_stage_scores_co_occurrence_exactly_as_the_item_knn_baseline() {
         let train = co_bought();
         let ids = vec![100, 200, 300, 400, 500];
-        let catalog = Catalog {
-            row_of: ids
-                .iter()
-                .enumerate()
-                .map(|(r, &id)| (id, r as u32))
-                .collect(),
-            ids: ids.clone(),
-            tokens: Vec::new(),
-        };
+        let catalog = crate::cooccurrence::tests::bare_catalog(ids.clone());
         let popularity = popularity_scores(&target_counts(&train, 5), Device::Cpu);
         let knn = ItemKnn::fit(&train, &popularity);
         let cobuyers = crate::rerank::fit_cobuyers(&train, &catalog);

@@ -66,6 +66,12 @@ pub struct TrainConfig {
     pub remove_seen_negatives: bool,
     /// Extra negatives per batch sampled uniformly from the catalog (mixed negative sampling).
     pub extra_negatives: usize,
+    /// Weight of a second term that pulls each item's content-only vector (its id and
+    /// hash-bucket title words hidden: what a new item gets) towards its full vector, held
+    /// fixed: `1 − cosine`, averaged over the batch's items. It gives the content path a target
+    /// per item besides the softmax's per-example one. 0 (the default) leaves it out: on
+    /// ml-100k's cold movies it measured no gain (`docs/benchmarks.md`, session 24).
+    pub content_alignment: f64,
     /// Stop after this many epochs without a better validation NDCG@10.
     pub patience: usize,
     /// Users scored per step during evaluation.
@@ -106,6 +112,7 @@ impl Default for TrainConfig {
             remove_accidental_hits: true,
             remove_seen_negatives: false,
             extra_negatives: 0,
+            content_alignment: 0.0,
             patience: 3,
             eval_batch_size: 512,
             mixed_precision: false,
@@ -162,6 +169,12 @@ impl TrainConfig {
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             return bad("weight_decay", "must be a non-negative number");
+        }
+        if !(self.content_alignment >= 0.0 && self.content_alignment.is_finite()) {
+            return bad(
+                "content_alignment",
+                "must be a non-negative number (0: off)",
+            );
         }
         if self.patience == 0 {
             return bad("patience", "must be at least 1 epoch");

@@ -120,6 +120,20 @@ pub(crate) mod tests {
         }
     }
 
+    /// A catalog of `ids` in row order, without content: enough for the scorers that rank by
+    /// rows (baselines, co-occurrence).
+    pub(crate) fn bare_catalog(ids: Vec<u64>) -> Catalog {
+        Catalog {
+            row_of: ids
+                .iter()
+                .enumerate()
+                .map(|(r, &id)| (id, r as u32))
+                .collect(),
+            tokens: vec![ItemTokens::default(); ids.len()],
+            ids,
+        }
+    }
+
     /// Training examples of `(user, target row)` pairs without history: who bought what.
     pub(crate) fn bought(pairs: &[(u64, u32)]) -> ExampleSet {
         ExampleSet {

@@ -109,6 +109,9 @@ pub fn evaluate_model(
         out["cold_items"] = json!(cold);
         out["warm_items"] = json!(warm);
     }
+    if let Some(exposure) = m.cold_exposure {
+        out["cold_exposure"] = json!(exposure);
+    }
     if let Some(sweep) = sweep {
         let set = data.examples(split, &model.config)?;
         let cobuyers = rerank::fit_cobuyers(&train, &data.catalog);

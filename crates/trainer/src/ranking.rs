@@ -85,24 +85,29 @@ pub fn evaluate(
     let mut ranks = Vec::with_capacity(chosen.len());
     tch::no_grad(|| {
         for chunk in chosen.chunks(batch.max(1)) {
-            let scores = match scorer {
-                Scorer::Model {
-                    model,
-                    catalog_vecs,
-                } => {
-                    let uv = user_vectors(model, set, chunk, catalog_vecs);
-                    uv.matmul(&catalog_vecs.tr())
-                }
-                Scorer::Fixed(fixed) => fixed
-                    .unsqueeze(0)
-                    .expand([chunk.len() as i64, -1], false)
-                    .copy(),
-                Scorer::ItemKnn(knn) => knn.scores(chunk),
-            };
+            let scores = scores_of(scorer, set, chunk);
             ranks.extend(rank_targets(scores, chunk, seen, catalog));
         }
     });
     metrics_from_ranks(&ranks, ks)
+}
+
+/// `[B, N]` scores of `chunk`'s examples over the catalog.
+fn scores_of(scorer: &Scorer<'_>, set: &ExampleSet, chunk: &[&EncodedExample]) -> Tensor {
+    match scorer {
+        Scorer::Model {
+            model,
+            catalog_vecs,
+        } => {
+            let uv = user_vectors(model, set, chunk, catalog_vecs);
+            uv.matmul(&catalog_vecs.tr())
+        }
+        Scorer::Fixed(fixed) => fixed
+            .unsqueeze(0)
+            .expand([chunk.len() as i64, -1], false)
+            .copy(),
+        Scorer::ItemKnn(knn) => knn.scores(chunk),
+    }
 }
 
 /// One split's metrics: the model, the three baselines, and — when the data holds held-out
@@ -117,6 +122,9 @@ pub struct SplitMetrics {
     pub item_knn: Metrics,
     pub cold_items: Option<Metrics>,
     pub warm_items: Option<Metrics>,
+    /// How much of the towers' top-K the held-out cold items get, next to their share of the
+    /// catalog ([`cold_exposure`]).
+    pub cold_exposure: Option<Metrics>,
 }
 
 /// What one split is ranked with: the model's examples (history cut to the tower's length) and
@@ -193,7 +201,65 @@ pub fn split_metrics(
         ),
         cold_items: with_cold.then(|| served(&[weight], &is_cold).remove(0)),
         warm_items: with_cold.then(|| served(&[weight], &|e| !is_cold(e)).remove(0)),
+        cold_exposure: with_cold.then(|| {
+            let cold: Vec<bool> = catalog.ids.iter().map(|&id| split.is_cold(id)).collect();
+            cold_exposure(&scorer, inputs, &cold, ks, batch)
+        }),
     }
+}
+
+/// The share of the top-K slots, over every example of `inputs`, that go to items marked in
+/// `cold` (`top@K_share`), next to their share of the catalog (`catalog_share`). A cold-start
+/// model whose cold items get about their catalog share of the slots shows new items as often
+/// as old ones; a low cold-item recall beside a fair share says the content picks the wrong
+/// new items, not too few. The towers' top K, before any second stage.
+pub fn cold_exposure(
+    scorer: &Scorer<'_>,
+    inputs: &EvalInputs<'_>,
+    cold: &[bool],
+    ks: &[usize],
+    batch: usize,
+) -> Metrics {
+    let n = cold.len();
+    let max_k = ks.iter().copied().max().unwrap_or(0).min(n);
+    let mut cold_slots = vec![0u64; ks.len()];
+    let mut slots = vec![0u64; ks.len()];
+    let examples: Vec<&EncodedExample> = inputs.set.examples.iter().collect();
+    tch::no_grad(|| {
+        for chunk in examples.chunks(batch.max(1)) {
+            let mut scores = scores_of(scorer, inputs.set, chunk);
+            mask_seen(&mut scores, chunk, inputs.seen, inputs.catalog);
+            let top = scores.topk(max_k as i64, 1, true, true);
+            let (top_scores, rows) = (top.0.to_device(Device::Cpu), top.1.to_device(Device::Cpu));
+            let top_scores = Vec::<f32>::try_from(top_scores.view(-1)).expect("f32 scores");
+            let rows = Vec::<i64>::try_from(rows.view(-1)).expect("i64 rows");
+            for (scores, rows) in top_scores
+                .chunks(max_k.max(1))
+                .zip(rows.chunks(max_k.max(1)))
+            {
+                for (j, &k) in ks.iter().enumerate() {
+                    // Masked (already seen) items are never shown.
+                    let shown = scores
+                        .iter()
+                        .zip(rows)
+                        .take(k)
+                        .filter(|(s, _)| s.is_finite());
+                    for (_, &row) in shown {
+                        slots[j] += 1;
+                        cold_slots[j] += cold[row as usize] as u64;
+                    }
+                }
+            }
+        }
+    });
+    let mut m = Metrics::new();
+    let n_cold = cold.iter().filter(|&&c| c).count();
+    m.insert("catalog_share".into(), n_cold as f64 / n.max(1) as f64);
+    for (j, &k) in ks.iter().enumerate() {
+        let share = cold_slots[j] as f64 / slots[j].max(1) as f64;
+        m.insert(format!("top@{k}_share"), share);
+    }
+    m
 }
 
 /// 0-based rank of each example's target among the items not seen before it.
@@ -281,6 +347,30 @@ pub fn metrics_from_ranks(ranks: &[i64], ks: &[usize]) -> Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cold_exposure_counts_the_top_k_slots_shown_and_never_a_seen_item() {
+        let catalog = crate::cooccurrence::tests::bare_catalog(vec![10, 11, 12, 13, 14]);
+        // User 1 saw items 10 and 11 before its target 12; user 2 saw nothing.
+        let set = crate::cooccurrence::tests::bought(&[(1, 2), (2, 0)]);
+        let seen: SeenItems = [(1, 10, 0), (1, 11, 1), (1, 12, 2), (2, 10, 0)]
+            .into_iter()
+            .collect();
+        let inputs = EvalInputs {
+            set: &set,
+            full_history: &set,
+            seen: &seen,
+            catalog: &catalog,
+        };
+        let scores = Tensor::from_slice(&[5.0f32, 4.0, 3.0, 2.0, 1.0]);
+        let cold = [false, false, false, true, true];
+        let m = cold_exposure(&Scorer::Fixed(&scores), &inputs, &cold, &[2, 5], 1);
+        assert!((m["catalog_share"] - 0.4).abs() < 1e-12);
+        // Top 2: rows 2 and 3 for user 1 (0 and 1 are masked), rows 0 and 1 for user 2.
+        assert!((m["top@2_share"] - 1.0 / 4.0).abs() < 1e-12, "{m:?}");
+        // Top 5: the 3 rows user 1 may be shown (2 cold) and all 5 for user 2 (2 cold).
+        assert!((m["top@5_share"] - 4.0 / 8.0).abs() < 1e-12, "{m:?}");
+    }
 
     #[test]
     fn metrics_follow_their_definitions() {

@@ -15,7 +15,7 @@ use towers::TwoTower;
 use crate::batches::{BatchSource, HostBatch, TargetFrequency};
 use crate::config::{ItemIdInit, TrainConfig};
 use crate::error::{Error, Result};
-use crate::loss::{in_batch_softmax_loss, DeviceBatch};
+use crate::loss::{content_alignment_loss, in_batch_softmax_loss, DeviceBatch};
 use crate::optim::{learning_rate, AdamW};
 
 /// What one epoch of training did.
@@ -146,10 +146,19 @@ impl Session {
         let batch = DeviceBatch::new(host, self.device);
         self.opt.zero_grad();
         let hits = self.cfg.remove_accidental_hits;
+        let alignment = self.cfg.content_alignment;
+        let objective = || {
+            let loss = in_batch_softmax_loss(&self.model, &batch, hits);
+            if alignment > 0.0 {
+                loss + content_alignment_loss(&self.model, &batch) * alignment
+            } else {
+                loss
+            }
+        };
         let loss = if self.cfg.mixed_precision && self.device.is_cuda() {
-            tch::autocast(true, || in_batch_softmax_loss(&self.model, &batch, hits))
+            tch::autocast(true, objective)
         } else {
-            in_batch_softmax_loss(&self.model, &batch, hits)
+            objective()
         };
         loss.backward();
         self.opt.step(lr, self.cfg.grad_clip);

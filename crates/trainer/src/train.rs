@@ -68,6 +68,9 @@ pub struct TrainReport {
     pub cold_items: Option<Metrics>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warm_items: Option<Metrics>,
+    /// The cold items' share of the towers' top-K slots on the test split, and of the catalog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_exposure: Option<Metrics>,
     pub train: TrainSummary,
 }
 
@@ -279,6 +282,7 @@ pub fn train(opts: TrainOptions, progress: &dyn Progress) -> Result<TrainReport>
         baseline_item_knn: on_test.item_knn,
         cold_items: on_test.cold_items,
         warm_items: on_test.warm_items,
+        cold_exposure: on_test.cold_exposure,
         train: TrainSummary {
             examples_per_sec,
             device: towers::device_name(opts.device),

@@ -156,4 +156,12 @@ pub fn print_metrics(report: &trainer::TrainReport) {
             get(warm, "recall@50")
         );
     }
+    if let Some(exposure) = &report.cold_exposure {
+        outln!(
+            "cold items: {:.1}% of the catalog, {:.1}% of the top-10 slots, {:.1}% of the top-50",
+            100.0 * get(exposure, "catalog_share"),
+            100.0 * get(exposure, "top@10_share"),
+            100.0 * get(exposure, "top@50_share")
+        );
+    }
 }
