@@ -95,10 +95,10 @@ impl ItemEncoder {
         l2_normalize(&self.mlp.forward(&Tensor::cat(&parts, -1), train))
     }
 
-    /// `[N, T]` title ids with the hash-bucket words set to padding for items not seen in
-    /// training and, in training, for a random `hashed_word_dropout` share of the items. A word
-    /// that lands in a bucket is rare by construction, so for a seen item it says "this item",
-    /// and for a new one it says "some other item whose word shares the bucket": noise.
+    /// `[N, T]` title ids with the hash-bucket words set to padding for the items `hidden`
+    /// marks at the `hashed_word_dropout` rate (see [`Hiding`]); all kept when the setting is 0.
+    /// A word that lands in a bucket is rare by construction, so for a seen item it says "this
+    /// item", and for a new one it says "some other item whose word shares the bucket": noise.
     fn visible_title(&self, title: &Tensor, hidden: impl Fn(f64) -> Tensor) -> Tensor {
         let Some((dropout, first_bucket)) = self.hashed_words else {
             return title.shallow_clone();

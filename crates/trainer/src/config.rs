@@ -66,10 +66,11 @@ pub struct TrainConfig {
     pub remove_seen_negatives: bool,
     /// Extra negatives per batch sampled uniformly from the catalog (mixed negative sampling).
     pub extra_negatives: usize,
-    /// Weight of a second term that pulls each item's content-only vector (its id and
-    /// hash-bucket title words hidden: what a new item gets) towards its full vector, held
-    /// fixed: `1 − cosine`, averaged over the batch's items. It gives the content path a target
-    /// per item besides the softmax's per-example one. 0 (the default) leaves it out: on
+    /// Weight of a second term that pulls each item's content-only vector (what a new item
+    /// gets) towards its full vector, held fixed: `1 − cosine`, averaged over the batch's items
+    /// (`loss::content_alignment_loss`). It gives the content path a target per item besides
+    /// the softmax's per-example one; the training loss logged includes it. 0 (the default)
+    /// leaves it out: on
     /// ml-100k's cold movies it measured no gain (`docs/benchmarks.md`, session 24).
     pub content_alignment: f64,
     /// Stop after this many epochs without a better validation NDCG@10.

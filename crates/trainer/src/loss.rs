@@ -81,10 +81,13 @@ pub fn in_batch_softmax_loss(
     logits.cross_entropy_for_logits(&labels)
 }
 
-/// `1 − cosine` between each of the batch's items' content-only vector (id and hash-bucket
-/// words hidden, as for a new item) and its full vector as evaluation embeds it, held fixed;
-/// the mean over the batch's items. The full vector is what the softmax learned the item to
-/// be; the content path is pulled towards it, not the other way round.
+/// `1 − cosine` between each of the batch's items' content-only vector (its id hidden, and its
+/// hash-bucket words with `hashed_word_dropout > 0`: what a new item gets) and its full vector,
+/// held fixed; the mean over the batch's items. The full vector is what the softmax learned the
+/// item to be; the content path is pulled towards it, not the other way round. Both forwards
+/// run in training mode, each with its own MLP dropout mask (this is the variant measured in
+/// `docs/benchmarks.md`), so with dropout the term also asks for vectors that dropout moves
+/// little.
 pub fn content_alignment_loss(model: &TwoTower, batch: &DeviceBatch) -> Tensor {
     let full = tch::no_grad(|| model.encode_items_hiding(&batch.items, true, Hiding::Unseen));
     let content = model.encode_items_hiding(&batch.items, true, Hiding::All);
