@@ -77,11 +77,7 @@ impl ItemEncoder {
 
     /// `[N, dim]` unit vectors with the id-like inputs hidden as `hiding` says.
     pub fn forward_hiding(&self, items: &ItemInputs, train: bool, hiding: Hiding) -> Tensor {
-        let hide = |rate: f64| match hiding {
-            Hiding::Random => hidden_items(&items.ids, rate, true),
-            Hiding::Unseen => hidden_items(&items.ids, rate, false),
-            Hiding::All => items.ids.ones_like().to_kind(tch::Kind::Bool),
-        };
+        let hide = |rate: f64| hidden_items(&items.ids, rate, hiding);
         let title = self.visible_title(&items.title, hide);
         let mut parts = vec![
             self.title_emb.forward(&title),
@@ -120,13 +116,16 @@ pub enum Hiding {
     All,
 }
 
-/// `[N]` bool: the items whose id-like inputs are hidden in this forward, the ones not seen in
-/// training (id 0) and, in training, a random `rate` share of the rest. ID dropout and hashed
-/// word dropout hide by the same rule, so that what training sees without them is what a new
-/// item gets.
-fn hidden_items(ids: &Tensor, rate: f64, train: bool) -> Tensor {
+/// `[N]` bool: the items whose id-like inputs are hidden in this forward, as `hiding` says: the
+/// ones not seen in training (id 0) and, with [`Hiding::Random`], a random `rate` share of the
+/// rest. ID dropout and hashed word dropout hide by the same rule, so that what training sees
+/// without them is what a new item gets.
+fn hidden_items(ids: &Tensor, rate: f64, hiding: Hiding) -> Tensor {
+    if hiding == Hiding::All {
+        return ids.ones_like().to_kind(tch::Kind::Bool);
+    }
     let unseen = ids.le(0);
-    if !(train && rate > 0.0) {
+    if !(hiding == Hiding::Random && rate > 0.0) {
         return unseen;
     }
     let draw = Tensor::rand(ids.size(), (tch::Kind::Float, ids.device()));

@@ -70,8 +70,8 @@ pub struct TrainConfig {
     /// gets) towards its full vector, held fixed: `1 − cosine`, averaged over the batch's items
     /// (`loss::content_alignment_loss`). It gives the content path a target per item besides
     /// the softmax's per-example one; the training loss logged includes it. 0 (the default)
-    /// leaves it out: on
-    /// ml-100k's cold movies it measured no gain (`docs/benchmarks.md`, session 24).
+    /// leaves it out: on ml-100k's cold movies it measured no gain (`docs/benchmarks.md`,
+    /// session 24).
     pub content_alignment: f64,
     /// Stop after this many epochs without a better validation NDCG@10.
     pub patience: usize,
