@@ -9,6 +9,7 @@
 use tch::{Device, Tensor};
 
 use crate::config::TowerConfig;
+use crate::recurrence::Packing;
 
 /// Number of time-gap buckets (bucket 0 is padding).
 pub const GAP_BUCKETS: i64 = 16;
@@ -260,7 +261,11 @@ impl UserBatchHost {
 
     pub fn to_device(&self, device: Device) -> UserInputs {
         let (b, l, q) = (self.batch, self.len, self.query_len);
+        let packing = Packing::of(&self.hist_len, l);
         UserInputs {
+            hist_packed: tensor(&packing.events, &[packing.events.len() as i64], device),
+            hist_rank: tensor(&packing.rank, &[b], device),
+            hist_running: packing.running,
             hist_item: tensor(&self.hist_item, &[b, l], device),
             hist_is_item: Tensor::from_slice(&self.hist_is_item)
                 .view([b, l, 1])
@@ -292,6 +297,16 @@ pub struct UserInputs {
     pub hist_gap: Tensor,
     /// `[B]` number of real events per row.
     pub hist_len: Tensor,
+    /// `[E]` the batch's real events as positions in the flattened `[B · L]` history, packed:
+    /// step by step, and within a step the rows longest history first (stable). The order the
+    /// CPU recurrence runs them in; padding is not there.
+    pub hist_packed: Tensor,
+    /// `[B]` each row's position in that longest-first order.
+    pub hist_rank: Tensor,
+    /// For each of the `L` steps, how many rows have more events than that: the number of
+    /// `hist_packed` entries of that step, whose rows are the first of the longest-first order.
+    /// Kept on the host, so no step waits on the device.
+    pub hist_running: Vec<i64>,
     pub hour: Tensor,
     pub weekday: Tensor,
     /// `[B, F]` user-feature ids.

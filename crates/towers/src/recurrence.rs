@@ -1,12 +1,17 @@
-//! The user tower's GRU recurrence for CPU inference.
+//! The user tower's GRU recurrence on the CPU, for training and inference alike.
 //!
-//! libtorch runs each GRU step as about fourteen operations (a matrix product, chunks, gates),
-//! and at serving's batch sizes of one to a few users their fixed cost, not arithmetic, is most
-//! of a forward pass: about 0.8 ms for one user over 20 steps (`docs/benchmarks.md`). Here the
-//! input projection of every step stays one libtorch matrix product, and the recurrence (the
-//! hidden-to-hidden product and the gates) is a loop over contiguous rows. The equations and the
-//! weights are `torch.nn.GRU`'s (gate order r, z, n); training and every gradient still go
-//! through libtorch's GRU, and `the_cpu_recurrence_equals_libtorchs_gru` holds the two equal.
+//! libtorch's CPU GRU runs every row of a batch for every step, padding included, and the tower
+//! reads only each row's state after its last real event. Here rows run longest history first
+//! and step `t` runs only the rows that have more than `t` events (a packed sequence), and the
+//! result is that last state alone. The caller hands over the input gates (`x·W_ihᵀ + b_ih` for
+//! every event) so that it can make them without a product per event (`user.rs` projects each
+//! distinct item once). The equations and the weights are `torch.nn.GRU`'s (gate order r, z, n).
+//!
+//! With gradients each step is a handful of libtorch operations that autograd differentiates.
+//! Without, small batches (serving's one to a few users) take a plain loop over rows instead:
+//! libtorch spends about 0.7 ms of fixed cost on a 20-step recurrence of one user, the loop about
+//! 0.17 ms a user (`docs/benchmarks.md`). Tests hold both equal to libtorch's GRU, values and
+//! gradients.
 
 use tch::{Device, Kind, Tensor};
 
@@ -32,56 +37,147 @@ impl GruWeights {
             b_hh: p.get("bias_hh_l0")?,
         })
     }
+
+    fn hidden(&self) -> i64 {
+        self.w_hh.size()[1]
+    }
 }
 
-/// Batches up to this size take the loop. It costs about 0.17 ms a user for 20 steps of a
-/// 128-wide GRU, against libtorch's 0.7 ms fixed cost plus 0.2 ms a user at serving's sizes
-/// (`docs/benchmarks.md`), but libtorch's matrix products pull ahead on evaluation's batches of
-/// hundreds.
-pub const MAX_BATCH: i64 = 16;
+/// The order the recurrence runs a batch in: rows longest history first (stable), step by step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packing {
+    /// Each row's position in the longest-first order.
+    pub rank: Vec<i64>,
+    /// For each step `t`, how many rows have more than `t` events: the first that many rows of
+    /// the longest-first order run at step `t`.
+    pub running: Vec<i64>,
+    /// The real events as positions in the flattened `[B · L]` history: step 0's rows in
+    /// longest-first order, then step 1's, and so on.
+    pub events: Vec<i64>,
+}
 
-/// The GRU's output at every step (`[B, L, H]`) for `x` (`[B, L, I]`, batch first, from a zero
-/// state), or `None` where this path does not apply (not on the CPU, gradients wanted, more
-/// than [`MAX_BATCH`] users, or an unexpected shape): the caller then runs libtorch's GRU.
-pub fn gru_cpu(x: &Tensor, w: &GruWeights) -> Option<Tensor> {
-    if x.device() != Device::Cpu || x.requires_grad() || x.kind() != Kind::Float {
+impl Packing {
+    /// The packing of rows with these history lengths, right-padded to `steps` events.
+    pub fn of(lengths: &[i64], steps: i64) -> Packing {
+        let mut order: Vec<i64> = (0..lengths.len() as i64).collect();
+        order.sort_by_key(|&r| std::cmp::Reverse(lengths[r as usize]));
+        let mut rank = vec![0i64; lengths.len()];
+        for (at, &row) in order.iter().enumerate() {
+            rank[row as usize] = at as i64;
+        }
+        let running: Vec<i64> = (0..steps)
+            .map(|t| lengths.iter().filter(|&&n| n > t).count() as i64)
+            .collect();
+        let events = (0..steps)
+            .flat_map(|t| {
+                let rows = &order[..running[t as usize] as usize];
+                rows.iter().map(move |&row| row * steps + t)
+            })
+            .collect();
+        Packing {
+            rank,
+            running,
+            events,
+        }
+    }
+}
+
+/// Batches up to this size take the loop when no gradient is wanted. It costs about 0.17 ms a
+/// user for 20 steps of a 128-wide GRU, against libtorch's 0.7 ms fixed cost plus 0.2 ms a user
+/// at serving's sizes (`docs/benchmarks.md`), but libtorch's matrix products pull ahead on
+/// evaluation's batches of hundreds.
+pub const MAX_LOOP_BATCH: i64 = 16;
+
+/// Each row's state after its last event (`[B, H]`, zeros for a row without events), rows in run
+/// order: longest history first.
+///
+/// `running[t]` is how many rows have more than `t` events, so the rows step `t` runs are the
+/// first `running[t]`; it is non-increasing, one entry per step. `gates` (`[Σ running, 3H]`) are
+/// the input gates of those events, packed: step 0's rows in run order, then step 1's, and so
+/// on. `b` is the number of rows, those without events included.
+pub fn last_states(gates: &Tensor, running: &[i64], b: i64, w: &GruWeights) -> Tensor {
+    let hidden = w.hidden();
+    let on = (Kind::Float, gates.device());
+    let first = running.first().copied().unwrap_or(0);
+    if first == 0 {
+        return Tensor::zeros([b, hidden], on);
+    }
+    if b <= MAX_LOOP_BATCH && !gates.requires_grad() && gates.device() == Device::Cpu {
+        if let Some(states) = loop_states(gates, running, b, w) {
+            return states;
+        }
+    }
+    let w_hh = w.w_hh.tr();
+    let mut h = Tensor::zeros([first, hidden], on);
+    // One split, not a slice per step: autograd then gathers the steps' gradients in one copy
+    // rather than adding a zero-filled `[E, 3H]` per step.
+    let steps = gates.split_with_sizes(running, 0);
+    // The rows that finish at each step; latest first once reversed, which is run order.
+    let mut finished = Vec::with_capacity(running.len() + 1);
+    for (t, (gi, &n)) in steps.iter().zip(running).enumerate() {
+        if n == 0 {
+            break;
+        }
+        let h_prev = h.narrow(0, 0, n);
+        let gh = w.b_hh.addmm(&h_prev, &w_hh);
+        let rz = (gi.narrow(1, 0, 2 * hidden) + gh.narrow(1, 0, 2 * hidden)).sigmoid();
+        let (r, z) = (rz.narrow(1, 0, hidden), rz.narrow(1, hidden, hidden));
+        let n_gate =
+            (gi.narrow(1, 2 * hidden, hidden) + r * gh.narrow(1, 2 * hidden, hidden)).tanh();
+        h = &n_gate + z * (h_prev - &n_gate);
+        let next = running.get(t + 1).copied().unwrap_or(0);
+        if next < n {
+            finished.push(h.narrow(0, next, n - next));
+        }
+    }
+    finished.reverse();
+    if first < b {
+        finished.push(Tensor::zeros([b - first, hidden], on));
+    }
+    Tensor::cat(&finished, 0)
+}
+
+/// [`last_states`] as a loop over rows, for small batches without gradients; `None` where the
+/// tensors are not what the loop reads (then libtorch operations run instead).
+fn loop_states(gates: &Tensor, running: &[i64], b: i64, w: &GruWeights) -> Option<Tensor> {
+    let hidden = w.hidden() as usize;
+    let events: i64 = running.iter().sum();
+    if gates.kind() != Kind::Float || gates.size() != [events, 3 * hidden as i64] {
         return None;
     }
-    let [b, l, _] = x.size()[..] else {
-        return None;
-    };
-    if b > MAX_BATCH {
-        return None;
-    }
-    let h3 = *w.w_hh.size().first()?;
-    let hidden = (h3 / 3) as usize;
-    let gi = x.f_matmul(&w.w_ih.tr()).ok()? + &w.b_ih;
-    let gi = Vec::<f32>::try_from(gi.contiguous().flatten(0, -1)).ok()?;
+    let gi = Vec::<f32>::try_from(gates.contiguous().flatten(0, -1)).ok()?;
     let w_hh = Vec::<f32>::try_from(w.w_hh.contiguous().flatten(0, -1)).ok()?;
     let b_hh = Vec::<f32>::try_from(w.b_hh.contiguous()).ok()?;
     if w_hh.len() != 3 * hidden * hidden || b_hh.len() != 3 * hidden {
         return None;
     }
-    let (b, l) = (b as usize, l as usize);
-    let mut out = vec![0f32; b * l * hidden];
-    let mut h = vec![0f32; hidden];
+    // Where each step's rows start in `gates`.
+    let starts: Vec<usize> = running
+        .iter()
+        .scan(0usize, |at, &n| {
+            let start = *at;
+            *at += n as usize;
+            Some(start)
+        })
+        .collect();
+    let mut out = vec![0f32; b as usize * hidden];
     let mut gh = vec![0f32; 3 * hidden];
-    for row in 0..b {
-        h.fill(0.0);
-        for step in 0..l {
-            let at = row * l + step;
-            hidden_product(&w_hh, &b_hh, &h, &mut gh);
-            let gi = &gi[at * 3 * hidden..][..3 * hidden];
+    for (row, h) in out.chunks_exact_mut(hidden).enumerate() {
+        for (&n, &start) in running.iter().zip(&starts) {
+            if n as usize <= row {
+                break;
+            }
+            hidden_product(&w_hh, &b_hh, h, &mut gh);
+            let gi = &gi[(start + row) * 3 * hidden..][..3 * hidden];
             for k in 0..hidden {
                 let r = sigmoid(gi[k] + gh[k]);
                 let z = sigmoid(gi[hidden + k] + gh[hidden + k]);
                 let n = tanh(gi[2 * hidden + k] + r * gh[2 * hidden + k]);
                 h[k] = (1.0 - z) * n + z * h[k];
             }
-            out[at * hidden..][..hidden].copy_from_slice(&h);
         }
     }
-    Some(Tensor::from_slice(&out).view([b as i64, l as i64, hidden as i64]))
+    Some(Tensor::from_slice(&out).view([b, hidden as i64]))
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -126,34 +222,98 @@ mod tests {
     use super::*;
     use tch::nn::{self, RNN};
 
-    #[test]
-    fn the_cpu_recurrence_equals_libtorchs_gru() {
-        tch::manual_seed(7);
+    /// Rows of `[B, L, I]` inputs with these lengths, libtorch's GRU over them read at each
+    /// row's last event (zeros without one), and the same through [`last_states`].
+    fn both(
+        lens: &[i64],
+        input: i64,
+        hidden: i64,
+        grad: bool,
+    ) -> (Tensor, Tensor, Tensor, GruWeights) {
         let vs = nn::VarStore::new(Device::Cpu);
         let cfg = nn::RNNConfig {
             batch_first: true,
             ..Default::default()
         };
-        let gru = nn::gru(vs.root() / "gru", 12, 20, cfg);
+        let gru = nn::gru(vs.root() / "gru", input, hidden, cfg);
         let w = GruWeights::of(&(vs.root() / "gru")).unwrap();
-        for (b, l) in [(1, 1), (3, 7), (MAX_BATCH, 20)] {
-            let x = Tensor::randn([b, l, 12], (Kind::Float, Device::Cpu));
-            let (expected, _) = tch::no_grad(|| gru.seq(&x));
-            let got = tch::no_grad(|| gru_cpu(&x, &w)).unwrap();
-            assert_eq!(got.size(), expected.size());
-            let diff = (got - expected).abs().max().double_value(&[]);
-            assert!(diff < 1e-5, "batch {b}, {l} steps: max difference {diff}");
+        let (b, l) = (lens.len() as i64, *lens.iter().max().unwrap());
+        let x = Tensor::randn([b, l, input], (Kind::Float, Device::Cpu)).set_requires_grad(grad);
+        let len = Tensor::from_slice(lens);
+        let out = gru.seq(&x).0;
+        let last = (&len - 1)
+            .clamp_min(0)
+            .view([b, 1, 1])
+            .expand([b, 1, hidden], false);
+        let expected = out.gather(1, &last, false).squeeze_dim(1) * len.gt(0).unsqueeze(-1);
+        let packing = Packing::of(lens, l);
+        let gates = (x.matmul(&w.w_ih.tr()) + &w.b_ih)
+            .flatten(0, 1)
+            .index_select(0, &Tensor::from_slice(&packing.events));
+        let sorted = last_states(&gates, &packing.running, b, &w);
+        let got = sorted.index_select(0, &Tensor::from_slice(&packing.rank));
+        (expected, got, x, w)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn packed_last_states_equal_libtorchs_gru_with_gradients() {
+        tch::manual_seed(7);
+        let lens = [3, 0, 7, 1, 7, 4, 2, 0, 5];
+        let (expected, got, x, w) = both(&lens, 12, 20, true);
+        assert_eq!(got.size(), [9, 20]);
+        assert!(max_diff(&expected, &got) < 1e-5);
+        let probe = Tensor::randn([9, 20], (Kind::Float, Device::Cpu));
+        let wrt = [&x, &w.w_ih, &w.w_hh, &w.b_ih, &w.b_hh];
+        let grads = |out: &Tensor| {
+            Tensor::run_backward(&[(out * &probe).sum(Kind::Float)], &wrt, true, false)
+        };
+        for (i, (e, g)) in grads(&expected).iter().zip(grads(&got)).enumerate() {
+            assert!(
+                max_diff(e, &g) < 1e-5,
+                "gradient {i} differs by {}",
+                max_diff(e, &g)
+            );
         }
     }
 
     #[test]
-    fn gradients_and_big_batches_take_libtorchs_gru() {
+    fn the_loop_equals_libtorchs_gru() {
+        tch::manual_seed(8);
+        for lens in [
+            vec![1],
+            vec![3, 7, 2],
+            vec![20; MAX_LOOP_BATCH as usize],
+            vec![0, 5, 0],
+        ] {
+            let (expected, got) = tch::no_grad(|| {
+                let (e, g, _, _) = both(&lens, 12, 20, false);
+                (e, g)
+            });
+            assert!(max_diff(&expected, &got) < 1e-5, "{lens:?}");
+        }
+    }
+
+    #[test]
+    fn packing_runs_the_longest_rows_first_and_skips_padding() {
+        let p = Packing::of(&[1, 3, 0, 3], 3);
+        assert_eq!(p.rank, [2, 0, 3, 1]);
+        assert_eq!(p.running, [3, 2, 2]);
+        // Step 0: rows 1, 3, 0; steps 1 and 2: rows 1 and 3 (row-major positions in [4 · 3]).
+        assert_eq!(p.events, [3, 9, 0, 4, 10, 5, 11]);
+    }
+
+    #[test]
+    fn a_batch_without_events_gives_zeros() {
         let vs = nn::VarStore::new(Device::Cpu);
         let _gru = nn::gru(vs.root() / "gru", 4, 6, Default::default());
         let w = GruWeights::of(&(vs.root() / "gru")).unwrap();
-        let x = Tensor::randn([2, 3, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        assert!(gru_cpu(&x, &w).is_none());
-        let big = Tensor::randn([MAX_BATCH + 1, 3, 4], (Kind::Float, Device::Cpu));
-        assert!(tch::no_grad(|| gru_cpu(&big, &w)).is_none());
+        let gates = Tensor::zeros([0, 18], (Kind::Float, Device::Cpu));
+        let states = last_states(&gates, &[0, 0], 3, &w);
+        assert_eq!(states.size(), [3, 6]);
+        assert_eq!(states.abs().sum(Kind::Float).double_value(&[]), 0.0);
     }
 }
