@@ -156,7 +156,7 @@ impl UserEncoder {
     /// An event's input is its content, its type embedding and its gap embedding side by side,
     /// so its input gates are the sum of three products with column blocks of `W_ih`. A batch's
     /// history events point at far fewer distinct items than there are events (about 1,100
-    /// against 5,000 in a training batch of ml-100k), so each item's vector is projected once
+    /// against 4,500 in a training batch of ml-100k), so each item's vector is projected once
     /// and gathered, and so is each (type, gap) pair's, with `b_ih` folded in. Where the item
     /// table is larger than the batch's events (evaluation against a whole catalog), the events'
     /// vectors are gathered first and projected instead.
