@@ -116,19 +116,7 @@ impl UserEncoder {
         } else {
             item_vecs.shallow_clone()
         };
-        let items = item_vecs
-            .index_select(0, &users.hist_item.flatten(0, -1))
-            .view([b, l, self.dim]);
-        let items = &users.hist_is_item * items;
-        // `None` when the batch holds no search.
-        let queries = (users.hist_query.size()[2] > 0).then(|| {
-            self.query_proj
-                .forward(&title_emb.forward(&users.hist_query))
-        });
-        let content = match &queries {
-            Some(queries) => items + (1.0 - &users.hist_is_item) * queries,
-            None => items,
-        };
+        let (content, queries) = self.history_content(users, &item_vecs, title_emb);
         let state = if device == Device::Cpu {
             self.packed_state(users, &item_vecs, queries.as_ref(), b)
         } else {
@@ -149,6 +137,31 @@ impl UserEncoder {
         let recent = at_last(&content, &users.hist_len);
         let has = users.hist_len.gt(0).to_kind(Kind::Float).unsqueeze(-1);
         Tensor::cat(&[state, mean, recent], -1) * has
+    }
+
+    /// `[B, L, dim]` each history event's content: its item's vector, or for a search its
+    /// projected query; with the projected queries (`None` when the batch holds no search), which
+    /// the CPU recurrence projects on to its input gates.
+    fn history_content(
+        &self,
+        users: &UserInputs,
+        item_vecs: &Tensor,
+        title_emb: &EmbeddingBag,
+    ) -> (Tensor, Option<Tensor>) {
+        let (b, l) = (users.batch_size(), users.hist_item.size()[1]);
+        let items = item_vecs
+            .index_select(0, &users.hist_item.flatten(0, -1))
+            .view([b, l, self.dim]);
+        let items = &users.hist_is_item * items;
+        let queries = (users.hist_query.size()[2] > 0).then(|| {
+            self.query_proj
+                .forward(&title_emb.forward(&users.hist_query))
+        });
+        let content = match &queries {
+            Some(queries) => items + (1.0 - &users.hist_is_item) * queries,
+            None => items,
+        };
+        (content, queries)
     }
 
     /// The GRU state after each row's last event, as `recurrence::last_states` runs it (the CPU).
@@ -276,17 +289,12 @@ mod tests {
         for items in [5, 500] {
             let batch = users(30);
             let inputs = UserBatchHost::new(&batch, &cfg).to_device(Device::Cpu);
-            let (b, l) = (inputs.batch_size(), inputs.hist_type.size()[1]);
+            let b = inputs.batch_size();
             assert!(inputs.hist_query.size()[2] > 0, "the batch has searches");
             let item_vecs =
                 Tensor::randn([items, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-            let queries = user.query_proj.forward(&title.forward(&inputs.hist_query));
-            let content = &inputs.hist_is_item
-                * item_vecs
-                    .index_select(0, &inputs.hist_item.flatten(0, -1))
-                    .view([b, l, 8])
-                + (1.0 - &inputs.hist_is_item) * &queries;
-            let packed = user.packed_state(&inputs, &item_vecs, Some(&queries), b);
+            let (content, queries) = user.history_content(&inputs, &item_vecs, &title);
+            let packed = user.packed_state(&inputs, &item_vecs, queries.as_ref(), b);
             let reference = user.libtorch_state(&inputs, &content)
                 * inputs.hist_len.gt(0).to_kind(Kind::Float).unsqueeze(-1);
             let diff = (&packed - &reference).abs().max().double_value(&[]);
