@@ -35,6 +35,33 @@ pub fn load_cuda_backend() -> bool {
     })
 }
 
+/// Sets the thread count of OpenBLAS, when the matrix products of this process resolved to
+/// it, and returns the count it had; `None` (and nothing changed) with any other BLAS.
+///
+/// OpenBLAS keeps one pool of threads for the whole process. Training's batch parts call it from
+/// several threads at once, each wanting its products run on its own thread: a shared pool of
+/// more than one thread would serialise them and spin between calls (`trainer::parts`).
+pub fn set_blas_threads(threads: i32) -> Option<i32> {
+    type Get = unsafe extern "C" fn() -> libc::c_int;
+    type Set = unsafe extern "C" fn(libc::c_int);
+    // SAFETY: dlsym over the symbols already loaded, with valid C strings; both symbols, when
+    // present, are OpenBLAS's functions of exactly these signatures.
+    unsafe {
+        let get = libc::dlsym(libc::RTLD_DEFAULT, c"openblas_get_num_threads".as_ptr());
+        let set = libc::dlsym(libc::RTLD_DEFAULT, c"openblas_set_num_threads".as_ptr());
+        if get.is_null() || set.is_null() {
+            return None;
+        }
+        let get: Get = std::mem::transmute::<*mut libc::c_void, Get>(get);
+        let set: Set = std::mem::transmute::<*mut libc::c_void, Set>(set);
+        let before = get();
+        if before != threads {
+            set(threads.max(1));
+        }
+        Some(before)
+    }
+}
+
 /// Parses `auto`, `cpu`, `cuda` or `cuda:N`. `auto` picks the first GPU when libtorch sees one.
 pub fn parse_device(spec: &str) -> Result<Device> {
     load_cuda_backend();

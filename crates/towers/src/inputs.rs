@@ -128,6 +128,15 @@ impl ItemBatchHost {
         }
     }
 
+    /// Number of items.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
     pub fn to_device(&self, device: Device) -> ItemInputs {
         ItemInputs {
             title: tensor(&self.title.0, &self.title.1, device),
@@ -150,6 +159,16 @@ pub struct ItemInputs {
 impl ItemInputs {
     pub fn len(&self) -> i64 {
         self.title.size()[0]
+    }
+
+    /// Items `start..start + len` (views, no copy).
+    pub fn rows(&self, start: i64, len: i64) -> ItemInputs {
+        ItemInputs {
+            title: self.title.narrow(0, start, len),
+            aspects: self.aspects.narrow(0, start, len),
+            categories: self.categories.narrow(0, start, len),
+            ids: self.ids.narrow(0, start, len),
+        }
     }
 
     pub fn is_empty(&self) -> bool {

@@ -128,6 +128,5 @@ fn hidden_items(ids: &Tensor, rate: f64, hiding: Hiding) -> Tensor {
     if !(hiding == Hiding::Random && rate > 0.0) {
         return unseen;
     }
-    let draw = Tensor::rand(ids.size(), (tch::Kind::Float, ids.device()));
-    unseen.logical_or(&draw.lt(rate))
+    unseen.logical_or(&crate::noise::bernoulli(&ids.size(), rate, ids.device()))
 }

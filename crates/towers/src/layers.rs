@@ -114,7 +114,7 @@ impl Mlp {
                     Activation::Relu => h.relu(),
                     Activation::Gelu => h.gelu("none"),
                 };
-                h = h.dropout(self.dropout, train);
+                h = crate::noise::dropout(&h, self.dropout, train);
             }
         }
         h

@@ -22,6 +22,7 @@
 //! ```
 
 pub mod artifact;
+pub mod bptt;
 pub mod cobuyers;
 pub mod config;
 pub mod dataset;
@@ -32,6 +33,7 @@ pub mod inputs;
 pub mod item;
 pub mod layers;
 pub mod model;
+pub mod noise;
 pub mod recurrence;
 pub mod user;
 

@@ -7,7 +7,9 @@
 //! every event) so that it can make them without a product per event (`user.rs` projects each
 //! distinct item once). The equations and the weights are `torch.nn.GRU`'s (gate order r, z, n).
 //!
-//! With gradients each step is a handful of libtorch operations that autograd differentiates.
+//! With gradients each step is a handful of libtorch operations that autograd differentiates,
+//! or, inside [`bptt::recording`](crate::bptt::recording), a taped forward whose backward is
+//! written out (`bptt.rs`).
 //! Without, small batches (serving's one to a few users) take a plain loop over rows instead:
 //! libtorch spends about 0.7 ms of fixed cost on a 20-step recurrence of one user, the loop about
 //! 0.17 ms a user (`docs/benchmarks.md`). Tests hold both equal to libtorch's GRU, values and
@@ -101,6 +103,9 @@ pub fn last_states(gates: &Tensor, running: &[i64], b: i64, w: &GruWeights) -> T
     let first = running.first().copied().unwrap_or(0);
     if first == 0 {
         return Tensor::zeros([b, hidden], on);
+    }
+    if gates.device() == Device::Cpu && crate::bptt::is_recording() {
+        return crate::bptt::record(gates, running, b, w);
     }
     if b <= MAX_LOOP_BATCH && !gates.requires_grad() && gates.device() == Device::Cpu {
         if let Some(states) = loop_states(gates, running, b, w) {

@@ -11,14 +11,18 @@ use std::sync::Arc;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use towers::{ItemBatchHost, TowerConfig, UserBatchHost};
+use towers::{ItemBatchHost, TowerConfig, UserBatchHost, UserInput};
 
 use towers::dataset::{Catalog, ExampleSet, SeenItems};
 
-/// One batch on the host: item content, user inputs and the candidate layout.
+/// One batch on the host: item content, user inputs in parts, and the candidate layout.
 pub struct HostBatch {
+    /// Each distinct item of the batch once (targets, history items and sampled negatives), so
+    /// the item tower runs once per distinct item; the user tower gathers the vectors it needs.
     pub items: ItemBatchHost,
-    pub users: UserBatchHost,
+    /// The batch's rows in contiguous parts: one on CUDA, `cpu_batch_parts` on the CPU, whose
+    /// user towers run on parallel threads (`crate::parts`).
+    pub parts: Vec<UserPart>,
     /// Row (in `items`) of each candidate: first the B targets, then the extra negatives.
     pub candidates: Vec<i64>,
     /// Catalog row of each candidate, to find accidental hits.
@@ -30,6 +34,34 @@ pub struct HostBatch {
     pub seen_candidates: Vec<i64>,
     /// Number of examples (B).
     pub size: usize,
+}
+
+/// A contiguous run of a batch's rows, as the user tower takes them.
+pub struct UserPart {
+    /// The part's users; their history events point at rows of `item_rows`, or of the batch's
+    /// items when `item_rows` is `None`.
+    pub users: UserBatchHost,
+    /// The rows (in the batch's items) of the items this part's histories point at, each once:
+    /// a part gathers only its own from the batch's item vectors. `None` for a batch in one
+    /// part, whose histories point at the batch's items directly.
+    pub item_rows: Option<Vec<i64>>,
+    /// Number of the part's rows.
+    pub rows: usize,
+}
+
+impl HostBatch {
+    /// History events over all the batch's rows.
+    pub fn history_events(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| p.users.history_events() as usize)
+            .sum()
+    }
+}
+
+/// Part `k` of `n` items split into `parts` contiguous runs whose sizes differ by at most one.
+pub fn part_range(n: usize, parts: usize, k: usize) -> std::ops::Range<usize> {
+    n * k / parts..n * (k + 1) / parts
 }
 
 /// How often each item is a training target: the sampling distribution of in-batch negatives.
@@ -63,6 +95,8 @@ pub struct BatchSource {
     pub tower: TowerConfig,
     pub batch_size: usize,
     pub extra_negatives: usize,
+    /// Parts each batch is split into (at most one per row); see [`HostBatch`].
+    pub parts: usize,
     pub logq: bool,
     /// Count both samplers in every candidate's logQ (`BatchSource::log_q`).
     pub logq_mixture: bool,
@@ -171,14 +205,46 @@ impl BatchSource {
             .iter()
             .map(|&r| &self.catalog.tokens[r as usize])
             .collect();
+        let n_parts = self.parts.clamp(1, b);
+        let parts = if n_parts == 1 {
+            vec![UserPart {
+                users: UserBatchHost::new(&users, &self.tower),
+                item_rows: None,
+                rows: b,
+            }]
+        } else {
+            (0..n_parts)
+                .map(|k| self.user_part(&mut users[part_range(b, n_parts, k)]))
+                .collect()
+        };
         HostBatch {
             items: ItemBatchHost::new(&tokens, &self.tower),
-            users: UserBatchHost::new(&users, &self.tower),
+            parts,
             candidates,
             candidate_catalog_rows,
             candidate_log_q,
             seen_candidates,
             size: b,
+        }
+    }
+
+    /// A part of `users`, whose events point at the batch's items: each event is pointed at
+    /// the part's own table of those items instead.
+    fn user_part(&self, users: &mut [UserInput]) -> UserPart {
+        let mut local: HashMap<i64, i64> = HashMap::new();
+        let mut item_rows = Vec::new();
+        for event in users.iter_mut().flat_map(|u| u.history.iter_mut()) {
+            if let Some(row) = &mut event.item_row {
+                *row = *local.entry(*row).or_insert_with(|| {
+                    item_rows.push(*row);
+                    item_rows.len() as i64 - 1
+                });
+            }
+        }
+        UserPart {
+            users: UserBatchHost::new(users, &self.tower),
+            item_rows: Some(item_rows),
+            rows: users.len(),
         }
     }
 
@@ -240,6 +306,7 @@ mod tests {
             tower: TowerConfig::small(4),
             batch_size: targets.len(),
             extra_negatives: extra,
+            parts: 1,
             logq: true,
             logq_mixture: mixture,
             seen: None,
@@ -318,6 +385,74 @@ mod tests {
         src.seen = None;
         let batch = src.build(&[0, 1, 2], &mut ChaCha8Rng::seed_from_u64(5));
         assert!(batch.seen_candidates.is_empty());
+    }
+
+    #[test]
+    fn a_batch_in_parts_points_each_part_at_its_own_items() {
+        let targets = [0, 1, 0, 2, 0, 3, 4];
+        let mut src = source(8, &targets, 5, false);
+        // Histories: example i saw items i + 1 and 7 (shared by every part), the last one a
+        // search besides.
+        let mut train = crate::cooccurrence::tests::bought(
+            &targets
+                .iter()
+                .enumerate()
+                .map(|(u, &t)| (u as u64, t))
+                .collect::<Vec<_>>(),
+        );
+        let n = train.examples.len();
+        for (i, ex) in train.examples.iter_mut().enumerate() {
+            let event = |item_row| towers::dataset::EncodedEvent {
+                event_type: 1,
+                item_row,
+                query: towers::dataset::NONE,
+                gap_s: 5,
+            };
+            ex.history = vec![event(i as u32 + 1), event(7)];
+            if i + 1 == n {
+                ex.history.push(event(towers::dataset::NONE));
+            }
+        }
+        src.train = Arc::new(train);
+        let examples: Vec<u32> = (0..targets.len() as u32).collect();
+        let whole = src.build(&examples, &mut ChaCha8Rng::seed_from_u64(4));
+        src.parts = 3;
+        let split = src.build(&examples, &mut ChaCha8Rng::seed_from_u64(4));
+        assert_eq!(whole.parts.len(), 1);
+        assert!(whole.parts[0].item_rows.is_none());
+        assert_eq!(split.parts.len(), 3);
+        // The same items, draws and candidates, whatever the split.
+        assert_eq!(split.items.len(), whole.items.len());
+        assert_eq!(split.candidates, whole.candidates);
+        assert_eq!(split.candidate_catalog_rows, whole.candidate_catalog_rows);
+        assert_eq!(split.candidate_log_q, whole.candidate_log_q);
+        assert_eq!(
+            split.parts.iter().map(|p| p.rows).collect::<Vec<_>>(),
+            [2, 2, 3]
+        );
+        // Each part's events point, through its table, at the batch items the whole batch's do.
+        let whole_users = whole.parts[0].users.to_device(tch::Device::Cpu);
+        let mut row = 0;
+        for part in &split.parts {
+            let table = tch::Tensor::from_slice(part.item_rows.as_ref().unwrap());
+            let users = part.users.to_device(tch::Device::Cpu);
+            let len = users.hist_item.size()[1];
+            let got = table
+                .index_select(0, &users.hist_item.flatten(0, -1))
+                .view([-1, len]);
+            let want = whole_users
+                .hist_item
+                .narrow(0, row, part.rows as i64)
+                .narrow(1, 0, len);
+            let real = users.hist_is_item.view([-1, len]).to_kind(tch::Kind::Int64);
+            let (got, want) = (got * &real, want * &real);
+            assert!(got.equal(&want), "{got} vs {want}");
+            row += part.rows as i64;
+        }
+        // More parts than rows: one part per row.
+        src.parts = 50;
+        let tiny = src.build(&[0, 1], &mut ChaCha8Rng::seed_from_u64(4));
+        assert_eq!(tiny.parts.len(), 2);
     }
 
     #[test]

@@ -122,7 +122,7 @@ pub fn bench_train(
         let (batches, _) = session.source.epoch(cfg.seed, epoch);
         epoch += 1;
         for host in batches {
-            let (loss, batch) = session.step(&host, cfg.lr);
+            let loss = session.step(&host, cfg.lr);
             tch::no_grad(|| last.shallow_clone().copy_(&loss));
             timed += 1;
             if timed == warmup {
@@ -131,8 +131,8 @@ pub fn bench_train(
             }
             if timed > warmup {
                 examples += host.size;
-                unique += batch.items.len() as f64;
-                history += host.users.history_events() as f64;
+                unique += host.items.len() as f64;
+                history += host.history_events() as f64;
             }
             if timed == warmup + steps {
                 break 'outer;
@@ -141,6 +141,7 @@ pub fn bench_train(
     }
     let _ = last.double_value(&[]);
     let seconds = start.elapsed().as_secs_f64();
+    session.restore_threads();
     let examples_per_sec = examples as f64 / seconds;
     let unique_per_batch = unique / steps as f64;
     let history_per_example = history / examples as f64;

@@ -77,6 +77,15 @@ pub struct TrainConfig {
     pub patience: usize,
     /// Users scored per step during evaluation.
     pub eval_batch_size: usize,
+    /// On the CPU, each batch is split into this many parts whose towers run forward and
+    /// backward on their own threads, one libtorch thread each, with the softmax over the
+    /// whole batch between them (`parts.rs`): the same loss and gradient as one part, at more
+    /// examples/s than splitting every small operation over the threads (`docs/benchmarks.md`,
+    /// session 27). Parts run on up to as many threads as libtorch has (`OMP_NUM_THREADS`,
+    /// default the cores). The count, not the machine, decides the dropout masks, so a run
+    /// follows its seed on any number of cores. 1 runs the whole batch as one, with every
+    /// operation split over the threads; CUDA always does.
+    pub cpu_batch_parts: usize,
     /// Run the forward pass in bfloat16/float16 autocast on CUDA.
     pub mixed_precision: bool,
     /// Seed of initialisation, shuffling, dropout and negative sampling.
@@ -116,6 +125,7 @@ impl Default for TrainConfig {
             content_alignment: 0.0,
             patience: 3,
             eval_batch_size: 512,
+            cpu_batch_parts: 2,
             mixed_precision: false,
             seed: 42,
             item_id_init: ItemIdInit::Random,
@@ -175,6 +185,12 @@ impl TrainConfig {
             return bad(
                 "content_alignment",
                 "must be a non-negative number (0: off)",
+            );
+        }
+        if self.cpu_batch_parts == 0 {
+            return bad(
+                "cpu_batch_parts",
+                "must be at least 1 (1: the batch in one part)",
             );
         }
         if self.patience == 0 {

@@ -18,10 +18,12 @@ pub mod error;
 pub mod evaluate;
 pub mod loss;
 pub mod optim;
+pub mod parts;
 pub mod plot;
 pub mod ranking;
 pub mod rerank;
 pub mod session;
+pub mod threads;
 pub mod train;
 
 pub use config::{Rerank, TrainConfig};

@@ -10,13 +10,26 @@
 use tch::{Device, Kind, Tensor};
 use towers::{Hiding, ItemInputs, TwoTower, UserInputs};
 
-use crate::batches::HostBatch;
+use crate::batches::{HostBatch, UserPart};
 
-/// A batch on the training device.
+/// A batch on the training device (see [`HostBatch`]).
 pub struct DeviceBatch {
     pub items: ItemInputs,
-    pub users: UserInputs,
+    pub parts: Vec<DeviceUsers>,
+    /// Row (in `items`) of each candidate.
     pub candidates: Tensor,
+    pub layout: CandidateLayout,
+}
+
+/// One part of a batch's users on the training device (see [`UserPart`]).
+pub struct DeviceUsers {
+    pub users: UserInputs,
+    pub item_rows: Option<Tensor>,
+    pub rows: i64,
+}
+
+/// The whole batch's candidates, as the softmax sees them.
+pub struct CandidateLayout {
     pub candidate_catalog_rows: Tensor,
     pub candidate_log_q: Tensor,
     /// Flat `[B · C]` positions of candidates the row's user saw before (may be empty).
@@ -24,18 +37,64 @@ pub struct DeviceBatch {
     pub size: i64,
 }
 
+impl CandidateLayout {
+    /// The same tensors, for another thread.
+    pub fn shallow_clone(&self) -> CandidateLayout {
+        CandidateLayout {
+            candidate_catalog_rows: self.candidate_catalog_rows.shallow_clone(),
+            candidate_log_q: self.candidate_log_q.shallow_clone(),
+            seen_candidates: self.seen_candidates.shallow_clone(),
+            size: self.size,
+        }
+    }
+}
+
 impl DeviceBatch {
     pub fn new(host: &HostBatch, device: Device) -> DeviceBatch {
         DeviceBatch {
             items: host.items.to_device(device),
-            users: host.users.to_device(device),
+            parts: host
+                .parts
+                .iter()
+                .map(|p| DeviceUsers::new(p, device))
+                .collect(),
             candidates: Tensor::from_slice(&host.candidates).to_device(device),
-            candidate_catalog_rows: Tensor::from_slice(&host.candidate_catalog_rows)
-                .to_device(device),
-            candidate_log_q: Tensor::from_slice(&host.candidate_log_q).to_device(device),
-            seen_candidates: Tensor::from_slice(&host.seen_candidates).to_device(device),
-            size: host.size as i64,
+            layout: CandidateLayout {
+                candidate_catalog_rows: Tensor::from_slice(&host.candidate_catalog_rows)
+                    .to_device(device),
+                candidate_log_q: Tensor::from_slice(&host.candidate_log_q).to_device(device),
+                seen_candidates: Tensor::from_slice(&host.seen_candidates).to_device(device),
+                size: host.size as i64,
+            },
         }
+    }
+}
+
+impl DeviceUsers {
+    pub fn new(host: &UserPart, device: Device) -> DeviceUsers {
+        DeviceUsers {
+            users: host.users.to_device(device),
+            item_rows: host
+                .item_rows
+                .as_ref()
+                .map(|r| Tensor::from_slice(r).to_device(device)),
+            rows: host.rows as i64,
+        }
+    }
+
+    /// The item vectors this part's histories point at, from the batch's `item_vecs`.
+    pub fn own_items(&self, item_vecs: &Tensor) -> Tensor {
+        match &self.item_rows {
+            Some(rows) => item_vecs.index_select(0, rows),
+            None => item_vecs.shallow_clone(),
+        }
+    }
+
+    /// `[rows, dim]` user vectors (training mode) given the vectors of [`own_items`].
+    ///
+    /// [`own_items`]: Self::own_items
+    pub fn encode(&self, model: &TwoTower, own_items: &Tensor) -> Tensor {
+        model.encode_users(&self.users, own_items, true)
     }
 }
 
@@ -48,26 +107,76 @@ pub fn in_batch_softmax_loss(
     remove_accidental_hits: bool,
 ) -> Tensor {
     let item_vecs = model.encode_items(&batch.items, true);
-    let user_vecs = model.encode_users(&batch.users, &item_vecs, true);
+    let users: Vec<Tensor> = batch
+        .parts
+        .iter()
+        .map(|p| p.encode(model, &p.own_items(&item_vecs)))
+        .collect();
+    let users = match users.as_slice() {
+        [one] => one.shallow_clone(),
+        _ => Tensor::cat(&users, 0),
+    };
     let candidates = item_vecs.index_select(0, &batch.candidates);
-    let logits = model.logits(&user_vecs, &candidates).to_kind(Kind::Float)
-        - batch.candidate_log_q.unsqueeze(0);
-    let b = batch.size;
-    let c = batch.candidates.size()[0];
+    softmax_loss(
+        model,
+        &users,
+        &candidates,
+        &batch.layout,
+        remove_accidental_hits,
+    )
+}
+
+/// [`in_batch_softmax_loss`] given the batch's `[B, dim]` user and `[C, dim]` candidate vectors.
+pub fn softmax_loss(
+    model: &TwoTower,
+    user_vecs: &Tensor,
+    candidates: &Tensor,
+    layout: &CandidateLayout,
+    remove_accidental_hits: bool,
+) -> Tensor {
+    softmax_rows(
+        model,
+        user_vecs,
+        candidates,
+        layout,
+        0,
+        remove_accidental_hits,
+    )
+}
+
+/// The rows `first..first + n` of [`softmax_loss`], given those rows' `[n, dim]` user vectors:
+/// their cross-entropy summed and divided by the batch's size, so that the rows of a batch's
+/// parts add up to its loss.
+pub fn softmax_rows(
+    model: &TwoTower,
+    user_vecs: &Tensor,
+    candidates: &Tensor,
+    layout: &CandidateLayout,
+    first: i64,
+    remove_accidental_hits: bool,
+) -> Tensor {
+    let logits = model.logits(user_vecs, candidates).to_kind(Kind::Float)
+        - layout.candidate_log_q.unsqueeze(0);
+    let (b, n) = (layout.size, user_vecs.size()[0]);
+    let c = candidates.size()[0];
     let device = logits.device();
+    let rows = Tensor::arange_start(first, first + n, (Kind::Int64, device));
     let mut masked: Option<Tensor> = None;
     if remove_accidental_hits {
-        let positives = batch.candidate_catalog_rows.narrow(0, 0, b);
+        let positives = layout.candidate_catalog_rows.narrow(0, first, n);
         let same_item = positives
             .unsqueeze(1)
-            .eq_tensor(&batch.candidate_catalog_rows.unsqueeze(0));
-        let own = Tensor::eye_m(b, c, (Kind::Bool, device));
+            .eq_tensor(&layout.candidate_catalog_rows.unsqueeze(0));
+        let own = Tensor::arange(c, (Kind::Int64, device))
+            .unsqueeze(0)
+            .eq_tensor(&rows.unsqueeze(1));
         masked = Some(same_item.logical_and(&own.logical_not()));
     }
-    if batch.seen_candidates.numel() > 0 {
+    if layout.seen_candidates.numel() > 0 {
         let seen = Tensor::zeros([b * c], (Kind::Bool, device))
-            .index_fill(0, &batch.seen_candidates, 1)
-            .view([b, c]);
+            .index_fill(0, &layout.seen_candidates, 1)
+            .view([b, c])
+            .narrow(0, first, n);
         masked = Some(match masked {
             Some(m) => m.logical_or(&seen),
             None => seen,
@@ -77,8 +186,10 @@ pub fn in_batch_softmax_loss(
         Some(m) => logits.masked_fill(&m, -1e9),
         None => logits,
     };
-    let labels = Tensor::arange(b, (Kind::Int64, device));
-    logits.cross_entropy_for_logits(&labels)
+    let picked = logits
+        .log_softmax(-1, Kind::Float)
+        .gather(1, &rows.unsqueeze(1), false);
+    -picked.sum(Kind::Float) / b as f64
 }
 
 /// `1 − cosine` between each of the batch's items' content-only vector (its id hidden, and its
@@ -89,10 +200,15 @@ pub fn in_batch_softmax_loss(
 /// `docs/benchmarks.md`), so with dropout the term also asks for vectors that dropout moves
 /// little.
 pub fn content_alignment_loss(model: &TwoTower, batch: &DeviceBatch) -> Tensor {
-    let full = tch::no_grad(|| model.encode_items_hiding(&batch.items, true, Hiding::Unseen));
-    let content = model.encode_items_hiding(&batch.items, true, Hiding::All);
+    alignment_sum(model, &batch.items) / batch.items.len().max(1) as f64
+}
+
+/// The sum of [`content_alignment_loss`]'s term over `items`.
+pub fn alignment_sum(model: &TwoTower, items: &ItemInputs) -> Tensor {
+    let full = tch::no_grad(|| model.encode_items_hiding(items, true, Hiding::Unseen));
+    let content = model.encode_items_hiding(items, true, Hiding::All);
     let cosine = (content * full).sum_dim_intlist(-1, false, Kind::Float);
-    (cosine.ones_like() - cosine).mean(Kind::Float)
+    (cosine.ones_like() - cosine).sum(Kind::Float)
 }
 
 #[cfg(test)]
@@ -125,7 +241,11 @@ mod tests {
             .collect();
         let host = HostBatch {
             items: ItemBatchHost::new(&refs, cfg),
-            users: UserBatchHost::new(&users, cfg),
+            parts: vec![UserPart {
+                users: UserBatchHost::new(&users, cfg),
+                item_rows: None,
+                rows: targets.len(),
+            }],
             candidates: targets.to_vec(),
             candidate_catalog_rows: targets.to_vec(),
             candidate_log_q: log_q,
@@ -162,7 +282,7 @@ mod tests {
         let loss = tch::no_grad(|| in_batch_softmax_loss(&model, &b, true)).double_value(&[]);
         // Recompute without the helper: eval-mode forward equals train mode with dropout 0.
         let iv = model.encode_items(&b.items, false);
-        let uv = model.encode_users(&b.users, &iv, false);
+        let uv = model.encode_users(&b.parts[0].users, &iv, false);
         let logits = model.logits(&uv, &iv.narrow(0, 0, 3));
         let expected = -logits
             .log_softmax(-1, Kind::Float)
@@ -179,10 +299,10 @@ mod tests {
         let model = TwoTower::new(cfg.clone(), Device::Cpu).unwrap();
         let mut b = batch(&cfg, &[0, 1, 2], vec![0.0; 3]);
         // Row 0's user saw item 2 before its target (flat position 0 · 3 + 2).
-        b.seen_candidates = Tensor::from_slice(&[2i64]);
+        b.layout.seen_candidates = Tensor::from_slice(&[2i64]);
         let loss = tch::no_grad(|| in_batch_softmax_loss(&model, &b, true)).double_value(&[]);
         let iv = model.encode_items(&b.items, false);
-        let uv = model.encode_users(&b.users, &iv, false);
+        let uv = model.encode_users(&b.parts[0].users, &iv, false);
         let logits = model.logits(&uv, &iv.narrow(0, 0, 3));
         let row0 = logits.get(0).narrow(0, 0, 2).log_softmax(-1, Kind::Float);
         let rest = logits.narrow(0, 1, 2).log_softmax(-1, Kind::Float);

@@ -15,10 +15,38 @@ const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
 const EPS: f64 = 1e-8;
 
+/// (name, variable, first moment, second moment).
+type Slot = (String, Tensor, Tensor, Tensor);
+
+/// One step's AdamW constants.
+#[derive(Clone, Copy)]
+struct Update {
+    lr: f64,
+    weight_decay: f64,
+    /// `1 − β₁ᵗ` and `1 − β₂ᵗ`: the moments' bias corrections.
+    bias1: f64,
+    bias2: f64,
+}
+
+impl Update {
+    /// Updates one variable and its moments with its gradient `g`, scaled by `scale` (the
+    /// clipping factor); call under `no_grad`.
+    fn apply(&self, (_, t, m, v): &mut Slot, g: &Tensor, decay: bool, scale: &Tensor) {
+        let g = g.nan_to_num(0.0, 0.0, 0.0) * scale;
+        let _ = m.g_mul_scalar_(BETA1).g_add_(&(&g * (1.0 - BETA1)));
+        let _ = v.g_mul_scalar_(BETA2).g_add_(&(g.square() * (1.0 - BETA2)));
+        let update = (&*m / self.bias1) / ((&*v / self.bias2).sqrt() + EPS);
+        if decay {
+            let _ = t.g_mul_scalar_(1.0 - self.lr * self.weight_decay);
+        }
+        let _ = t.g_add_(&(update * -self.lr));
+    }
+}
+
 /// AdamW over every trainable variable of a `VarStore`.
 pub struct AdamW {
     /// (name, variable, first moment, second moment), sorted by name.
-    slots: Vec<(String, Tensor, Tensor, Tensor)>,
+    slots: Vec<Slot>,
     /// Whether each slot gets weight decay (not biases, norms or the temperature).
     decays: Vec<bool>,
     pub step: u64,
@@ -64,18 +92,36 @@ impl AdamW {
         }
     }
 
-    /// Clips the global gradient norm to `max_norm`, then applies one AdamW update at `lr`.
-    /// Weight decay skips biases, norms and the temperature.
+    /// The trainable variables, in the order [`step_with`](Self::step_with) takes gradients.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.slots
+            .iter()
+            .map(|(_, t, _, _)| t.shallow_clone())
+            .collect()
+    }
+
+    /// Clips the global gradient norm to `max_norm`, then applies one AdamW update at `lr`,
+    /// with the gradients the variables hold (`backward`). Weight decay skips biases, norms and
+    /// the temperature.
     pub fn step(&mut self, lr: f64, max_norm: f64) {
+        let grads: Vec<Tensor> = self.slots.iter().map(|(_, t, _, _)| t.grad()).collect();
+        self.step_with(lr, max_norm, &grads, 1);
+    }
+
+    /// [`step`](Self::step) with gradients computed elsewhere, one per [`parameters`] entry
+    /// (undefined for a variable without one). With `threads > 1` the variables are updated on
+    /// that many threads at once, one libtorch thread each (`crate::threads`): the update is a
+    /// dozen small element-wise operations per variable, too small to split each one well.
+    ///
+    /// [`parameters`]: Self::parameters
+    pub fn step_with(&mut self, lr: f64, max_norm: f64, grads: &[Tensor], threads: usize) {
+        assert_eq!(grads.len(), self.slots.len(), "one gradient per variable");
         self.step += 1;
-        let bias1 = 1.0 - BETA1.powi(self.step as i32);
-        let bias2 = 1.0 - BETA2.powi(self.step as i32);
-        tch::no_grad(|| {
-            let grads: Vec<Tensor> = self.slots.iter().map(|(_, t, _, _)| t.grad()).collect();
-            let defined: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
-            if defined.is_empty() {
-                return;
-            }
+        let defined: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
+        if defined.is_empty() {
+            return;
+        }
+        let scale = tch::no_grad(|| {
             let sq: Vec<Tensor> = defined
                 .iter()
                 .map(|g| g.square().sum(Kind::Float))
@@ -84,20 +130,38 @@ impl AdamW {
             // A non-finite gradient (overflow, a bad batch) must not poison the weights: its
             // contribution is zeroed on the device, without a host sync.
             let scale = (max_norm / (&norm + 1e-6)).clamp_max(1.0);
-            let scale = scale.where_self(&norm.isfinite(), &scale.zeros_like());
-            for (((_, t, m, v), g), &decay) in self.slots.iter_mut().zip(&grads).zip(&self.decays) {
-                if !g.defined() {
-                    continue;
+            scale.where_self(&norm.isfinite(), &scale.zeros_like())
+        });
+        let update = Update {
+            lr,
+            weight_decay: self.weight_decay,
+            bias1: 1.0 - BETA1.powi(self.step as i32),
+            bias2: 1.0 - BETA2.powi(self.step as i32),
+        };
+        let work: Vec<(&mut Slot, Tensor, bool, Tensor)> = self
+            .slots
+            .iter_mut()
+            .zip(grads)
+            .zip(&self.decays)
+            .filter(|((_, g), _)| g.defined())
+            .map(|((slot, g), &decay)| (slot, g.shallow_clone(), decay, scale.shallow_clone()))
+            .collect();
+        if threads <= 1 {
+            tch::no_grad(|| {
+                for (slot, g, decay, scale) in work {
+                    update.apply(slot, &g, decay, &scale);
                 }
-                let g = g.nan_to_num(0.0, 0.0, 0.0) * &scale;
-                let _ = m.g_mul_scalar_(BETA1).g_add_(&(&g * (1.0 - BETA1)));
-                let _ = v.g_mul_scalar_(BETA2).g_add_(&(g.square() * (1.0 - BETA2)));
-                let update = (&*m / bias1) / ((&*v / bias2).sqrt() + EPS);
-                if decay {
-                    let _ = t.g_mul_scalar_(1.0 - lr * self.weight_decay);
+            });
+            return;
+        }
+        let groups =
+            crate::threads::balanced(work, threads, |(slot, _, _, _)| slot.1.numel() as i64);
+        crate::threads::on_threads(groups, threads, |_, group| {
+            tch::no_grad(|| {
+                for (slot, g, decay, scale) in group {
+                    update.apply(slot, &g, decay, &scale);
                 }
-                let _ = t.g_add_(&(update * -lr));
-            }
+            })
         });
     }
 

@@ -17,6 +17,7 @@ use crate::config::{ItemIdInit, TrainConfig};
 use crate::error::{Error, Result};
 use crate::loss::{content_alignment_loss, in_batch_softmax_loss, DeviceBatch};
 use crate::optim::{learning_rate, AdamW};
+use crate::parts::Objective;
 
 /// What one epoch of training did.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +59,8 @@ pub struct Session {
     pub device: Device,
     /// Optimizer steps in one epoch, as [`BatchSource::epoch`] makes them.
     pub steps_per_epoch: u64,
+    /// libtorch's and OpenBLAS's thread counts while steps in parts have them at one.
+    threads_before_parts: Option<(i32, Option<i32>)>,
 }
 
 impl Session {
@@ -101,6 +104,11 @@ impl Session {
             tower: cfg.tower.clone(),
             batch_size: cfg.batch_size,
             extra_negatives: cfg.extra_negatives,
+            parts: if device.is_cuda() {
+                1
+            } else {
+                cfg.cpu_batch_parts
+            },
             logq: cfg.logq_correction,
             logq_mixture: cfg.logq_mixture,
             seen,
@@ -113,6 +121,7 @@ impl Session {
             source,
             device,
             steps_per_epoch,
+            threads_before_parts: None,
         })
     }
 
@@ -140,13 +149,32 @@ impl Session {
         )
     }
 
-    /// One optimizer step on `host` at `lr`; returns the batch's loss (still on the device: reading
-    /// it forces a sync) and the batch as moved to the device.
-    pub fn step(&mut self, host: &HostBatch, lr: f64) -> (Tensor, DeviceBatch) {
+    /// One optimizer step on `host` at `lr`; returns the batch's loss (still on the device:
+    /// reading it forces a sync). A batch in several parts runs them on parallel threads
+    /// (`crate::parts`).
+    pub fn step(&mut self, host: &HostBatch, lr: f64) -> Tensor {
         let batch = DeviceBatch::new(host, self.device);
-        self.opt.zero_grad();
         let hits = self.cfg.remove_accidental_hits;
         let alignment = self.cfg.content_alignment;
+        if batch.parts.len() > 1 {
+            let objective = Objective {
+                remove_accidental_hits: hits,
+                content_alignment: alignment,
+            };
+            let threads = self.one_thread_each();
+            let params = self.opt.parameters();
+            let (loss, grads) = crate::parts::gradients(
+                &self.model,
+                &params,
+                batch,
+                objective,
+                (self.cfg.seed, self.opt.step),
+                threads,
+            );
+            self.opt.step_with(lr, self.cfg.grad_clip, &grads, threads);
+            return loss;
+        }
+        self.opt.zero_grad();
         let objective = || {
             let loss = in_batch_softmax_loss(&self.model, &batch, hits);
             if alignment > 0.0 {
@@ -162,7 +190,32 @@ impl Session {
         };
         loss.backward();
         self.opt.step(lr, self.cfg.grad_clip);
-        (loss.detach(), batch)
+        loss.detach()
+    }
+
+    /// The threads the steps in parts run on: libtorch's intra-op count when the first of them
+    /// came. The parts run on threads of their own, each with one libtorch thread and one
+    /// OpenBLAS thread, so from the first step in parts on both counts are one, for every
+    /// thread (see `threads::on_threads`); [`restore_threads`](Self::restore_threads) puts
+    /// them back.
+    fn one_thread_each(&mut self) -> usize {
+        let (threads, _) = *self.threads_before_parts.get_or_insert_with(|| {
+            let before = (tch::get_num_threads(), towers::device::set_blas_threads(1));
+            tch::set_num_threads(1);
+            before
+        });
+        threads.max(1) as usize
+    }
+
+    /// Puts back the thread counts steps in parts changed, for what runs between epochs
+    /// (evaluation's large products use every thread).
+    pub fn restore_threads(&mut self) {
+        if let Some((threads, blas)) = self.threads_before_parts.take() {
+            tch::set_num_threads(threads);
+            if let Some(blas) = blas {
+                towers::device::set_blas_threads(blas);
+            }
+        }
     }
 
     /// One pass over the training examples (epoch `epoch`, 0-based, shuffled by the seed and the
@@ -181,7 +234,7 @@ impl Session {
         let mut lr = cfg.lr;
         for host in batches {
             lr = self.lr();
-            let (loss, _) = self.step(&host, lr);
+            let loss = self.step(&host, lr);
             let _ = tch::no_grad(|| loss_sum.shallow_clone().g_add_(&loss));
             examples += host.size;
             steps += 1;
@@ -195,6 +248,7 @@ impl Session {
             }
         }
         progress.finish();
+        self.restore_threads();
         let loss = loss_sum.double_value(&[]) / steps.max(1) as f64;
         if !loss.is_finite() {
             return Err(Error::Mismatch(format!(
