@@ -82,9 +82,11 @@ pub struct TrainConfig {
     /// whole batch between them (`parts.rs`): the same loss and gradient as one part, at more
     /// examples/s than splitting every small operation over the threads (`docs/benchmarks.md`,
     /// session 27). Parts run on up to as many threads as libtorch has (`OMP_NUM_THREADS`,
-    /// default the cores). The count, not the machine, decides the dropout masks, so a run
-    /// follows its seed on any number of cores. 1 runs the whole batch as one, with every
-    /// operation split over the threads; CUDA always does.
+    /// default the cores), and each part's matrix products on one OpenBLAS thread, so on a
+    /// machine with more cores than parts, more parts use them better (measured only on 2
+    /// cores). The count, not the machine, decides the dropout masks, so a run follows its
+    /// seed on any number of cores. 1 runs the whole batch as one, with every operation split
+    /// over the threads; CUDA always does.
     pub cpu_batch_parts: usize,
     /// Run the forward pass in bfloat16/float16 autocast on CUDA.
     pub mixed_precision: bool,
