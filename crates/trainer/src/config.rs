@@ -77,9 +77,10 @@ pub struct TrainConfig {
     pub patience: usize,
     /// Users scored per step during evaluation.
     pub eval_batch_size: usize,
-    /// On the CPU, each batch is split into this many parts whose towers run forward and
-    /// backward on their own threads, one libtorch thread each, with the softmax over the
-    /// whole batch between them (`parts.rs`): the same loss and gradient as one part, at more
+    /// On the CPU, each batch is split into this many parts whose towers and softmax rows run
+    /// forward and backward on their own threads, one libtorch thread each, every part's rows
+    /// against all of the batch's candidates (`parts.rs`): the same loss and gradient as one
+    /// part, at more
     /// examples/s than splitting every small operation over the threads (`docs/benchmarks.md`,
     /// session 27). Parts run on up to as many threads as libtorch has (`OMP_NUM_THREADS`,
     /// default the cores), and each part's matrix products on one OpenBLAS thread, so on a

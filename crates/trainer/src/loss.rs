@@ -117,36 +117,19 @@ pub fn in_batch_softmax_loss(
         _ => Tensor::cat(&users, 0),
     };
     let candidates = item_vecs.index_select(0, &batch.candidates);
-    softmax_loss(
+    softmax_rows(
         model,
         &users,
         &candidates,
         &batch.layout,
-        remove_accidental_hits,
-    )
-}
-
-/// [`in_batch_softmax_loss`] given the batch's `[B, dim]` user and `[C, dim]` candidate vectors.
-pub fn softmax_loss(
-    model: &TwoTower,
-    user_vecs: &Tensor,
-    candidates: &Tensor,
-    layout: &CandidateLayout,
-    remove_accidental_hits: bool,
-) -> Tensor {
-    softmax_rows(
-        model,
-        user_vecs,
-        candidates,
-        layout,
         0,
         remove_accidental_hits,
     )
 }
 
-/// The rows `first..first + n` of [`softmax_loss`], given those rows' `[n, dim]` user vectors:
-/// their cross-entropy summed and divided by the batch's size, so that the rows of a batch's
-/// parts add up to its loss.
+/// The rows `first..first + n` of [`in_batch_softmax_loss`], given those rows' `[n, dim]` user
+/// vectors and the batch's `[C, dim]` candidate vectors: their cross-entropy summed and divided
+/// by the batch's size, so that the rows of a batch's parts add up to its loss.
 pub fn softmax_rows(
     model: &TwoTower,
     user_vecs: &Tensor,

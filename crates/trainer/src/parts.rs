@@ -64,15 +64,18 @@ pub fn part_seed(seed: u64, step: u64, index: usize) -> u64 {
     seed.rotate_left(40) ^ step.wrapping_mul(1024) ^ index as u64
 }
 
-/// Adds `part`'s gradients into `total`, variable by variable (undefined: none).
+/// Adds `g` into `total` (undefined: none yet, or none to add).
+fn add_into(total: &mut Tensor, g: Tensor) {
+    if g.defined() {
+        *total = tch::no_grad(|| if total.defined() { &*total + g } else { g });
+    }
+}
+
+/// Adds `part`'s gradients into `total`, variable by variable.
 fn accumulate(total: &mut [Tensor], part: Vec<Tensor>) {
-    tch::no_grad(|| {
-        for (t, g) in total.iter_mut().zip(part) {
-            if g.defined() {
-                *t = if t.defined() { &*t + g } else { g };
-            }
-        }
-    });
+    for (t, g) in total.iter_mut().zip(part) {
+        add_into(t, g);
+    }
 }
 
 /// The gradients of `leaves` and of `params` from `root`, a loss over a user part's rows. The
@@ -104,8 +107,7 @@ fn user_backward(
                 .iter()
                 .position(|p| p.data_ptr() == weight.data_ptr())
             {
-                let total = &mut grads[i];
-                *total = tch::no_grad(|| if total.defined() { &*total + g } else { g });
+                add_into(&mut grads[i], g);
             }
         }
         let term = (&r.gates * &taped.gates).sum(Kind::Float);
@@ -191,14 +193,13 @@ pub fn gradients(
         .iter()
         .map(|p| p.item_rows.as_ref().map(Tensor::shallow_clone))
         .collect();
+    let candidate_vecs = item_vecs.index_select(0, &candidates);
     let mut first = 0;
     let work: Vec<_> = parts
         .into_iter()
         .map(|p| {
             let own = p.own_items(&item_vecs).detach().set_requires_grad(true);
-            let cands = item_vecs
-                .index_select(0, &candidates)
-                .set_requires_grad(true);
+            let cands = candidate_vecs.detach().set_requires_grad(true);
             let at = first;
             first += p.rows;
             (p, at, own, cands, layout.shallow_clone(), clones())
