@@ -17,8 +17,9 @@
 
 use std::cell::RefCell;
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
+use crate::gru_step;
 use crate::recurrence::GruWeights;
 
 /// What [`Tape::backward`] needs of one recurrence's forward.
@@ -102,12 +103,13 @@ pub(crate) fn record(gates: &Tensor, running: &[i64], b: i64, w: &GruWeights) ->
 }
 
 /// Each row's state after its last event (`[B, H]`, run order, zeros for rows without events),
-/// as `recurrence::last_states` computes it, and the tape of the run; no autograd.
+/// as `recurrence::last_states` computes it, and the tape of the run; no autograd. CPU only.
 pub fn forward(gates: &Tensor, running: &[i64], b: i64, w: &GruWeights) -> (Tensor, Tape) {
     tch::no_grad(|| {
         let hidden = w.w_hh.size()[1];
-        let on = (Kind::Float, gates.device());
-        let gates = gates.detach().contiguous();
+        let on = (Kind::Float, Device::Cpu);
+        let gates = gates.detach().to_kind(Kind::Float).contiguous();
+        assert_eq!(gates.device(), Device::Cpu, "the taped GRU runs on the CPU");
         let events = gates.size()[0];
         let w_hh_t = w.w_hh.detach().tr();
         let b_hh = w.b_hh.detach();
@@ -116,38 +118,34 @@ pub fn forward(gates: &Tensor, running: &[i64], b: i64, w: &GruWeights) -> (Tens
         let rz = Tensor::empty([events, 2 * hidden], on);
         let n_gate = Tensor::empty([events, hidden], on);
         let out = Tensor::zeros([b, hidden], on);
-        let mut start = 0;
+        let (hidden, mut start) = (hidden as usize, 0usize);
         for (t, &n) in running.iter().enumerate() {
             if n == 0 {
                 break;
             }
-            let next = running.get(t + 1).copied().unwrap_or(0);
-            let hp = h_prev.narrow(0, start, n);
-            let gh_t = gh.narrow(0, start, n);
-            let _ = b_hh.addmm_out(&gh_t, &hp, &w_hh_t);
-            let gi = gates.narrow(0, start, n);
-            let mut rz_t = rz.narrow(0, start, n);
-            let _ = gi
-                .narrow(1, 0, 2 * hidden)
-                .add_out(&rz_t, &gh_t.narrow(1, 0, 2 * hidden));
-            let _ = rz_t.sigmoid_();
-            let (r, z) = (rz_t.narrow(1, 0, hidden), rz_t.narrow(1, hidden, hidden));
-            let mut n_t = n_gate.narrow(0, start, n);
-            let _ = r.mul_out(&n_t, &gh_t.narrow(1, 2 * hidden, hidden));
-            let _ = n_t.g_add_(&gi.narrow(1, 2 * hidden, hidden));
-            let _ = n_t.tanh_();
-            // h = n + z · (h_prev − n)
-            let mut h = &hp - &n_t;
-            let _ = h.g_mul_(&z);
-            let _ = h.g_add_(&n_t);
-            if next > 0 {
-                h_prev
-                    .narrow(0, start + n, next)
-                    .copy_(&h.narrow(0, 0, next));
-            }
-            if next < n {
-                out.narrow(0, next, n - next)
-                    .copy_(&h.narrow(0, next, n - next));
+            let next = running.get(t + 1).copied().unwrap_or(0) as usize;
+            let n = n as usize;
+            let hp = h_prev.narrow(0, start as i64, n as i64);
+            let _ = b_hh.addmm_out(&gh.narrow(0, start as i64, n as i64), &hp, &w_hh_t);
+            // SAFETY: all five are contiguous CPU float tensors this function allocated (or
+            // `gates`, only read); the slices cover disjoint rows of them (the states written,
+            // `h_prev`'s next step, lie after the ones read) and live only for this call, while
+            // no libtorch operation runs.
+            unsafe {
+                let (h_read, h_next) = (
+                    rows(&h_prev, start * hidden, n * hidden),
+                    rows(&h_prev, (start + n) * hidden, next * hidden),
+                );
+                gru_step::forward(
+                    hidden,
+                    rows(&gates, start * 3 * hidden, n * 3 * hidden),
+                    rows(&gh, start * 3 * hidden, n * 3 * hidden),
+                    h_read,
+                    rows(&rz, start * 2 * hidden, n * 2 * hidden),
+                    rows(&n_gate, start * hidden, n * hidden),
+                    h_next,
+                    rows(&out, next * hidden, (n - next) * hidden),
+                );
             }
             start += n;
         }
@@ -164,6 +162,17 @@ pub fn forward(gates: &Tensor, running: &[i64], b: i64, w: &GruWeights) -> (Tens
     })
 }
 
+/// `len` floats of a contiguous CPU float tensor from `at` on.
+///
+/// # Safety
+/// `t` must be contiguous, on the CPU and of kind float, hold `at + len` floats, and nothing
+/// else may touch those floats while the slice lives.
+#[allow(clippy::mut_from_ref)]
+unsafe fn rows(t: &Tensor, at: usize, len: usize) -> &mut [f32] {
+    debug_assert!(t.is_contiguous() && t.kind() == Kind::Float && at + len <= t.numel());
+    std::slice::from_raw_parts_mut((t.data_ptr() as *mut f32).add(at), len)
+}
+
 impl Tape {
     /// The gradients of the input gates, `W_hh` and `b_hh` given `d_states`, the gradient of
     /// the states [`forward`] returned (`[B, H]`, run order).
@@ -171,7 +180,7 @@ impl Tape {
         tch::no_grad(|| {
             let hidden = self.w_hh.size()[1];
             let events = self.h_prev.size()[0];
-            let on = (Kind::Float, self.h_prev.device());
+            let on = (Kind::Float, Device::Cpu);
             let w_hh = self.w_hh.detach();
             let d_gates = Tensor::empty([events, 3 * hidden], on);
             let d_gh = Tensor::empty([events, 3 * hidden], on);
@@ -186,6 +195,7 @@ impl Tape {
                     Some(*at)
                 })
                 .collect();
+            let width = hidden as usize;
             for t in (0..self.running.len()).rev() {
                 let n = self.running[t];
                 if n == 0 {
@@ -197,33 +207,23 @@ impl Tape {
                     dh.narrow(0, next, n - next)
                         .copy_(&d_states.narrow(0, next, n - next));
                 }
-                let dh_t = dh.narrow(0, 0, n);
-                let rz = self.rz.narrow(0, start, n);
-                let (r, z) = (rz.narrow(1, 0, hidden), rz.narrow(1, hidden, hidden));
-                let n_t = self.n.narrow(0, start, n);
-                let hp = self.h_prev.narrow(0, start, n);
-                let ghn = self.gh.narrow(0, start, n).narrow(1, 2 * hidden, hidden);
-                let dg = d_gates.narrow(0, start, n);
-                let dgh = d_gh.narrow(0, start, n);
-                let (dg_r, dg_z, dg_n) = (
-                    dg.narrow(1, 0, hidden),
-                    dg.narrow(1, hidden, hidden),
-                    dg.narrow(1, 2 * hidden, hidden),
-                );
-                // h = n + z · (h_prev − n): dh_prev = dh · z (plus what W_hh carries back),
-                // dn = dh − dh · z, dz = dh · (h_prev − n).
-                let direct = &dh_t * &z;
-                let dn = &dh_t - &direct;
-                let dz = (&hp - &n_t) * &dh_t;
-                let _ = Tensor::tanh_backward_grad_input(&dg_n, &dn, &n_t);
-                let _ = Tensor::sigmoid_backward_grad_input(&dg_z, &dz, &z);
-                let dr = &dg_n * &ghn;
-                let _ = Tensor::sigmoid_backward_grad_input(&dg_r, &dr, &r);
-                // The hidden product's gradient: r and z as the input's, n's scaled by r.
-                dgh.narrow(1, 0, 2 * hidden)
-                    .copy_(&dg.narrow(1, 0, 2 * hidden));
-                let _ = dg_n.mul_out(&dgh.narrow(1, 2 * hidden, hidden), &r);
-                let _ = direct.addmm_out(&dh_t, &dgh, &w_hh);
+                let (at, len) = (start as usize, n as usize);
+                // SAFETY: contiguous CPU float tensors this function or `forward` allocated;
+                // the slices live only for this call, while no libtorch operation runs.
+                unsafe {
+                    gru_step::backward(
+                        width,
+                        rows(&dh, 0, len * width),
+                        rows(&self.rz, at * 2 * width, len * 2 * width),
+                        rows(&self.n, at * width, len * width),
+                        rows(&self.h_prev, at * width, len * width),
+                        rows(&self.gh, at * 3 * width, len * 3 * width),
+                        rows(&d_gates, at * 3 * width, len * 3 * width),
+                        rows(&d_gh, at * 3 * width, len * 3 * width),
+                    );
+                }
+                // The previous states' gradient: the direct part, plus what `W_hh` carries back.
+                let _ = dh.narrow(0, 0, n).addmm_(&d_gh.narrow(0, start, n), &w_hh);
             }
             TapeGrads {
                 w_hh: d_gh.tr().mm(&self.h_prev),

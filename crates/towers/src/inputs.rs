@@ -273,6 +273,17 @@ impl UserBatchHost {
         h
     }
 
+    /// Whether every real history event is an item event (no searches, no items the table
+    /// lacks): then `hist_is_item` masks nothing the user tower reads.
+    fn every_event_is_item(&self) -> bool {
+        let l = self.len as usize;
+        self.hist_len.iter().enumerate().all(|(r, &n)| {
+            self.hist_is_item[r * l..][..n as usize]
+                .iter()
+                .all(|&x| x == 1.0)
+        })
+    }
+
     /// History events in the batch after truncation to `history_len`, known without a device sync.
     pub fn history_events(&self) -> i64 {
         self.hist_len.iter().sum()
@@ -289,6 +300,7 @@ impl UserBatchHost {
             hist_is_item: Tensor::from_slice(&self.hist_is_item)
                 .view([b, l, 1])
                 .to_device(device),
+            every_event_is_item: self.every_event_is_item(),
             hist_query: tensor(&self.hist_query, &[b, l, q], device),
             hist_type: tensor(&self.hist_type, &[b, l], device),
             hist_gap: tensor(&self.hist_gap, &[b, l], device),
@@ -308,6 +320,10 @@ pub struct UserInputs {
     pub hist_item: Tensor,
     /// `[B, L, 1]` float, 1 for item events.
     pub hist_is_item: Tensor,
+    /// Whether `hist_is_item` is 1 at every real event (known on the host): the towers then
+    /// skip multiplying by it, which on ratings and purchase data is two `[events, ·]` products
+    /// forward and two backward per batch. Padding needs no mask: nothing reads it.
+    pub every_event_is_item: bool,
     /// `[B, L, Q]` query word ids.
     pub hist_query: Tensor,
     /// `[B, L]` event type codes, 0 = padding.

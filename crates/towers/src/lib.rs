@@ -29,6 +29,7 @@ pub mod dataset;
 pub mod device;
 pub mod dot;
 pub mod error;
+mod gru_step;
 pub mod inputs;
 pub mod item;
 pub mod layers;

@@ -10,14 +10,16 @@
 //! With gradients each step is a handful of libtorch operations that autograd differentiates,
 //! or, inside [`bptt::recording`](crate::bptt::recording), a taped forward whose backward is
 //! written out (`bptt.rs`).
-//! Without, small batches (serving's one to a few users) take a plain loop over rows instead:
-//! libtorch spends about 0.7 ms of fixed cost on a 20-step recurrence of one user, the loop about
-//! 0.17 ms a user (`docs/benchmarks.md`). Tests hold both equal to libtorch's GRU, values and
-//! gradients.
+//! Without, on the CPU, each step is one hidden product and one fused pass over the rows
+//! (`gru_step.rs`), and small batches (serving's one to a few users) take a plain loop over rows
+//! instead: libtorch spends about 0.7 ms of fixed cost on a 20-step recurrence of one user, the
+//! loop about 0.17 ms a user (`docs/benchmarks.md`). Tests hold all of them equal to libtorch's
+//! GRU, values and gradients.
 
 use tch::{Device, Kind, Tensor};
 
 use crate::dot::dot;
+use crate::gru_step;
 
 /// The GRU's parameters (`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`), shared
 /// with the var store: loading weights updates them.
@@ -107,10 +109,13 @@ pub fn last_states(gates: &Tensor, running: &[i64], b: i64, w: &GruWeights) -> T
     if gates.device() == Device::Cpu && crate::bptt::is_recording() {
         return crate::bptt::record(gates, running, b, w);
     }
-    if b <= MAX_LOOP_BATCH && !gates.requires_grad() && gates.device() == Device::Cpu {
-        if let Some(states) = loop_states(gates, running, b, w) {
-            return states;
+    if !gates.requires_grad() && gates.device() == Device::Cpu {
+        if b <= MAX_LOOP_BATCH {
+            if let Some(states) = loop_states(gates, running, b, w) {
+                return states;
+            }
         }
+        return crate::bptt::forward(gates, running, b, w).0;
     }
     let w_hh = w.w_hh.tr();
     let mut h = Tensor::zeros([first, hidden], on);
@@ -167,31 +172,23 @@ fn loop_states(gates: &Tensor, running: &[i64], b: i64, w: &GruWeights) -> Optio
         .collect();
     let mut out = vec![0f32; b as usize * hidden];
     let mut gh = vec![0f32; 3 * hidden];
+    let (mut rz, mut n_gate, mut h_prev) = (
+        vec![0f32; 2 * hidden],
+        vec![0f32; hidden],
+        vec![0f32; hidden],
+    );
     for (row, h) in out.chunks_exact_mut(hidden).enumerate() {
         for (&n, &start) in running.iter().zip(&starts) {
             if n as usize <= row {
                 break;
             }
             hidden_product(&w_hh, &b_hh, h, &mut gh);
+            h_prev.copy_from_slice(h);
             let gi = &gi[(start + row) * 3 * hidden..][..3 * hidden];
-            for k in 0..hidden {
-                let r = sigmoid(gi[k] + gh[k]);
-                let z = sigmoid(gi[hidden + k] + gh[hidden + k]);
-                let n = tanh(gi[2 * hidden + k] + r * gh[2 * hidden + k]);
-                h[k] = (1.0 - z) * n + z * h[k];
-            }
+            gru_step::forward(hidden, gi, &gh, &h_prev, &mut rz, &mut n_gate, h, &mut []);
         }
     }
     Some(Tensor::from_slice(&out).view([b, hidden as i64]))
-}
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-/// `tanh` through one `exp`, which costs a fraction of libm's `tanhf` (within 1e-7 of it).
-fn tanh(x: f32) -> f32 {
-    2.0 * sigmoid(2.0 * x) - 1.0
 }
 
 /// `out = w · h + bias` for a row-major `w` of `out.len()` rows.
@@ -286,13 +283,15 @@ mod tests {
     }
 
     #[test]
-    fn the_loop_equals_libtorchs_gru() {
+    fn without_gradients_the_loop_and_the_fused_steps_equal_libtorchs_gru() {
         tch::manual_seed(8);
+        let many: Vec<i64> = (0..3 * MAX_LOOP_BATCH).map(|i| (i * 7) % 12).collect();
         for lens in [
             vec![1],
             vec![3, 7, 2],
             vec![20; MAX_LOOP_BATCH as usize],
             vec![0, 5, 0],
+            many,
         ] {
             let (expected, got) = tch::no_grad(|| {
                 let (e, g, _, _) = both(&lens, 12, 20, false);

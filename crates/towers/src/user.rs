@@ -152,7 +152,11 @@ impl UserEncoder {
         let items = item_vecs
             .index_select(0, &users.hist_item.flatten(0, -1))
             .view([b, l, self.dim]);
-        let items = &users.hist_is_item * items;
+        let items = if users.every_event_is_item {
+            items
+        } else {
+            &users.hist_is_item * items
+        };
         let queries = (users.hist_query.size()[2] > 0).then(|| {
             self.query_proj
                 .forward(&title_emb.forward(&users.hist_query))
@@ -191,7 +195,6 @@ impl UserEncoder {
             .tr();
         // `[B, L, ...]` → `[E, ...]`: the real events, packed as the recurrence runs them.
         let packed = |t: &Tensor| t.flatten(0, 1).index_select(0, &users.hist_packed);
-        let is_item = packed(&users.hist_is_item);
         let rows = packed(&users.hist_item);
         let events = users.hist_packed.size()[0];
         let content_gates = if item_vecs.size()[0] <= events {
@@ -204,9 +207,15 @@ impl UserEncoder {
             + &w.b_ih)
             .view([-1, gates]);
         let type_gap_rows = packed(&(&users.hist_type * GAP_BUCKETS + &users.hist_gap));
-        let mut input_gates = content_gates * &is_item + type_gap.index_select(0, &type_gap_rows);
+        let type_gap = type_gap.index_select(0, &type_gap_rows);
+        let mut input_gates = if users.every_event_is_item {
+            content_gates + type_gap
+        } else {
+            content_gates * packed(&users.hist_is_item) + type_gap
+        };
         if let Some(queries) = queries {
-            input_gates += packed(queries).matmul(&w_content) * (1.0 - &is_item);
+            let is_query = 1.0 - packed(&users.hist_is_item);
+            input_gates += packed(queries).matmul(&w_content) * is_query;
         }
         let states = recurrence::last_states(&input_gates, &users.hist_running, b, w);
         states.index_select(0, &users.hist_rank)
@@ -320,5 +329,49 @@ mod tests {
             // table, the item vectors.
             assert_eq!(compared, 10);
         }
+    }
+
+    #[test]
+    fn without_searches_or_missing_items_skipping_the_item_mask_changes_nothing() {
+        tch::manual_seed(4);
+        let cfg = TowerConfig {
+            dim: 8,
+            token_dim: 8,
+            gru_hidden: 6,
+            history_len: 8,
+            dropout: 0.0,
+            vocab: VocabSizes {
+                title: 20,
+                user_features: 5,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let vs = VarStore::new(Device::Cpu);
+        let user = UserEncoder::new(vs.root() / "user", &cfg);
+        let title = EmbeddingBag::new(vs.root() / "title", 20, 8);
+        let mut batch = users(30);
+        for e in batch.iter_mut().flat_map(|u| u.history.iter_mut()) {
+            e.item_row.get_or_insert(2);
+            e.query.clear();
+        }
+        let host = UserBatchHost::new(&batch, &cfg);
+        let item_vecs = Tensor::randn([5, 8], (Kind::Float, Device::Cpu));
+        let skipping = host.to_device(Device::Cpu);
+        assert!(skipping.every_event_is_item);
+        let mut masking = host.to_device(Device::Cpu);
+        masking.every_event_is_item = false;
+        let (a, b) = (
+            user.forward(&skipping, &item_vecs, &title, false),
+            user.forward(&masking, &item_vecs, &title, false),
+        );
+        assert!((a - b).abs().max().double_value(&[]) < 1e-6);
+        // One search is enough to keep the mask.
+        batch[3].history.last_mut().unwrap().item_row = None;
+        assert!(
+            !UserBatchHost::new(&batch, &cfg)
+                .to_device(Device::Cpu)
+                .every_event_is_item
+        );
     }
 }

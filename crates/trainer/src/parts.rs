@@ -110,7 +110,9 @@ fn user_backward(
                 add_into(&mut grads[i], g);
             }
         }
-        let term = (&r.gates * &taped.gates).sum(Kind::Float);
+        // A scalar whose gradient with respect to the input gates is the tape's: one dot
+        // product forward, one scaled copy backward.
+        let term = r.gates.flatten(0, -1).dot(&taped.gates.flatten(0, -1));
         below = Some(match below {
             Some(b) => b + term,
             None => term,
