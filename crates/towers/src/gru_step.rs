@@ -47,9 +47,22 @@ pub(crate) fn tanh(x: f32) -> f32 {
     2.0 * sigmoid(2.0 * x) - 1.0
 }
 
-/// Defines `$avx2`: `$portable` compiled for AVX2 and FMA, for CPUs that [`has_avx2`].
+/// Defines `$name`, which runs `$portable` compiled for AVX2 and FMA (`$avx2`) on CPUs that
+/// [`has_avx2`], and as plain code elsewhere.
 macro_rules! dispatch {
-    ($portable:ident, $avx2:ident, ($($arg:ident: $ty:ty),*)) => {
+    ($(#[$doc:meta])* $name:ident => $portable:ident, $avx2:ident, ($($arg:ident: $ty:ty),*)) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: the CPU has the features the function is compiled for.
+                unsafe { $avx2($($arg),*) };
+                return;
+            }
+            $portable($($arg),*)
+        }
+
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         #[allow(clippy::too_many_arguments)]
@@ -70,13 +83,20 @@ fn has_avx2() -> bool {
     }
 }
 
-/// One step forward for `rows` rows: from the input gates `gi` and the hidden products `gh`
-/// (`h_prev · W_hhᵀ + b_hh`, both `[rows, 3H]`) and the previous states (`[rows, H]`), writes
-/// the gates after their activations (`rz`, `n`) and the new states. The first rows' states go
-/// to `h_first`, the rest to `h_rest` (the recurrence keeps running rows and finished rows
-/// apart).
+dispatch!(
+    /// One step forward for `rows` rows: from the input gates `gi` and the hidden products `gh`
+    /// (`h_prev · W_hhᵀ + b_hh`, both `[rows, 3H]`) and the previous states (`[rows, H]`),
+    /// writes the gates after their activations (`rz`, `n`) and the new states. The first rows'
+    /// states go to `h_first`, the rest to `h_rest` (the recurrence keeps running rows and
+    /// finished rows apart). Panics where the buffers do not hold the same rows.
+    forward => forward_portable, forward_avx2,
+    (hidden: usize, gi: &[f32], gh: &[f32], h_prev: &[f32], rz: &mut [f32], n: &mut [f32],
+     h_first: &mut [f32], h_rest: &mut [f32])
+);
+
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward(
+fn forward_portable(
     hidden: usize,
     gi: &[f32],
     gh: &[f32],
@@ -95,34 +115,6 @@ pub(crate) fn forward(
             && h_first.len() + h_rest.len() == h_prev.len(),
         "GRU step forward: buffers do not hold {rows} rows of {hidden}"
     );
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has the features the function is compiled for.
-        unsafe { forward_avx2(hidden, gi, gh, h_prev, rz, n, h_first, h_rest) };
-        return;
-    }
-    forward_portable(hidden, gi, gh, h_prev, rz, n, h_first, h_rest);
-}
-
-dispatch!(
-    forward_portable,
-    forward_avx2,
-    (hidden: usize, gi: &[f32], gh: &[f32], h_prev: &[f32], rz: &mut [f32], n: &mut [f32],
-     h_first: &mut [f32], h_rest: &mut [f32])
-);
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn forward_portable(
-    hidden: usize,
-    gi: &[f32],
-    gh: &[f32],
-    h_prev: &[f32],
-    rz: &mut [f32],
-    n: &mut [f32],
-    h_first: &mut [f32],
-    h_rest: &mut [f32],
-) {
     let h_out = h_first
         .chunks_exact_mut(hidden)
         .chain(h_rest.chunks_exact_mut(hidden));
@@ -149,13 +141,21 @@ fn forward_portable(
     }
 }
 
-/// One step backward for `rows` rows, from what [`forward`] kept (`rz`, `n`, `h_prev`, and the
-/// hidden products' `n` part in `gh`). On entry `dh` holds the gradient of the step's states;
-/// on return it holds the part that flows straight to the previous states (`dh · z`), to which
-/// the caller adds `d_gh · W_hh`. Writes the input gates' gradient `d_gates` and the hidden
-/// products' `d_gh` (both `[rows, 3H]`).
+dispatch!(
+    /// One step backward for `rows` rows, from what [`forward`] kept (`rz`, `n`, `h_prev`, and
+    /// the hidden products' `n` part in `gh`). On entry `dh` holds the gradient of the step's
+    /// states; on return it holds the part that flows straight to the previous states
+    /// (`dh · z`), to which the caller adds `d_gh · W_hh`. Writes the input gates' gradient
+    /// `d_gates` and the hidden products' `d_gh` (both `[rows, 3H]`). Panics where the buffers
+    /// do not hold the same rows.
+    backward => backward_portable, backward_avx2,
+    (hidden: usize, dh: &mut [f32], rz: &[f32], n: &[f32], h_prev: &[f32], gh: &[f32],
+     d_gates: &mut [f32], d_gh: &mut [f32])
+);
+
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward(
+fn backward_portable(
     hidden: usize,
     dh: &mut [f32],
     rz: &[f32],
@@ -175,34 +175,6 @@ pub(crate) fn backward(
             && d_gh.len() == gh.len(),
         "GRU step backward: buffers do not hold {rows} rows of {hidden}"
     );
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has the features the function is compiled for.
-        unsafe { backward_avx2(hidden, dh, rz, n, h_prev, gh, d_gates, d_gh) };
-        return;
-    }
-    backward_portable(hidden, dh, rz, n, h_prev, gh, d_gates, d_gh);
-}
-
-dispatch!(
-    backward_portable,
-    backward_avx2,
-    (hidden: usize, dh: &mut [f32], rz: &[f32], n: &[f32], h_prev: &[f32], gh: &[f32],
-     d_gates: &mut [f32], d_gh: &mut [f32])
-);
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn backward_portable(
-    hidden: usize,
-    dh: &mut [f32],
-    rz: &[f32],
-    n: &[f32],
-    h_prev: &[f32],
-    gh: &[f32],
-    d_gates: &mut [f32],
-    d_gh: &mut [f32],
-) {
     let rows = dh
         .chunks_exact_mut(hidden)
         .zip(rz.chunks_exact(2 * hidden))

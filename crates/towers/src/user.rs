@@ -275,9 +275,8 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn the_packed_cpu_state_equals_libtorchs_gru_with_gradients() {
-        tch::manual_seed(3);
+    /// A small user tower (dim 8, GRU 6, 8 events) and a title table of 20 words.
+    fn small_tower() -> (TowerConfig, VarStore, UserEncoder, EmbeddingBag) {
         let cfg = TowerConfig {
             dim: 8,
             token_dim: 8,
@@ -293,6 +292,13 @@ mod tests {
         let vs = VarStore::new(Device::Cpu);
         let user = UserEncoder::new(vs.root() / "user", &cfg);
         let title = EmbeddingBag::new(vs.root() / "title", 20, 8);
+        (cfg, vs, user, title)
+    }
+
+    #[test]
+    fn the_packed_cpu_state_equals_libtorchs_gru_with_gradients() {
+        tch::manual_seed(3);
+        let (cfg, vs, user, title) = small_tower();
         // 5 item rows (fewer than the batch's events: projected, then gathered) and 500 (more:
         // gathered, then projected).
         for items in [5, 500] {
@@ -334,22 +340,7 @@ mod tests {
     #[test]
     fn without_searches_or_missing_items_skipping_the_item_mask_changes_nothing() {
         tch::manual_seed(4);
-        let cfg = TowerConfig {
-            dim: 8,
-            token_dim: 8,
-            gru_hidden: 6,
-            history_len: 8,
-            dropout: 0.0,
-            vocab: VocabSizes {
-                title: 20,
-                user_features: 5,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let vs = VarStore::new(Device::Cpu);
-        let user = UserEncoder::new(vs.root() / "user", &cfg);
-        let title = EmbeddingBag::new(vs.root() / "title", 20, 8);
+        let (cfg, _vs, user, title) = small_tower();
         let mut batch = users(30);
         for e in batch.iter_mut().flat_map(|u| u.history.iter_mut()) {
             e.item_row.get_or_insert(2);
