@@ -1,13 +1,15 @@
 //! The GRU recurrence with a hand-written backward (backpropagation through time), for training
-//! in parts on the CPU (`trainer::parts`).
+//! in parts on the CPU (`trainer::parts`). Its forward is also the CPU recurrence without
+//! gradients for batches past the serving loop's size (`recurrence::last_states`).
 //!
 //! Under autograd each step of [`recurrence::last_states`] records a dozen nodes, and their
 //! backward materialises a zero-filled gradient for every slice it took (`r`, `z` and `n` are
 //! slices of the gates), then adds a small product per step to `W_hh`'s gradient. Here the
 //! forward runs without autograd and keeps what the backward needs (each event's previous state,
-//! gates and hidden products, `[E, ·]` buffers in packed order); [`Tape::backward`] then runs
-//! the steps in reverse with libtorch's fused activation backwards, writing each step's
-//! gradients in place, and forms `W_hh`'s gradient as one product over all events.
+//! gates and hidden products, `[E, ·]` buffers in packed order). Each step is one hidden
+//! product and one fused pass over its rows (`gru_step.rs`), forward and backward;
+//! [`Tape::backward`] runs the steps in reverse, writing each step's gradients in place, and
+//! forms `W_hh`'s gradient as one product over all events.
 //!
 //! The recurrence is cut out of the autograd graph: inside [`recording`], the states come back
 //! as a leaf, and the caller backpropagates in three passes (`trainer::parts`): to the states

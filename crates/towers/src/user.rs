@@ -208,14 +208,14 @@ impl UserEncoder {
             .view([-1, gates]);
         let type_gap_rows = packed(&(&users.hist_type * GAP_BUCKETS + &users.hist_gap));
         let type_gap = type_gap.index_select(0, &type_gap_rows);
-        let mut input_gates = if users.every_event_is_item {
-            content_gates + type_gap
-        } else {
-            content_gates * packed(&users.hist_is_item) + type_gap
+        // Where every event is an item the mask is all ones, and a search's term all zeros.
+        let is_item = (!users.every_event_is_item).then(|| packed(&users.hist_is_item));
+        let mut input_gates = match &is_item {
+            None => content_gates + type_gap,
+            Some(is_item) => content_gates * is_item + type_gap,
         };
-        if let Some(queries) = queries {
-            let is_query = 1.0 - packed(&users.hist_is_item);
-            input_gates += packed(queries).matmul(&w_content) * is_query;
+        if let (Some(queries), Some(is_item)) = (queries, &is_item) {
+            input_gates += packed(queries).matmul(&w_content) * (1.0 - is_item);
         }
         let states = recurrence::last_states(&input_gates, &users.hist_running, b, w);
         states.index_select(0, &users.hist_rank)
