@@ -1,5 +1,5 @@
-//! The dot product over `f32` slices that CPU-side code shares: the user tower's recurrence for
-//! small batches (`recurrence.rs`) and the indexer's exact re-ranking.
+//! The dot product over `f32` slices that CPU-side code shares: the indexer's exact re-ranking,
+//! and the GRU's hidden products where the CPU lacks AVX2 (`gru_step.rs`).
 
 /// Dot product in eight independent running sums, so the compiler keeps them in one vector
 /// register (and uses AVX2 where the caller is compiled for it).

@@ -6,9 +6,10 @@
 //! (session 27's profile: most of a training step's recurrence time), while the arithmetic
 //! itself is a few microseconds. Here they are one loop the compiler vectorises (AVX2 and FMA
 //! where the CPU has them, chosen at run time), with `exp` written out as a polynomial so that
-//! it vectorises too. The recurrence's forward (`bptt.rs`, and the serving loop in
+//! it vectorises too. The recurrence's forward (`bptt.rs`, and the small-batch loop in
 //! `recurrence.rs`) and its written-out backward share these kernels; tests hold them to
-//! libtorch's GRU and autograd.
+//! libtorch's GRU and autograd. Small batches also take their hidden products from here
+//! ([`hidden_products`]), where BLAS's fixed cost per call is most of the work.
 //!
 //! Layouts, per row: gates `[r | z | n]` (`3H`, `torch.nn.GRU`'s order), `rz` after the sigmoid
 //! (`2H`), the candidate `n` after the tanh (`H`), states `H`.
@@ -141,6 +142,127 @@ fn forward_portable(
     }
 }
 
+/// The hidden products of one step for small batches: `gh[r] = W_hh · h[r] + b_hh` for each
+/// row `r` of `h` (`[rows, H]`), with `w_hh` row-major `[3H, H]` and `gh` `[rows, 3H]`.
+///
+/// A BLAS `addmm` packs all of `W_hh` on every call, which at serving's few rows costs more
+/// than the product, and a dot product per row and output streams `W_hh` once per row. Here
+/// each block of up to four rows reads each row of `W_hh` once for all of them, several
+/// outputs at a time, in eight-lane sums (AVX2 and FMA where the CPU has them). Panics where
+/// the buffers do not hold the same rows.
+pub(crate) fn hidden_products(
+    hidden: usize,
+    w_hh: &[f32],
+    b_hh: &[f32],
+    h: &[f32],
+    gh: &mut [f32],
+) {
+    let (gates, rows) = (3 * hidden, h.len() / hidden.max(1));
+    assert!(
+        w_hh.len() == gates * hidden
+            && b_hh.len() == gates
+            && h.len() == rows * hidden
+            && gh.len() == rows * gates,
+        "GRU hidden products: buffers do not hold {rows} rows of {hidden}"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA, and the buffers hold `rows` rows (asserted above).
+        unsafe { avx2::hidden_products(hidden, rows, w_hh, b_hh, h, gh) };
+        return;
+    }
+    hidden_products_portable(hidden, w_hh, b_hh, h, gh);
+}
+
+/// [`hidden_products`] as one dot product per row and output, where the CPU lacks AVX2.
+fn hidden_products_portable(hidden: usize, w_hh: &[f32], b_hh: &[f32], h: &[f32], gh: &mut [f32]) {
+    for (h, gh) in h.chunks_exact(hidden).zip(gh.chunks_exact_mut(3 * hidden)) {
+        for ((gh, w), &b) in gh.iter_mut().zip(w_hh.chunks_exact(hidden)).zip(b_hh) {
+            *gh = b + crate::dot::dot(w, h);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// [`super::hidden_products`] in blocks of up to four rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA, and the buffers must hold `rows` rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn hidden_products(
+        hidden: usize,
+        rows: usize,
+        w_hh: &[f32],
+        b_hh: &[f32],
+        h: &[f32],
+        gh: &mut [f32],
+    ) {
+        let mut r0 = 0;
+        while r0 < rows {
+            // Eight running sums whatever the block's rows, so the FMA units never wait.
+            match rows - r0 {
+                1 => block::<1, 8>(hidden, w_hh, b_hh, h, gh, r0),
+                2 => block::<2, 4>(hidden, w_hh, b_hh, h, gh, r0),
+                3 => block::<3, 2>(hidden, w_hh, b_hh, h, gh, r0),
+                _ => block::<4, 2>(hidden, w_hh, b_hh, h, gh, r0),
+            }
+            r0 += (rows - r0).min(4);
+        }
+    }
+
+    /// Rows `r0..r0 + R`, `J` outputs at a time (the last group repeats the last output
+    /// rather than reading past `W_hh`, and stores only real ones).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block<const R: usize, const J: usize>(
+        hidden: usize,
+        w_hh: &[f32],
+        b_hh: &[f32],
+        h: &[f32],
+        gh: &mut [f32],
+        r0: usize,
+    ) {
+        let gates = 3 * hidden;
+        let lanes = hidden / 8 * 8;
+        let hs: [*const f32; R] = std::array::from_fn(|r| h.as_ptr().add((r0 + r) * hidden));
+        let mut j = 0;
+        while j < gates {
+            let outs: [usize; J] = std::array::from_fn(|o| (j + o).min(gates - 1));
+            let ws: [*const f32; J] = outs.map(|o| w_hh.as_ptr().add(o * hidden));
+            let mut acc = [[_mm256_setzero_ps(); R]; J];
+            let mut k = 0;
+            while k < lanes {
+                for o in 0..J {
+                    let w = _mm256_loadu_ps(ws[o].add(k));
+                    for r in 0..R {
+                        acc[o][r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(hs[r].add(k)), acc[o][r]);
+                    }
+                }
+                k += 8;
+            }
+            for o in 0..J.min(gates - j) {
+                for r in 0..R {
+                    let mut sum = b_hh[outs[o]] + horizontal_sum(acc[o][r]);
+                    for k in lanes..hidden {
+                        sum += *ws[o].add(k) * *hs[r].add(k);
+                    }
+                    gh[(r0 + r) * gates + outs[o]] = sum;
+                }
+            }
+            j += J;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn horizontal_sum(v: __m256) -> f32 {
+        let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)))
+    }
+}
+
 dispatch!(
     /// One step backward for `rows` rows, from what [`forward`] kept (`rz`, `n`, `h_prev`, and
     /// the hidden products' `n` part in `gh`). On entry `dh` holds the gradient of the step's
@@ -223,6 +345,34 @@ mod tests {
             );
         }
         assert!(exp(-200.0) < 1e-37 && exp(200.0).is_finite());
+    }
+
+    #[test]
+    fn hidden_products_in_blocks_equal_plain_sums_for_any_rows_and_width() {
+        let value = |i: usize| ((i * 7919) % 1000) as f32 / 500.0 - 1.0;
+        for hidden in [1, 5, 8, 20, 37, 128] {
+            let gates = 3 * hidden;
+            let w: Vec<f32> = (0..gates * hidden).map(value).collect();
+            let b: Vec<f32> = (0..gates).map(|i| value(i + 3)).collect();
+            for rows in 0..=9 {
+                let h: Vec<f32> = (0..rows * hidden).map(|i| value(i + 11)).collect();
+                let mut blocked = vec![f32::NAN; rows * gates];
+                let mut portable = vec![f32::NAN; rows * gates];
+                hidden_products(hidden, &w, &b, &h, &mut blocked);
+                hidden_products_portable(hidden, &w, &b, &h, &mut portable);
+                for (at, (x, y)) in blocked.iter().zip(&portable).enumerate() {
+                    let (r, j) = (at / gates, at % gates);
+                    let plain: f64 = b[j] as f64
+                        + (0..hidden)
+                            .map(|k| w[j * hidden + k] as f64 * h[r * hidden + k] as f64)
+                            .sum::<f64>();
+                    assert!(
+                        (*x as f64 - plain).abs() < 1e-4 && (*y as f64 - plain).abs() < 1e-4,
+                        "hidden {hidden}, {rows} rows, row {r} output {j}: {x} / {y} against {plain}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

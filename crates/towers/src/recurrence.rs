@@ -11,14 +11,13 @@
 //! or, inside [`bptt::recording`](crate::bptt::recording), a taped forward whose backward is
 //! written out (`bptt.rs`).
 //! Without, on the CPU, each step is one hidden product and one fused pass over the rows
-//! (`gru_step.rs`), and small batches (serving's one to a few users) take a plain loop over rows
-//! instead: libtorch spends about 0.7 ms of fixed cost on a 20-step recurrence of one user, the
-//! loop about 0.17 ms a user (`docs/benchmarks.md`). Tests hold all of them equal to libtorch's
-//! GRU, values and gradients.
+//! (`gru_step.rs`). Small batches (serving's one to a few users) take their hidden products
+//! from a blocked kernel instead of BLAS, whose `addmm` packs all of `W_hh` on every step, and
+//! read the weights in place. Tests hold all of them equal to libtorch's GRU, values and
+//! gradients.
 
 use tch::{Device, Kind, Tensor};
 
-use crate::dot::dot;
 use crate::gru_step;
 
 /// The GRU's parameters (`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`), shared
@@ -86,11 +85,11 @@ impl Packing {
     }
 }
 
-/// Batches up to this size take the loop when no gradient is wanted. It costs about 0.17 ms a
-/// user for 20 steps of a 128-wide GRU, against libtorch's 0.7 ms fixed cost plus 0.2 ms a user
-/// at serving's sizes (`docs/benchmarks.md`), but libtorch's matrix products pull ahead on
-/// evaluation's batches of hundreds.
-pub const MAX_LOOP_BATCH: i64 = 16;
+/// Batches up to this size take the plain loops when no gradient is wanted. For 20 steps of a
+/// 128-wide GRU on a Zen 3 core they take 0.07 ms for one user, 0.14 ms for three and 1.0 ms
+/// for 24, against 0.22, 0.46 and 1.5 ms through a BLAS product per step; BLAS pulls ahead
+/// from about 32 rows (`docs/benchmarks.md`, session 29).
+pub const MAX_LOOP_BATCH: i64 = 24;
 
 /// Each row's state after its last event (`[B, H]`, zeros for a row without events), rows in run
 /// order: longest history first.
@@ -147,76 +146,60 @@ pub fn last_states(gates: &Tensor, running: &[i64], b: i64, w: &GruWeights) -> T
     Tensor::cat(&finished, 0)
 }
 
-/// [`last_states`] as a loop over rows, for small batches without gradients; `None` where the
-/// tensors are not what the loop reads (then libtorch operations run instead).
+/// [`last_states`] as plain loops, for small batches without gradients; `None` where the
+/// tensors are not what the loops read (then libtorch operations run instead). Each step is
+/// [`gru_step::hidden_products`] and [`gru_step::forward`] over the rows still running, which
+/// are the first ones: a row's state stays where it is once its history ends.
 fn loop_states(gates: &Tensor, running: &[i64], b: i64, w: &GruWeights) -> Option<Tensor> {
     let hidden = w.hidden() as usize;
     let events: i64 = running.iter().sum();
-    if gates.kind() != Kind::Float || gates.size() != [events, 3 * hidden as i64] {
+    if gates.size() != [events, 3 * hidden as i64] {
         return None;
     }
-    let gi = Vec::<f32>::try_from(gates.contiguous().flatten(0, -1)).ok()?;
-    let w_hh = Vec::<f32>::try_from(w.w_hh.contiguous().flatten(0, -1)).ok()?;
-    let b_hh = Vec::<f32>::try_from(w.b_hh.contiguous()).ok()?;
+    let gates = gates.contiguous();
+    let (gi, w_hh, b_hh) = (floats(&gates)?, floats(&w.w_hh)?, floats(&w.b_hh)?);
     if w_hh.len() != 3 * hidden * hidden || b_hh.len() != 3 * hidden {
         return None;
     }
-    // Where each step's rows start in `gates`.
-    let starts: Vec<usize> = running
-        .iter()
-        .scan(0usize, |at, &n| {
-            let start = *at;
-            *at += n as usize;
-            Some(start)
-        })
-        .collect();
-    let mut out = vec![0f32; b as usize * hidden];
-    let mut gh = vec![0f32; 3 * hidden];
+    let first = running.first().copied().unwrap_or(0) as usize;
+    let mut states = vec![0f32; b as usize * hidden];
+    let mut gh = vec![0f32; first * 3 * hidden];
     let (mut rz, mut n_gate, mut h_prev) = (
-        vec![0f32; 2 * hidden],
-        vec![0f32; hidden],
-        vec![0f32; hidden],
+        vec![0f32; first * 2 * hidden],
+        vec![0f32; first * hidden],
+        vec![0f32; first * hidden],
     );
-    for (row, h) in out.chunks_exact_mut(hidden).enumerate() {
-        for (&n, &start) in running.iter().zip(&starts) {
-            if n as usize <= row {
-                break;
-            }
-            hidden_product(&w_hh, &b_hh, h, &mut gh);
-            h_prev.copy_from_slice(h);
-            let gi = &gi[(start + row) * 3 * hidden..][..3 * hidden];
-            gru_step::forward(hidden, gi, &gh, &h_prev, &mut rz, &mut n_gate, h, &mut []);
+    let mut start = 0;
+    for &n in running {
+        let n = n as usize;
+        if n == 0 {
+            break;
         }
+        let h = &mut states[..n * hidden];
+        h_prev[..n * hidden].copy_from_slice(h);
+        let h_prev = &h_prev[..n * hidden];
+        let gh = &mut gh[..n * 3 * hidden];
+        gru_step::hidden_products(hidden, w_hh, b_hh, h_prev, gh);
+        let gi = &gi[start * 3 * hidden..(start + n) * 3 * hidden];
+        let (rz, n_gate) = (&mut rz[..n * 2 * hidden], &mut n_gate[..n * hidden]);
+        gru_step::forward(hidden, gi, gh, h_prev, rz, n_gate, h, &mut []);
+        start += n;
     }
-    Some(Tensor::from_slice(&out).view([b, hidden as i64]))
+    Some(Tensor::from_slice(&states).view([b, hidden as i64]))
 }
 
-/// `out = w · h + bias` for a row-major `w` of `out.len()` rows.
-fn hidden_product(w: &[f32], bias: &[f32], h: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            unsafe { hidden_product_avx2(w, bias, h, out) };
-            return;
-        }
+/// The floats of a contiguous float tensor on the CPU, read in place; `None` for any other.
+fn floats(t: &Tensor) -> Option<&[f32]> {
+    if t.device() != Device::Cpu || t.kind() != Kind::Float || !t.is_contiguous() {
+        return None;
     }
-    hidden_product_portable(w, bias, h, out);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hidden_product_avx2(w: &[f32], bias: &[f32], h: &[f32], out: &mut [f32]) {
-    hidden_product_portable(w, bias, h, out);
-}
-
-#[inline(always)]
-fn hidden_product_portable(w: &[f32], bias: &[f32], h: &[f32], out: &mut [f32]) {
-    let n = h.len();
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = bias[j] + dot(&w[j * n..][..n], h);
+    if t.numel() == 0 {
+        return Some(&[]);
     }
+    // SAFETY: a contiguous float tensor on the CPU holds `numel` floats from `data_ptr`; the
+    // borrow of `t` keeps its storage alive, and nothing writes a model's weights or these
+    // gates while a forward pass without gradients reads them.
+    Some(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) })
 }
 
 #[cfg(test)]
@@ -291,6 +274,7 @@ mod tests {
             vec![3, 7, 2],
             vec![20; MAX_LOOP_BATCH as usize],
             vec![0, 5, 0],
+            (0..MAX_LOOP_BATCH).map(|i| (i * 5) % 9).collect(),
             many,
         ] {
             let (expected, got) = tch::no_grad(|| {
