@@ -38,5 +38,5 @@ pub use manifest::Manifest;
 pub use publish::{PublishSettings, DEFAULT_TRAIN_PER_CENTROID};
 pub use rerank::Searcher;
 pub use root::{IndexRoot, VersionLayout};
-pub use vector_index::{Hits, VectorIndex};
+pub use vector_index::{Hits, Probes, VectorIndex};
 pub use version::IndexVersion;

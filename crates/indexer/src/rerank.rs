@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use features::Embeddings;
 
 use crate::error::Result;
-use crate::vector_index::{Hits, VectorIndex};
+use crate::vector_index::{Hits, Probes, VectorIndex};
 
 /// How one version searches: the FAISS index, then (with `factor > 1`) exact re-scoring.
 #[derive(Clone, Copy)]
@@ -46,12 +46,31 @@ impl Searcher<'_> {
         slack: usize,
         nprobe: Option<usize>,
     ) -> Result<Hits> {
+        self.search_probed_with_slack(queries, k, slack, nprobe, None)
+    }
+
+    /// [`Searcher::search_with_slack`] for one query whose probed lists were found beforehand,
+    /// with a batch of queries ([`VectorIndex::probes`]). They are the default nprobe's, so a
+    /// search with another `nprobe` finds its own.
+    pub fn search_probed_with_slack(
+        &self,
+        queries: &[f32],
+        k: usize,
+        slack: usize,
+        nprobe: Option<usize>,
+        probes: Option<&Probes>,
+    ) -> Result<Hits> {
+        let default = nprobe.is_none() || nprobe == self.index.default_nprobe();
+        let fetch = |k: usize| match probes.filter(|_| default) {
+            Some(probes) => self.index.search_probed(queries, k, probes),
+            None => self.index.search(queries, k, nprobe),
+        };
         let want = k.saturating_add(slack);
         if self.factor <= 1 || want == 0 {
-            return self.index.search(queries, want, nprobe);
+            return fetch(want);
         }
-        let fetch = self.candidates(k, slack).min(self.index.len().max(want));
-        let candidates = self.index.search(queries, fetch, nprobe)?;
+        let fetch_n = self.candidates(k, slack).min(self.index.len().max(want));
+        let candidates = fetch(fetch_n)?;
         let dim = self.embeddings.dim;
         let n = queries.len() / dim;
         let mut out = Hits {
@@ -59,7 +78,7 @@ impl Searcher<'_> {
             ids: vec![-1; n * want],
             scores: vec![f32::NEG_INFINITY; n * want],
         };
-        let mut scored: Vec<(f32, u64)> = Vec::with_capacity(fetch);
+        let mut scored: Vec<(f32, u64)> = Vec::with_capacity(fetch_n);
         for q in 0..n {
             let query = &queries[q * dim..(q + 1) * dim];
             scored.clear();
@@ -128,6 +147,55 @@ mod tests {
                 [10, 30, 20, 40],
                 "factor {factor}: every item, nothing invented"
             );
+        }
+    }
+
+    #[test]
+    fn probes_found_beforehand_serve_the_default_nprobe_and_only_it() {
+        use crate::vector_index::tests::assert_same_hits;
+        let (n, dim) = (2000, 8);
+        // Deterministic spread-out vectors (a tiny LCG), normalised.
+        let mut state = 17u64;
+        let mut vectors: Vec<f32> = (0..n * dim)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        for row in vectors.chunks_mut(dim) {
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            row.iter_mut().for_each(|x| *x /= norm);
+        }
+        let embeddings = Embeddings {
+            dim,
+            ids: (0..n as u64).map(|i| 100 + i).collect(),
+            vectors,
+        };
+        let row_of = embeddings.row_of().unwrap();
+        let mut index = VectorIndex::new("IVF16,SQ8", dim).unwrap();
+        index.train(&embeddings.vectors).unwrap();
+        index.add(&embeddings.ids, &embeddings.vectors).unwrap();
+        index.set_default_nprobe(3).unwrap();
+        let queries = &embeddings.vectors[..30 * dim];
+        let probes = index.probes(queries).unwrap().unwrap();
+        for factor in [1, 4] {
+            let s = Searcher {
+                index: &index,
+                embeddings: &embeddings,
+                row_of: &row_of,
+                factor,
+            };
+            for (q, p) in queries.chunks(dim).zip(&probes) {
+                for nprobe in [None, Some(3), Some(9)] {
+                    assert_same_hits(
+                        &s.search_probed_with_slack(q, 5, 4, nprobe, Some(p))
+                            .unwrap(),
+                        &s.search_with_slack(q, 5, 4, nprobe).unwrap(),
+                    );
+                }
+            }
         }
     }
 }

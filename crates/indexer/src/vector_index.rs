@@ -37,6 +37,14 @@ impl Hits {
     }
 }
 
+/// The inverted lists one query probes and its score against each list's centroid: the first
+/// half of an IVF search, found for a batch of queries at once ([`VectorIndex::probes`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probes {
+    lists: Vec<i64>,
+    scores: Vec<f32>,
+}
+
 /// A FAISS index whose vectors carry item ids.
 pub struct VectorIndex {
     inner: IndexImpl,
@@ -167,14 +175,7 @@ impl VectorIndex {
     /// The `k` best items for each query (row-major, `dim` wide), probing `nprobe` lists (IVF
     /// only; `None` uses the default). Safe to call from many threads at once.
     pub fn search(&self, queries: &[f32], k: usize, nprobe: Option<usize>) -> Result<Hits> {
-        if !queries.len().is_multiple_of(self.dim) {
-            return Err(Error::invalid(format!(
-                "query buffer of {} floats is not a multiple of dim {}",
-                queries.len(),
-                self.dim
-            )));
-        }
-        let n = queries.len() / self.dim;
+        let n = self.query_count(queries)?;
         let mut hits = Hits {
             k,
             ids: vec![-1; n * k],
@@ -215,6 +216,110 @@ impl VectorIndex {
         }
         check("search", rc)?;
         Ok(hits)
+    }
+
+    /// For each query (row-major), the lists a search at the default nprobe probes, found by one
+    /// search of the coarse quantizer over the whole batch. FAISS scores 20 or more queries
+    /// against the centroids with one matrix product, reading the centroids once rather than
+    /// once per query: for the server's micro-batches of users that is most of the quantizer's
+    /// cost ([`search_probed`](Self::search_probed) then scans each query's lists). `None` where
+    /// the index is not an inverted file at the top (flat, HNSW, a pre-transform such as OPQ).
+    pub fn probes(&self, queries: &[f32]) -> Result<Option<Vec<Probes>>> {
+        let ivf = self.top_ivf();
+        let (Some(nlist), Some(nprobe)) = (self.nlist, self.nprobe) else {
+            return Ok(None);
+        };
+        if ivf.is_null() {
+            return Ok(None);
+        }
+        let n = self.query_count(queries)?;
+        // FAISS probes min(nlist, nprobe) lists: the stride of what it reads back.
+        let nprobe = nprobe.clamp(1, nlist);
+        let mut lists = vec![-1i64; n * nprobe];
+        let mut scores = vec![f32::NEG_INFINITY; n * nprobe];
+        if n > 0 {
+            // SAFETY: `ivf` points into `self.inner`, which owns its quantizer; buffers are sized
+            // n*dim and n*nprobe; a flat quantizer's search is `const`.
+            check("coarse search", unsafe {
+                sys::faiss_Index_search(
+                    sys::faiss_IndexIVF_quantizer(ivf),
+                    n as i64,
+                    queries.as_ptr(),
+                    nprobe as i64,
+                    scores.as_mut_ptr(),
+                    lists.as_mut_ptr(),
+                )
+            })?;
+        }
+        Ok(Some(
+            lists
+                .chunks(nprobe)
+                .zip(scores.chunks(nprobe))
+                .map(|(lists, scores)| Probes {
+                    lists: lists.to_vec(),
+                    scores: scores.to_vec(),
+                })
+                .collect(),
+        ))
+    }
+
+    /// The `k` best items for one query, scanning the lists `probes` names (from
+    /// [`probes`](Self::probes) on this index): what `search(query, k, None)` returns.
+    pub fn search_probed(&self, query: &[f32], k: usize, probes: &Probes) -> Result<Hits> {
+        let ivf = self.top_ivf();
+        let nprobe = self.nprobe.zip(self.nlist).map(|(p, l)| p.clamp(1, l));
+        if ivf.is_null() || nprobe != Some(probes.lists.len()) {
+            return Err(Error::invalid(format!(
+                "{} probed lists do not fit this index (nprobe {nprobe:?})",
+                probes.lists.len()
+            )));
+        }
+        if self.query_count(query)? != 1 {
+            return Err(Error::invalid("a probed search takes one query"));
+        }
+        let mut hits = Hits {
+            k,
+            ids: vec![-1; k],
+            scores: vec![f32::NEG_INFINITY; k],
+        };
+        if k == 0 {
+            return Ok(hits);
+        }
+        // SAFETY: `ivf` points into `self.inner`; `probes` holds nprobe lists and scores, the
+        // outputs k slots; FAISS's preassigned search is `const` and, without parameters, probes
+        // the index's own nprobe, which `probes` was made with.
+        check("search", unsafe {
+            sys::faiss_IndexIVF_search_preassigned(
+                ivf,
+                1,
+                query.as_ptr(),
+                k as i64,
+                probes.lists.as_ptr(),
+                probes.scores.as_ptr(),
+                hits.scores.as_mut_ptr(),
+                hits.ids.as_mut_ptr(),
+                0,
+            )
+        })?;
+        Ok(hits)
+    }
+
+    /// The index itself as an inverted file, or null (flat, HNSW, behind a pre-transform).
+    fn top_ivf(&self) -> *mut sys::FaissIndexIVF {
+        // SAFETY: a live index; the cast returns null on mismatch.
+        unsafe { sys::faiss_IndexIVF_cast(self.inner.inner_ptr()) }
+    }
+
+    /// How many `dim`-wide queries `queries` holds.
+    fn query_count(&self, queries: &[f32]) -> Result<usize> {
+        if !queries.len().is_multiple_of(self.dim) {
+            return Err(Error::invalid(format!(
+                "query buffer of {} floats is not a multiple of dim {}",
+                queries.len(),
+                self.dim
+            )));
+        }
+        Ok(queries.len() / self.dim)
     }
 
     /// Writes the index to `path` (not atomically: callers write inside a staging directory),
@@ -320,7 +425,7 @@ fn check(op: &str, rc: std::os::raw::c_int) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
@@ -363,6 +468,56 @@ mod tests {
         for h in handles {
             assert_eq!(h.join().unwrap(), hits);
         }
+    }
+
+    /// The same items in the same order, the scores equal but for the last bits: a residual
+    /// code's score adds the query's centroid score, which a batch's matrix product sums in
+    /// another order than a single query's dot product.
+    pub(crate) fn assert_same_hits(a: &Hits, b: &Hits) {
+        assert_eq!(a.ids, b.ids);
+        for (x, y) in a.scores.iter().zip(&b.scores) {
+            assert!((x - y).abs() < 1e-5, "{a:?} against {b:?}");
+        }
+    }
+
+    #[test]
+    fn a_probed_search_returns_what_the_plain_search_returns_at_the_default_nprobe() {
+        let (n, dim) = (3000, 16);
+        let data = unit_vectors(n, dim, 4);
+        let ids: Vec<u64> = (0..n as u64).map(|i| 7 + i * 2).collect();
+        let mut index = VectorIndex::new("IVF32,SQ8", dim).unwrap();
+        index.train(&data).unwrap();
+        index.add(&ids, &data).unwrap();
+        index.set_default_nprobe(5).unwrap();
+        // 25 queries: FAISS scores them against the centroids with one matrix product; 3: one
+        // query at a time. Both must probe the lists the plain search probes.
+        for batch in [25, 3] {
+            let queries = unit_vectors(batch, dim, 5 + batch as u64);
+            let probes = index.probes(&queries).unwrap().expect("an IVF index");
+            assert_eq!(probes.len(), batch);
+            for (q, probes) in queries.chunks(dim).zip(&probes) {
+                assert_eq!(probes.lists.len(), 5);
+                assert_same_hits(
+                    &index.search_probed(q, 10, probes).unwrap(),
+                    &index.search(q, 10, None).unwrap(),
+                );
+            }
+        }
+        // Probes made at another nprobe are refused, not read past their end.
+        let probes = index.probes(&data[..dim]).unwrap().unwrap();
+        index.set_default_nprobe(8).unwrap();
+        let err = index
+            .search_probed(&data[..dim], 10, &probes[0])
+            .unwrap_err();
+        assert!(err.to_string().contains("nprobe"), "{err}");
+        // No inverted file at the top: the plain search finds its own way.
+        let mut flat = VectorIndex::new("Flat", dim).unwrap();
+        flat.add(&ids, &data).unwrap();
+        assert_eq!(flat.probes(&data[..dim]).unwrap(), None);
+        let mut opq = VectorIndex::new("OPQ4_16,IVF16,Flat", dim).unwrap();
+        opq.train(&data).unwrap();
+        opq.add(&ids, &data).unwrap();
+        assert_eq!(opq.probes(&data[..dim]).unwrap(), None);
     }
 
     #[test]

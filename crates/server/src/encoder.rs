@@ -19,11 +19,22 @@ use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
 use towers::{EventInput, GatheredItems, UserBatchHost, UserInput};
 
+use indexer::Probes;
+
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
 
 /// One user's vector, or why it could not be computed (our bug: inputs are validated).
 pub type Encoded = Result<Vec<f32>, String>;
+
+/// A user's vector, with the inverted lists it probes at the index's default nprobe when the
+/// worker found them for its whole micro-batch at once (an IVF index): one product of the batch
+/// with the centroids instead of a pass over them per request (`docs/benchmarks.md`, session 30).
+#[derive(Debug)]
+pub struct UserVector {
+    pub vector: Vec<f32>,
+    pub probes: Option<Probes>,
+}
 
 /// What a worker is asked to do.
 enum Job {
@@ -33,7 +44,7 @@ enum Job {
 }
 
 /// Where a user's vector goes.
-type VectorReply = Box<dyn Reply<Input = Vec<f32>>>;
+type VectorReply = Box<dyn Reply<Input = UserVector>>;
 
 /// One user to encode.
 struct Encode {
@@ -149,7 +160,7 @@ impl Encoder {
 impl EncoderHandle {
     /// The user vector of `input` under `snap`'s model.
     pub async fn encode(&self, snap: Arc<Snapshot>, input: UserInput) -> Encoded {
-        self.encode_then(snap, input, |vector| vector).await
+        self.encode_then(snap, input, |user| user.vector).await
     }
 
     /// `then` applied to the user vector of `input`, on the worker that computed it.
@@ -166,7 +177,7 @@ impl EncoderHandle {
     ) -> Result<R, String>
     where
         R: Send + 'static,
-        F: FnOnce(Vec<f32>) -> R + Send + 'static,
+        F: FnOnce(UserVector) -> R + Send + 'static,
     {
         let (tx, done) = oneshot::channel();
         let reply = Box::new(Then::new(tx, then));
@@ -253,8 +264,10 @@ fn run_batch(idx: usize, snap: &Snapshot, jobs: Vec<Encode>, metrics: &Metrics) 
     metrics.encoder_batch.observe(replies.len() as f64);
     match result {
         Ok(vectors) => {
-            for (reply, v) in replies.into_iter().zip(vectors) {
-                reply.send(Ok(v));
+            let mut probes = batch_probes(snap, &vectors, metrics).into_iter();
+            for (reply, vector) in replies.into_iter().zip(vectors) {
+                let probes = probes.next();
+                reply.send(Ok(UserVector { vector, probes }));
             }
         }
         Err(e) => {
@@ -264,6 +277,26 @@ fn run_batch(idx: usize, snap: &Snapshot, jobs: Vec<Encode>, metrics: &Metrics) 
             }
         }
     }
+}
+
+/// Each vector's probed lists, from one coarse search over the batch (empty where the index has
+/// no inverted file at the top, or the batch is a single user, whose search finds its own). A
+/// failure is logged and the searches find their own lists.
+fn batch_probes(snap: &Snapshot, vectors: &[Vec<f32>], metrics: &Metrics) -> Vec<Probes> {
+    if vectors.len() < 2 {
+        return Vec::new();
+    }
+    let started = Instant::now();
+    let queries: Vec<f32> = vectors.concat();
+    let probes = match snap.index.version.index.probes(&queries) {
+        Ok(probes) => probes.unwrap_or_default(),
+        Err(e) => {
+            tracing::error!(error = %e, "coarse search of a micro-batch");
+            Vec::new()
+        }
+    };
+    metrics.coarse.observe(started.elapsed().as_secs_f64());
+    probes
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

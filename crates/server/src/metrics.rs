@@ -26,6 +26,8 @@ pub struct Metrics {
     pub encoder_batch: Histogram,
     /// Seconds of FAISS search and exact filtering per request.
     pub faiss: Histogram,
+    /// Seconds of one micro-batch's coarse search: its users' IVF lists, found together.
+    pub coarse: Histogram,
     /// 1 for the index and model versions being served.
     pub version: IntGaugeVec,
     /// Events made durable by `RecordEvents`.
@@ -116,6 +118,12 @@ impl Metrics {
                 "twotower_faiss_seconds",
                 "FAISS search and exact filtering time per request",
                 0.000_02,
+                18,
+            ),
+            coarse: histogram(
+                "twotower_coarse_search_seconds",
+                "IVF coarse search time (one micro-batch of two or more users)",
+                0.000_01,
                 18,
             ),
             version: IntGaugeVec::new(
@@ -229,12 +237,13 @@ impl Metrics {
             .expect("valid metric"),
         };
         let r = &m.registry;
-        let all: [Box<dyn prometheus::core::Collector>; 26] = [
+        let all: [Box<dyn prometheus::core::Collector>; 27] = [
             Box::new(m.requests.clone()),
             Box::new(m.latency.clone()),
             Box::new(m.user_tower.clone()),
             Box::new(m.encoder_batch.clone()),
             Box::new(m.faiss.clone()),
+            Box::new(m.coarse.clone()),
             Box::new(m.version.clone()),
             Box::new(m.events_recorded.clone()),
             Box::new(m.commit_batch.clone()),

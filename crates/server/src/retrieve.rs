@@ -7,7 +7,7 @@
 //! exact scan of every embedding. Either way, fewer than `k` items come back only when fewer
 //! than `k` items in the whole catalog pass the filter.
 
-use indexer::IndexVersion;
+use indexer::{IndexVersion, Probes};
 
 use crate::catalog::ItemCatalog;
 use crate::error::Result;
@@ -50,10 +50,13 @@ pub struct SearchParams {
 }
 
 /// The `k` best items for `query` that pass `filter`, best first (ties by ascending id).
+/// `probes`: the lists the query probes at the default nprobe, when its micro-batch found them
+/// together (`indexer::VectorIndex::probes`).
 pub fn top_k(
     version: &IndexVersion,
     catalog: &ItemCatalog,
     query: &[f32],
+    probes: Option<&Probes>,
     filter: &RowFilter,
     p: SearchParams,
 ) -> Result<Vec<Scored>> {
@@ -68,7 +71,8 @@ pub fn top_k(
         if searcher.candidates(kept, fetch - kept) > p.max_overfetch {
             return Ok(exact(version, catalog, query, filter, p.k));
         }
-        let hits = searcher.search_with_slack(query, kept, fetch - kept, p.nprobe)?;
+        let hits =
+            searcher.search_probed_with_slack(query, kept, fetch - kept, p.nprobe, probes)?;
         let mut got = Vec::with_capacity(p.k);
         let mut returned = 0usize;
         for (id, score) in hits.of(0) {

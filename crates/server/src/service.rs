@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use indexer::Probes;
 use tonic::{Code, Request, Response, Status};
 
 use crate::admission::Admission;
@@ -189,7 +190,8 @@ impl SearchJob {
     }
 
     /// Retrieval itself: CPU work (FAISS or the exact scan), never on the async runtime.
-    fn run(self, query: &[f32]) -> Result<Vec<Scored>, String> {
+    /// `probes`: the query's IVF lists, when its micro-batch found them together.
+    fn run(self, query: &[f32], probes: Option<&Probes>) -> Result<Vec<Scored>, String> {
         let SearchJob {
             snap,
             filter,
@@ -207,7 +209,7 @@ impl SearchJob {
         };
         let started = Instant::now();
         let idx = &snap.index;
-        let found = retrieve::top_k(&idx.version, &idx.catalog, query, &filter, params);
+        let found = retrieve::top_k(&idx.version, &idx.catalog, query, probes, &filter, params);
         metrics.faiss.observe(started.elapsed().as_secs_f64());
         match (found, &snap.model.reranker, history) {
             (Ok(found), Some(r), Some(history)) => Ok(retrieve::rerank(r, &history, found, k)),
@@ -220,7 +222,7 @@ impl SearchJob {
     async fn on_worker(self, shared: &Shared, query: Vec<f32>) -> Result<Vec<Scored>, Status> {
         shared
             .encoder
-            .run(move || self.run(&query))
+            .run(move || self.run(&query, None))
             .await
             .and_then(|found| found)
             .map_err(Status::internal)
@@ -326,7 +328,9 @@ async fn recommend(
     let search = SearchJob::new(&shared, snap.clone(), filter, q.k, q.nprobe, history_items);
     let found = shared
         .encoder
-        .encode_then(snap.clone(), input, move |vector| search.run(&vector))
+        .encode_then(snap.clone(), input, move |user| {
+            search.run(&user.vector, user.probes.as_ref())
+        })
         .await
         .and_then(|found| found)
         .map_err(Status::internal)?;

@@ -243,8 +243,9 @@ async fn similar_items_and_model_info() {
     s.running.stop().await.unwrap();
 }
 
-/// The index search runs on the user-tower worker, one closure per request of a micro-batch:
-/// requests encoded together must each get the answer they get alone, never a neighbour's.
+/// The index search runs on the user-tower worker, one closure per request of a micro-batch, on
+/// the inverted lists the batch found for all its users at once: requests encoded together must
+/// each get the answer they get alone, never a neighbour's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_encoded_in_one_batch_each_get_their_own_search() {
     let f = fixture();
@@ -280,6 +281,12 @@ async fn requests_encoded_in_one_batch_each_get_their_own_search() {
         value("twotower_user_tower_batch_size_sum ")
             > value("twotower_user_tower_batch_size_count "),
         "no batch of more than one request"
+    );
+    // ... and if those batches found their users' inverted lists together (the fixture's index
+    // is an IVF), which the searches then scanned.
+    assert!(
+        value("twotower_coarse_search_seconds_count ") > 0.0,
+        "no micro-batch searched the coarse quantizer"
     );
     for ((u, a), t) in users.iter().zip(&alone).zip(&together) {
         assert_eq!(a.items.len(), t.items.len(), "user {u}");
