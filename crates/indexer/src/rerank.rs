@@ -152,22 +152,9 @@ mod tests {
 
     #[test]
     fn probes_found_beforehand_serve_the_default_nprobe_and_only_it() {
-        use crate::vector_index::tests::assert_same_hits;
+        use crate::vector_index::tests::{assert_same_hits, unit_vectors};
         let (n, dim) = (2000, 8);
-        // Deterministic spread-out vectors (a tiny LCG), normalised.
-        let mut state = 17u64;
-        let mut vectors: Vec<f32> = (0..n * dim)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect();
-        for row in vectors.chunks_mut(dim) {
-            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
-            row.iter_mut().for_each(|x| *x /= norm);
-        }
+        let vectors = unit_vectors(n, dim, 17);
         let embeddings = Embeddings {
             dim,
             ids: (0..n as u64).map(|i| 100 + i).collect(),

@@ -225,16 +225,10 @@ impl VectorIndex {
     /// cost ([`search_probed`](Self::search_probed) then scans each query's lists). `None` where
     /// the index is not an inverted file at the top (flat, HNSW, a pre-transform such as OPQ).
     pub fn probes(&self, queries: &[f32]) -> Result<Option<Vec<Probes>>> {
-        let ivf = self.top_ivf();
-        let (Some(nlist), Some(nprobe)) = (self.nlist, self.nprobe) else {
+        let Some((ivf, nprobe)) = self.top_ivf() else {
             return Ok(None);
         };
-        if ivf.is_null() {
-            return Ok(None);
-        }
         let n = self.query_count(queries)?;
-        // FAISS probes min(nlist, nprobe) lists: the stride of what it reads back.
-        let nprobe = nprobe.clamp(1, nlist);
         let mut lists = vec![-1i64; n * nprobe];
         let mut scores = vec![f32::NEG_INFINITY; n * nprobe];
         if n > 0 {
@@ -266,14 +260,14 @@ impl VectorIndex {
     /// The `k` best items for one query, scanning the lists `probes` names (from
     /// [`probes`](Self::probes) on this index): what `search(query, k, None)` returns.
     pub fn search_probed(&self, query: &[f32], k: usize, probes: &Probes) -> Result<Hits> {
-        let ivf = self.top_ivf();
-        let nprobe = self.nprobe.zip(self.nlist).map(|(p, l)| p.clamp(1, l));
-        if ivf.is_null() || nprobe != Some(probes.lists.len()) {
+        let top = self.top_ivf();
+        let Some((ivf, _)) = top.filter(|&(_, nprobe)| nprobe == probes.lists.len()) else {
             return Err(Error::invalid(format!(
-                "{} probed lists do not fit this index (nprobe {nprobe:?})",
-                probes.lists.len()
+                "{} probed lists do not fit this index (nprobe {:?})",
+                probes.lists.len(),
+                top.map(|(_, nprobe)| nprobe)
             )));
-        }
+        };
         if self.query_count(query)? != 1 {
             return Err(Error::invalid("a probed search takes one query"));
         }
@@ -304,10 +298,14 @@ impl VectorIndex {
         Ok(hits)
     }
 
-    /// The index itself as an inverted file, or null (flat, HNSW, behind a pre-transform).
-    fn top_ivf(&self) -> *mut sys::FaissIndexIVF {
+    /// The index itself as an inverted file, with the lists its default search probes:
+    /// min(nlist, nprobe), as FAISS clamps it (the stride of a batch's probed lists). `None`
+    /// for a flat or HNSW index, or an inverted file behind a pre-transform.
+    fn top_ivf(&self) -> Option<(*mut sys::FaissIndexIVF, usize)> {
         // SAFETY: a live index; the cast returns null on mismatch.
-        unsafe { sys::faiss_IndexIVF_cast(self.inner.inner_ptr()) }
+        let ivf = unsafe { sys::faiss_IndexIVF_cast(self.inner.inner_ptr()) };
+        let nprobe = self.nprobe?.clamp(1, self.nlist?);
+        (!ivf.is_null()).then_some((ivf, nprobe))
     }
 
     /// How many `dim`-wide queries `queries` holds.
@@ -429,7 +427,7 @@ pub(crate) mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    fn unit_vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn unit_vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut v: Vec<f32> = (0..n * dim)
             .map(|_| rng.random_range(-1.0f32..1.0))

@@ -287,16 +287,17 @@ fn batch_probes(snap: &Snapshot, vectors: &[Vec<f32>], metrics: &Metrics) -> Vec
         return Vec::new();
     }
     let started = Instant::now();
-    let queries: Vec<f32> = vectors.concat();
-    let probes = match snap.index.version.index.probes(&queries) {
-        Ok(probes) => probes.unwrap_or_default(),
+    match snap.index.version.index.probes(&vectors.concat()) {
+        Ok(Some(probes)) => {
+            metrics.coarse.observe(started.elapsed().as_secs_f64());
+            probes
+        }
+        Ok(None) => Vec::new(),
         Err(e) => {
             tracing::error!(error = %e, "coarse search of a micro-batch");
             Vec::new()
         }
-    };
-    metrics.coarse.observe(started.elapsed().as_secs_f64());
-    probes
+    }
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
